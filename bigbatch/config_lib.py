@@ -1,0 +1,252 @@
+"""The experiment config: defaults, argument parsing and validation.
+
+Every number that changes a result lives in the config. Batch-dependent values (peak lr, step
+counts) are *not* computed here: the config states `base_lr` at `base_batch` and a rule, and
+`bigbatch.optim.derive` applies it once, so a `--config.global_batch=...` override can never leave
+a stale learning rate behind.
+
+`validate` runs before TensorFlow is imported or anything is written: a bad config costs one line
+naming the field and the fix, not a traceback after minutes of setup.
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+MODELS = ('cnn', 'mlp')
+DATASETS = ('digits', 'synthetic')
+OPTIMIZERS = ('sgd', 'adamw', 'lars', 'lamb')
+SCALING_RULES = ('linear', 'sqrt', 'none')
+DECAYS = ('cosine', 'polynomial', 'step', 'linear', 'constant')
+NORMS = ('batch', 'group', 'none')
+
+
+class ConfigError(ValueError):
+  """An invalid config. The message names the field and the fix, in one line."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by every experiment; configs/*.py start from this and override."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'digits'  # digits | synthetic
+  # TFDS data directory; None means $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  c.data.data_dir = config_dict.placeholder(str)
+  # Synthetic data only: a fixed random teacher network labels random inputs, so a model can
+  # learn it and a data set of any size costs no memory (examples are generated from their index).
+  c.data.num_train = 1_000_000
+  c.data.num_eval = 10_000
+  c.data.image_size = 8
+  c.data.channels = 1
+  c.data.num_classes = 10
+  c.data.teacher_width = 64
+  c.data.prefetch = 2  # batches prepared ahead of the device, on a host thread
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'cnn'  # module bigbatch.models.<name>
+  c.model.width = 32
+  c.model.norm = 'batch'  # batch | group | none
+  # None: BatchNorm over the whole microbatch on all devices (sync BN, stats reduced over 'data').
+  # g: ghost BN, statistics over groups of g examples within each device's share.
+  c.model.bn_group_size = config_dict.placeholder(int)
+  c.model.bn_momentum = 0.9
+  c.model.bn_epsilon = 1e-5
+  c.model.gn_groups = 8
+  c.model.dtype = 'float32'  # compute dtype; parameters stay float32
+
+  # The global batch is a number, not a property of the hardware:
+  # global_batch = accumulation_steps * microbatch, and the microbatch is split over 'data'.
+  c.global_batch = 128
+  c.accumulation_steps = 1
+  c.eval_batch = 512  # global; the eval split is padded to a multiple and masked
+
+  # Training length: exactly one of the two.
+  c.num_epochs = config_dict.placeholder(float)
+  c.num_steps = config_dict.placeholder(int)
+
+  c.lr = ml_collections.ConfigDict()
+  c.lr.base_lr = 0.1
+  c.lr.base_batch = 256
+  c.lr.scaling = 'linear'  # linear | sqrt | none: peak = base_lr * rule(global_batch / base_batch)
+  # Gradual linear warmup from warmup_init_lr (absolute) to the peak: at most one of the two.
+  c.lr.warmup_epochs = config_dict.placeholder(float)
+  c.lr.warmup_steps = config_dict.placeholder(int)
+  c.lr.warmup_init_lr = 0.0
+  c.lr.decay = 'cosine'  # cosine | polynomial | step | linear | constant (after warmup)
+  c.lr.end_lr = 0.0  # cosine/polynomial/linear end value
+  c.lr.power = 2.0  # polynomial decay power
+  # step decay: multiply by decay_factor at each boundary, counted from step 0 (warmup included).
+  c.lr.boundaries_epochs = config_dict.placeholder(tuple)
+  c.lr.boundaries_steps = config_dict.placeholder(tuple)
+  c.lr.decay_factor = 0.1
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'sgd'  # sgd | adamw | lars | lamb
+  c.optimizer.momentum = 0.9  # sgd, lars
+  c.optimizer.nesterov = False  # sgd, lars
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.b1 = 0.9  # adamw, lamb
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-6
+  c.optimizer.trust_coefficient = 0.001  # LARS eta
+  # Regexes over '/'-joined parameter paths. Matching leaves get neither weight decay nor a
+  # trust ratio (the reference LARS/LAMB skip list: biases and normalization parameters).
+  c.optimizer.weight_decay_exclude = r'(^|/)(bias|scale)$'
+  c.optimizer.trust_ratio_exclude = r'(^|/)(bias|scale)$'
+  c.optimizer.clip_grad_norm = config_dict.placeholder(float)  # global-norm clipping
+
+  c.label_smoothing = 0.0
+
+  # Mesh axes ('data', 'model'); -1 takes the devices that are left.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.model = 1
+
+  c.log_every_steps = 10
+  # Evaluation: every N epochs or every N steps (at most one), and always at the end.
+  c.eval_every_epochs = config_dict.placeholder(float)
+  c.eval_every_steps = config_dict.placeholder(int)
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+  return c
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses 'a=1,b=x,flag' (the part after ':' in --config=file.py:ARG) into typed values.
+
+  Keys must be known (given in `defaults`) so a typo fails loudly. A bare key sets True.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(','):
+    if not item:
+      continue
+    key, _, value = item.partition('=')
+    if key not in defaults:
+      raise ConfigError(f'config argument {key!r} is unknown; known: {sorted(defaults)}')
+    default = defaults[key]
+    if not _:
+      out[key] = True
+    elif isinstance(default, bool):
+      out[key] = value.lower() in ('1', 'true', 'yes')
+    elif default is None:
+      out[key] = value
+    else:
+      out[key] = type(default)(value)
+  return out
+
+
+def _positive(config, path: str, allow_none: bool = False):
+  value = _get(config, path)
+  if value is None and allow_none:
+    return
+  if value is None or not value > 0:
+    raise ConfigError(f'config.{path}={value!r}: must be a positive number; set --config.{path}=...')
+
+
+def _get(config, path: str):
+  node = config
+  for part in path.split('.'):
+    node = node[part]
+  return node
+
+
+def _choice(config, path: str, choices: Sequence[str]):
+  value = _get(config, path)
+  if value not in choices:
+    raise ConfigError(f'config.{path}={value!r} is unknown; choose one of {", ".join(choices)}')
+
+
+def mesh_shape(config, num_devices: int) -> tuple[int, int]:
+  """Resolves the ('data', 'model') mesh shape, or raises ConfigError."""
+  data, model = config.mesh.data, config.mesh.model
+  if model == -1 and data == -1:
+    raise ConfigError('config.mesh: at most one of mesh.data, mesh.model may be -1')
+  if model == -1:
+    model = num_devices // data if data > 0 and num_devices % data == 0 else 0
+  if data == -1:
+    data = num_devices // model if model > 0 and num_devices % model == 0 else 0
+  if data <= 0 or model <= 0 or data * model != num_devices:
+    raise ConfigError(
+        f'config.mesh=(data={config.mesh.data}, model={config.mesh.model}) does not match the '
+        f'{num_devices} devices; set --config.mesh.data=-1 --config.mesh.model=1 or a product '
+        f'equal to {num_devices}')
+  return data, model
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Checks everything that can be checked without data or compilation. Raises ConfigError."""
+  _choice(config, 'model.name', MODELS)
+  _choice(config, 'data.name', DATASETS)
+  _choice(config, 'optimizer.name', OPTIMIZERS)
+  _choice(config, 'lr.scaling', SCALING_RULES)
+  _choice(config, 'lr.decay', DECAYS)
+  _choice(config, 'model.norm', NORMS)
+  for path in ('global_batch', 'accumulation_steps', 'eval_batch', 'lr.base_lr', 'lr.base_batch',
+               'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
+    _positive(config, path)
+  if config.lr.warmup_init_lr < 0:
+    raise ConfigError(f'config.lr.warmup_init_lr={config.lr.warmup_init_lr}: must be >= 0')
+  for a, b in (('num_epochs', 'num_steps'), ('lr.warmup_epochs', 'lr.warmup_steps'),
+               ('eval_every_epochs', 'eval_every_steps'),
+               ('lr.boundaries_epochs', 'lr.boundaries_steps')):
+    if _get(config, a) is not None and _get(config, b) is not None:
+      raise ConfigError(f'config.{a} and config.{b} are both set; set only one of them')
+  if config.num_epochs is None and config.num_steps is None:
+    raise ConfigError('config.num_epochs and config.num_steps are both unset; '
+                      'set --config.num_epochs=... or --config.num_steps=...')
+  _positive(config, 'num_epochs', allow_none=True)
+  _positive(config, 'num_steps', allow_none=True)
+  _positive(config, 'eval_every_epochs', allow_none=True)
+  _positive(config, 'eval_every_steps', allow_none=True)
+  _positive(config, 'optimizer.clip_grad_norm', allow_none=True)
+  if config.optimizer.weight_decay < 0:
+    raise ConfigError(f'config.optimizer.weight_decay={config.optimizer.weight_decay}: must be >= 0')
+  if config.lr.decay == 'step' and not (config.lr.boundaries_epochs or config.lr.boundaries_steps):
+    raise ConfigError('config.lr.decay=step needs boundaries; set --config.lr.boundaries_epochs='
+                      '"(30,60,80)" or lr.boundaries_steps')
+  if not 0.0 <= config.label_smoothing < 1.0:
+    raise ConfigError(f'config.label_smoothing={config.label_smoothing}: must be in [0, 1)')
+  for path in ('optimizer.weight_decay_exclude', 'optimizer.trust_ratio_exclude'):
+    try:
+      re.compile(_get(config, path) or '')
+    except re.error as e:
+      raise ConfigError(f'config.{path}: not a valid regex ({e}); fix the pattern') from None
+
+  data, _ = mesh_shape(config, num_devices)
+  per_update = config.global_batch
+  k = config.accumulation_steps
+  if per_update % (data * k):
+    raise ConfigError(
+        f'config.global_batch={per_update} is not divisible by mesh.data ({data}) x '
+        f'accumulation_steps ({k}) = {data * k}; choose a global_batch that is a multiple of '
+        f'{data * k} or change accumulation_steps')
+  per_device = per_update // (data * k)
+  g = config.model.bn_group_size
+  if g is not None:
+    if config.model.norm != 'batch':
+      raise ConfigError(f'config.model.bn_group_size={g} needs model.norm=batch '
+                        f'(it is {config.model.norm!r}); unset bn_group_size or set norm=batch')
+    if g <= 0 or per_device % g:
+      raise ConfigError(
+          f'config.model.bn_group_size={g} does not divide the per-device microbatch '
+          f'{per_device} (= global_batch {per_update} / (data {data} x accumulation {k})); '
+          f'choose a divisor of {per_device}')
+  if config.eval_batch % data:
+    raise ConfigError(f'config.eval_batch={config.eval_batch} is not divisible by mesh.data '
+                      f'({data}); choose a multiple of {data}')
+  if config.data.name == 'synthetic':
+    for path in ('data.num_train', 'data.num_eval', 'data.image_size', 'data.channels',
+                 'data.num_classes', 'data.teacher_width'):
+      _positive(config, path)
+  if config.model.norm == 'group' and config.model.width % config.model.gn_groups:
+    raise ConfigError(f'config.model.gn_groups={config.model.gn_groups} does not divide '
+                      f'model.width={config.model.width}; choose a divisor')
+  if config.model.dtype not in ('float32', 'bfloat16', 'float16'):
+    raise ConfigError(f'config.model.dtype={config.model.dtype!r}; choose float32, bfloat16 or float16')

@@ -1,0 +1,371 @@
+"""Optimizers and learning-rate schedules, with every batch-dependent number derived once.
+
+`derive` turns the config (base_lr at base_batch, durations in epochs or steps) into absolute
+numbers for one global batch; `make` builds the optax transformation from them. The peak lr is a
+hyperparameter in the optimizer state (`optax.inject_hyperparams`), not a constant baked into
+the compiled step, so runs that differ only in lr share one compilation and `set_peak_lr` can
+change it between steps.
+
+LARS and LAMB use our own trust-ratio transform rather than `optax.lars` / `optax.lamb`:
+  - optax.lars divides by ||g + wd*w||; the reference (You et al. 2017, tensorflow/tpu
+    LARSOptimizer) divides by ||g|| + wd*||w||, and puts the lr inside the momentum.
+  - optax.lamb applies the trust ratio to every leaf; the reference skips biases and
+    normalization parameters (ratio 1, no weight decay).
+  - neither records the ratios, which are the first thing to look at when a large-batch run
+    diverges; ours keeps the last update's per-leaf ratios in the state (`trust_ratio_stats`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bigbatch import config_lib
+from bigbatch.config_lib import ConfigError
+
+# lr_fn(step, peak_lr) -> lr. `peak_lr` may be a traced scalar: it lives in the optimizer state.
+LrFn = Callable[[jax.typing.ArrayLike, jax.typing.ArrayLike], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+  """Every batch-dependent number of a run, computed once from the config by `derive`."""
+  num_train_examples: int
+  global_batch: int
+  steps_per_epoch: int  # floor(num_train_examples / global_batch): a partial batch is dropped
+  total_steps: int
+  warmup_steps: int
+  peak_lr: float
+  boundaries_steps: tuple[int, ...]  # step decay only, absolute steps from step 0; () otherwise
+
+  def as_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d['boundaries_steps'] = list(self.boundaries_steps)
+    return d
+
+
+def _scaling(rule: str, ratio: float) -> float:
+  if rule == 'linear':
+    return ratio
+  if rule == 'sqrt':
+    return math.sqrt(ratio)
+  if rule == 'none':
+    return 1.0
+  raise ConfigError(f'config.lr.scaling={rule!r} is unknown; choose one of linear, sqrt, none')
+
+
+def _boundaries(config, steps_per_epoch: int, total_steps: int) -> tuple[int, ...]:
+  lr = config.lr
+  if lr.decay != 'step':
+    # Boundaries of another decay would not be used; leaving them out keeps the logged
+    # Derived a description of the schedule that actually runs.
+    return ()
+  if lr.boundaries_steps:
+    field, given = 'lr.boundaries_steps', tuple(lr.boundaries_steps)
+    steps = tuple(int(b) for b in given)
+  elif lr.boundaries_epochs:
+    field, given = 'lr.boundaries_epochs', tuple(lr.boundaries_epochs)
+    steps = tuple(round(e * steps_per_epoch) for e in given)
+  else:
+    raise ConfigError('config.lr.decay=step needs boundaries; set --config.lr.boundaries_epochs='
+                      '"(30,60,80)" or lr.boundaries_steps')
+  for b in steps:
+    if not 0 < b <= total_steps:
+      raise ConfigError(
+          f'config.{field}={given}: boundary at step {b} is outside (0, {total_steps}] (total '
+          f'steps at {steps_per_epoch} steps/epoch); choose boundaries within the run')
+  if any(a >= b for a, b in zip(steps, steps[1:])):
+    # Two epochs rounding to one step would silently drop a factor in a {step: scale} dict.
+    raise ConfigError(f'config.{field}={given} gives steps {steps}, not strictly increasing; '
+                      f'list distinct boundaries in increasing order')
+  return steps
+
+
+def derive(config, num_train_examples: int) -> Derived:
+  """Derives steps, warmup, peak lr and boundaries for `config.global_batch`. Raises ConfigError."""
+  n = int(num_train_examples)
+  batch = int(config.global_batch)
+  if batch <= 0:
+    raise ConfigError(f'config.global_batch={batch}: must be a positive number; '
+                      f'set --config.global_batch=...')
+  steps_per_epoch = n // batch
+  if steps_per_epoch == 0:
+    raise ConfigError(f'config.global_batch={batch} is larger than the {n} training examples '
+                      f'(0 steps per epoch); set --config.global_batch to at most {n}')
+
+  if config.num_steps is not None:
+    field, total_steps = 'num_steps', int(config.num_steps)
+  elif config.num_epochs is not None:
+    field, total_steps = 'num_epochs', round(config.num_epochs * steps_per_epoch)
+  else:
+    raise ConfigError('config.num_epochs and config.num_steps are both unset; '
+                      'set --config.num_epochs=... or --config.num_steps=...')
+  if total_steps <= 0:
+    raise ConfigError(f'config.{field}={config[field]} gives {total_steps} steps at '
+                      f'{steps_per_epoch} steps/epoch; train for at least one step')
+
+  lr = config.lr
+  if lr.warmup_steps is not None:
+    field, warmup_steps = 'lr.warmup_steps', int(lr.warmup_steps)
+  elif lr.warmup_epochs is not None:
+    field, warmup_steps = 'lr.warmup_epochs', round(lr.warmup_epochs * steps_per_epoch)
+  else:
+    field, warmup_steps = None, 0
+  if warmup_steps < 0:
+    raise ConfigError(f'config.{field} is negative; set it to 0 or more')
+  if warmup_steps > total_steps:
+    raise ConfigError(f'config.{field} gives {warmup_steps} warmup steps, more than the '
+                      f'{total_steps} total steps; shorten the warmup or train longer')
+
+  # The linear scaling rule (Goyal et al.): lr grows with the batch. Sweep if sweeping batch.
+  peak_lr = float(lr.base_lr) * _scaling(lr.scaling, batch / lr.base_batch)
+  return Derived(
+      num_train_examples=n,
+      global_batch=batch,
+      steps_per_epoch=steps_per_epoch,
+      total_steps=total_steps,
+      warmup_steps=warmup_steps,
+      peak_lr=peak_lr,
+      boundaries_steps=_boundaries(config, steps_per_epoch, total_steps),
+  )
+
+
+def lr_schedule(config, derived: Derived) -> LrFn:
+  """Returns lr_fn(step, peak_lr): linear warmup from lr.warmup_init_lr, then lr.decay.
+
+  The schedule pieces are built inside lr_fn because their values depend on `peak_lr`, which is
+  a traced scalar in the update; their step counts come from `derived` and stay static.
+  """
+  lr = config.lr
+  decay = lr.decay
+  if decay not in ('cosine', 'polynomial', 'step', 'linear', 'constant'):
+    raise ConfigError(f'config.lr.decay={decay!r} is unknown; choose one of cosine, polynomial, '
+                      f'step, linear, constant')
+  warmup = derived.warmup_steps
+  decay_steps = derived.total_steps - warmup
+  init_lr, end_lr, power = float(lr.warmup_init_lr), float(lr.end_lr), float(lr.power)
+  # Step boundaries count from step 0, so the factor multiplies the whole schedule at the
+  # absolute step (as in Goyal et al.: lr = warmup factor x step schedule); a boundary inside the
+  # warmup scales the rest of the warmup too.
+  step_factor = None
+  if decay == 'step':
+    step_factor = optax.piecewise_constant_schedule(
+        1.0, {b: float(lr.decay_factor) for b in derived.boundaries_steps})
+
+  def decay_schedule(peak):
+    if decay in ('constant', 'step') or decay_steps <= 0:
+      return optax.constant_schedule(peak)
+    if decay == 'cosine':
+      # Shifted by end_lr rather than optax's alpha (a fraction of the peak): end_lr is absolute,
+      # and warmup_cosine_decay_schedule's Python `peak_value == 0.0` test fails on a traced peak.
+      cosine = optax.cosine_decay_schedule(peak - end_lr, decay_steps)
+      return lambda count: cosine(count) + end_lr
+    if decay == 'polynomial':
+      return optax.polynomial_schedule(peak, end_lr, power, decay_steps)
+    return optax.linear_schedule(peak, end_lr, decay_steps)
+
+  def lr_fn(step, peak_lr):
+    peak = jnp.asarray(peak_lr, jnp.float32)
+    schedule = decay_schedule(peak)
+    if warmup:
+      schedule = optax.join_schedules(
+          [optax.linear_schedule(init_lr, peak, warmup), schedule], [warmup])
+    value = schedule(step)
+    if step_factor is not None:
+      value = value * step_factor(step)
+    return jnp.asarray(value, jnp.float32)
+
+  return lr_fn
+
+
+def path_mask(params, exclude_regex: str | None):
+  """True where a leaf gets weight decay / a trust ratio: its '/'-joined path does not match."""
+  if not exclude_regex:  # re.search('') matches everything; an empty pattern excludes nothing
+    return jax.tree.map(lambda _: True, params)
+  pattern = re.compile(exclude_regex)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: pattern.search(jax.tree_util.keystr(path, simple=True, separator='/'))
+      is None, params)
+
+
+class TrustRatioState(NamedTuple):
+  trust_ratios: Any  # like params: float32 scalars, the last update's ratio (1 before the first)
+  adapted: Any  # like params: bool scalars, False where trust_ratio_exclude matched
+
+
+# ratio_fn(||w||, ||u||, ||d||, wd) -> ratio, where u is the incoming update and d = u + wd*w.
+RatioFn = Callable[[jax.Array, jax.Array, jax.Array, float], jax.Array]
+
+
+def _norm(x) -> jax.Array:
+  return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32))))
+
+
+def _safe_ratio(num, den, valid):
+  # The inner where keeps inf/nan out of the unused branch (jax_debug_nans would flag it).
+  return jnp.where(valid, num / jnp.where(valid, den, 1.0), 1.0)
+
+
+def lars_ratio(eta: float) -> RatioFn:
+  """Reference LARS: eta*||w|| / (||g|| + wd*||w||); 1 where ||w|| or ||g|| is 0."""
+  def ratio(w_norm, g_norm, d_norm, wd):
+    del d_norm
+    return _safe_ratio(eta * w_norm, g_norm + wd * w_norm, (w_norm > 0) & (g_norm > 0))
+  return ratio
+
+
+def lamb_ratio(w_norm, g_norm, d_norm, wd):
+  """LAMB: ||w|| / ||r + wd*w||; 1 where either is 0."""
+  del g_norm, wd
+  return _safe_ratio(w_norm, d_norm, (w_norm > 0) & (d_norm > 0))
+
+
+def scale_by_masked_trust_ratio(ratio_fn: RatioFn, trust_ratio_exclude: str | None,
+                                weight_decay: float = 0.0,
+                                weight_decay_exclude: str | None = None
+                                ) -> optax.GradientTransformation:
+  """u -> ratio * (u + wd*w) per leaf; excluded leaves get ratio 1 (and the ratio is recorded).
+
+  Weight decay is applied here, not by a preceding add_decayed_weights, because the LARS ratio
+  needs ||g|| before the decay is added and then scales the decayed update. Leaves matching
+  `weight_decay_exclude` get no decay; leaves matching `trust_ratio_exclude` get ratio 1.
+  """
+  def init_fn(params):
+    return TrustRatioState(
+        trust_ratios=jax.tree.map(lambda _: jnp.ones((), jnp.float32), params),
+        adapted=jax.tree.map(jnp.asarray, path_mask(params, trust_ratio_exclude)))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError('scale_by_masked_trust_ratio needs params: call tx.update(g, s, params)')
+
+    def leaf(u, w, adapted, decayed):
+      wd = weight_decay if decayed else 0.0
+      d = u + wd * w if wd else u
+      if not adapted:
+        return d, jnp.ones((), jnp.float32)
+      ratio = ratio_fn(_norm(w), _norm(u), _norm(d), wd).astype(jnp.float32)
+      return (ratio * d).astype(u.dtype), ratio
+
+    treedef = jax.tree.structure(updates)
+    pairs = treedef.flatten_up_to(jax.tree.map(
+        leaf, updates, params, path_mask(params, trust_ratio_exclude),
+        path_mask(params, weight_decay_exclude)))
+    new_updates = treedef.unflatten([u for u, _ in pairs])
+    ratios = treedef.unflatten([r for _, r in pairs])
+    return new_updates, TrustRatioState(trust_ratios=ratios, adapted=state.adapted)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _transforms(o, lr: Callable) -> list[optax.GradientTransformation]:
+  """The chain of `config.optimizer` o, given the schedule lr(count), clipping excluded."""
+  decay = optax.add_decayed_weights(
+      o.weight_decay, mask=functools.partial(path_mask, exclude_regex=o.weight_decay_exclude))
+  if o.name == 'sgd':
+    # PyTorch form: decay added to the gradient, lr applied outside the momentum.
+    return [decay, optax.trace(o.momentum, o.nesterov), optax.scale_by_learning_rate(lr)]
+  if o.name == 'adamw':
+    return [optax.scale_by_adam(o.b1, o.b2, o.eps), decay, optax.scale_by_learning_rate(lr)]
+  if o.name == 'lars':
+    # Reference form: the lr (times the trust ratio) goes into the momentum buffer, so an lr
+    # change takes effect gradually, as in tensorflow/tpu's LARSOptimizer (ApplyMomentum).
+    return [scale_by_masked_trust_ratio(lars_ratio(o.trust_coefficient), o.trust_ratio_exclude,
+                                        o.weight_decay, o.weight_decay_exclude),
+            optax.scale_by_schedule(lr), optax.trace(o.momentum, o.nesterov), optax.scale(-1.0)]
+  if o.name == 'lamb':
+    return [optax.scale_by_adam(o.b1, o.b2, o.eps), decay,
+            scale_by_masked_trust_ratio(lamb_ratio, o.trust_ratio_exclude),
+            optax.scale_by_learning_rate(lr)]
+  raise AssertionError(o.name)  # make() checked the name
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  tx: optax.GradientTransformation
+  derived: Derived
+  lr_fn: LrFn  # = lr_schedule(config, derived)
+
+
+def make(config, num_train_examples: int) -> Optimizer:
+  """Builds the optimizer of `config.optimizer` with the peak lr held in its state."""
+  derived = derive(config, num_train_examples)
+  lr_fn = lr_schedule(config, derived)
+  o = config.optimizer
+  clip = o.clip_grad_norm
+  if o.name not in config_lib.OPTIMIZERS:  # now, not at the first init inside a jit
+    raise ConfigError(f'config.optimizer.name={o.name!r} is unknown; choose one of '
+                      f'{", ".join(config_lib.OPTIMIZERS)}')
+
+  def factory(peak_lr):
+    parts = [optax.clip_by_global_norm(clip)] if clip is not None else []
+    return optax.chain(*parts, *_transforms(o, lambda count: lr_fn(count, peak_lr)))
+
+  tx = optax.inject_hyperparams(factory, hyperparam_dtype=jnp.float32)(peak_lr=derived.peak_lr)
+  return Optimizer(tx=tx, derived=derived, lr_fn=lr_fn)
+
+
+def _is_lr_state(x) -> bool:
+  return (isinstance(x, optax.InjectStatefulHyperparamsState)
+          and 'peak_lr' in x.hyperparams)
+
+
+def _lr_state(opt_state) -> optax.InjectStatefulHyperparamsState:
+  # Searched for rather than assumed at the root, so a wrapper (e.g. optax.MultiSteps) still works.
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_lr_state) if _is_lr_state(s)]
+  if len(found) != 1:
+    raise ValueError(f'expected one optimizer state with a peak_lr hyperparameter (from '
+                     f'bigbatch.optim.make), found {len(found)}')
+  return found[0]
+
+
+def peak_lr(opt_state) -> jax.Array:
+  """The peak lr stored in the optimizer state."""
+  return _lr_state(opt_state).hyperparams['peak_lr']
+
+
+def set_peak_lr(opt_state, value):
+  """A new state with peak lr `value`; same structure and dtype, so a jitted step won't retrace."""
+  def replace(s):
+    if not _is_lr_state(s):
+      return s
+    old = s.hyperparams['peak_lr']
+    return s._replace(hyperparams={**s.hyperparams,
+                                   'peak_lr': jnp.asarray(value, dtype=old.dtype)})
+  _lr_state(opt_state)  # exactly one, or a clear error
+  return jax.tree.map(replace, opt_state, is_leaf=_is_lr_state)
+
+
+def learning_rate(opt_state, lr_fn: LrFn) -> jax.Array:
+  """The lr that the next update applies: lr_fn at the state's update count and peak lr."""
+  s = _lr_state(opt_state)
+  return lr_fn(s.count, s.hyperparams['peak_lr'])
+
+
+def trust_ratio_stats(opt_state) -> dict[str, jax.Array]:
+  """Min/mean/max trust ratio of the last update over adapted leaves; {} for sgd/adamw.
+
+  With every leaf excluded the three values are nan.
+  """
+  states = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, TrustRatioState))
+            if isinstance(s, TrustRatioState)]
+  if not states:
+    return {}
+  ratios = jnp.stack([r for s in states for r in jax.tree.leaves(s.trust_ratios)])
+  adapted = jnp.stack([a for s in states for a in jax.tree.leaves(s.adapted)])
+  # The mask is data in the state (traced under jit), so select with where, not by indexing.
+  count = jnp.sum(adapted)
+  some = count > 0
+  nan = jnp.float32(jnp.nan)
+  return {
+      'trust_ratio_min': jnp.where(some, jnp.min(jnp.where(adapted, ratios, jnp.inf)), nan),
+      'trust_ratio_mean': jnp.where(
+          some, jnp.sum(jnp.where(adapted, ratios, 0.0)) / jnp.maximum(count, 1), nan),
+      'trust_ratio_max': jnp.where(some, jnp.max(jnp.where(adapted, ratios, -jnp.inf)), nan),
+  }
