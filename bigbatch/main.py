@@ -35,9 +35,17 @@ def run(config, workdir: str) -> dict:
     sys.exit(EXIT_CONFIG_ERROR)
 
 
+class _QuietLibraries:
+  """Drops INFO lines from orbax (a dozen per checkpoint), keeping its warnings and errors."""
+
+  def filter(self, record) -> bool:
+    return record.levelno > logging.INFO or '/orbax/' not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   result = run(_CONFIG.value, _WORKDIR.value)
   logging.info('Final evaluation: %s', result)
 

@@ -215,14 +215,9 @@ def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
 
 def evaluate(trainer: Trainer, state: TrainState, dataset) -> dict[str, float]:
   """Top-1, top-5 and loss over the whole eval split; every example counts once."""
-  rows = input_pipeline.process_rows(dataset.eval_batch, jax.process_index(), jax.process_count())
   totals = None
-  for batch in dataset.eval_batches(rows):
-    global_batch = {
-        name: jax.make_array_from_process_local_data(
-            trainer.eval_sharding, value, (dataset.eval_batch, *value.shape[1:]))
-        for name, value in batch.items()}
-    sums = trainer.eval_step(state, global_batch)
+  for batch in input_pipeline.make_global_eval_batches(dataset, trainer.eval_sharding):
+    sums = trainer.eval_step(state, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals['count'])
@@ -274,11 +269,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   total = derived.total_steps
   eval_every = _every(config, derived, 'eval_every_steps', 'eval_every_epochs')
-  rows = input_pipeline.process_rows(config.global_batch // config.accumulation_steps,
-                                     jax.process_index(), jax.process_count())
   batches = input_pipeline.Prefetcher(
-      lambda s: input_pipeline.make_global_batches(dataset, s, trainer.batch_sharding, rows),
-      start, total, depth=config.data.prefetch)
+      functools.partial(input_pipeline.make_global_batches, dataset,
+                        sharding=trainer.batch_sharding),
+      start, total, dataset.prefetch)
   progress = metrics_lib.Progress(total_steps=total, global_batch=config.global_batch,
                                   start_step=start, now=time.monotonic())
   pending = None  # (step, device metrics) of the last logged step, read one step late

@@ -1,0 +1,74 @@
+"""The training loop end to end on the digits: quickstart accuracy, workdir contents, resume."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+from bigbatch import checkpoint
+from bigbatch import sharding
+from bigbatch import train
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+from configs import quickstart  # noqa: E402
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_quickstart_shortened_reaches_90_percent(tmp_path):
+  config = quickstart.get_config('steps=60')
+  workdir = str(tmp_path)
+  result = train.train_and_evaluate(config, workdir)
+  assert result['eval/top1'] >= 0.90, result
+  assert result['eval/examples'] == 360
+  # The workdir holds what a researcher reads back.
+  records = _records(workdir)
+  train_steps = [r['step'] for r in records if 'train/loss' in r]
+  assert train_steps == [20, 40, 60]
+  last = [r for r in records if 'train/loss' in r][-1]
+  for key in ('train/lr', 'train/grad_norm', 'train/param_norm', 'train/examples_per_sec'):
+    assert key in last
+  assert [r['step'] for r in records if 'eval/top1' in r] == [60]
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / 'tensorboard'))
+  derived = json.load(open(tmp_path / 'derived.json'))['derived']
+  assert derived['total_steps'] == 60 and derived['steps_per_epoch'] == 1437 // 128
+  assert json.load(open(tmp_path / 'config.json'))['global_batch'] == 128
+  assert checkpoint.Checkpointer(str(tmp_path / 'checkpoints')).latest_step() == 60
+
+
+def _resume_config(steps):
+  config = quickstart.get_config(f'steps={steps}')
+  config.lr.decay = 'constant'  # the lr of a step must not depend on the run's length
+  config.lr.warmup_epochs = None
+  config.log_every_steps = 2
+  config.checkpoint_every_steps = 4
+  config.eval_every_epochs = None
+  config.accumulation_steps = 2
+  config.model.width = 8
+  return config
+
+
+def test_restart_resumes_and_equals_an_uninterrupted_run(tmp_path):
+  straight, restarted = str(tmp_path / 'a'), str(tmp_path / 'b')
+  train.train_and_evaluate(_resume_config(12), straight)
+  train.train_and_evaluate(_resume_config(6), restarted)  # stops at 6 (checkpoint at 4 and 6)
+  train.train_and_evaluate(_resume_config(12), restarted)  # resumes from 6
+
+  config = _resume_config(12)
+  trainer = train.build(config, sharding.make_mesh(config), num_train=1437,
+                        image_shape=(8, 8, 1), num_classes=10)
+  a = checkpoint.Checkpointer(os.path.join(straight, 'checkpoints')).restore(12, trainer.state)
+  b = checkpoint.Checkpointer(os.path.join(restarted, 'checkpoints')).restore(12, trainer.state)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  steps = [r['step'] for r in _records(restarted) if 'train/loss' in r]
+  assert steps == [2, 4, 6, 8, 10, 12]  # each step once
+  drop = lambda r: {k: v for k, v in r.items() if 'per_sec' not in k}
+  assert ([drop(r) for r in _records(straight) if 'train/loss' in r] ==
+          [drop(r) for r in _records(restarted) if 'train/loss' in r])
