@@ -1,13 +1,75 @@
-"""Checkpoints through orbax: the train state (params, BN statistics, optimizer state, step,
-RNG) and the config it was written under, saved asynchronously, restored into the shardings of
-the state the trainer built (so a checkpoint moves between device and process counts)."""
+"""Checkpoints through orbax, verified on restore.
+
+What a checkpoint holds: the train state (params, BN statistics, optimizer state, step, RNG)
+and a JSON record with the config it was written under, the shape and dtype of every array and a
+fingerprint of every array's bytes. Saves are asynchronous; orbax writes into a temporary
+directory and renames it when finalized, and only finalized checkpoints are listed.
+
+Orbax does not checksum array data: a flipped byte can restore silently. So every array gets a
+fingerprint, computed on device (no host copy of the state): two wrapping uint32 sums over the
+array's 32-bit words, one weighted by position. Integer sums are exact in any order, so the
+fingerprint does not depend on how the array is sharded or on the number of processes. Restore
+recomputes it; a checkpoint that fails to read or to verify is reported and the previous one used.
+"""
 from __future__ import annotations
 
 import json
 from typing import Any
 
+from absl import logging
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+from bigbatch import sharding
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint, or one that does not fit the model. The message says what to do."""
+
+
+class CorruptCheckpoint(RuntimeError):
+  pass
+
+
+def _words(x) -> jax.Array:
+  """The array's bytes as uint32 words (smaller dtypes widened element by element)."""
+  x = jnp.ravel(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = x.dtype.itemsize
+  if size == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if size == 2:
+    return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  if size == 1:
+    return jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
+  if size == 8:
+    return jnp.ravel(jax.lax.bitcast_convert_type(x, jnp.uint32))
+  raise TypeError(f'no fingerprint for dtype {x.dtype}')
+
+
+@jax.jit
+def _fingerprints(tree):
+  def one(x):
+    w = _words(x)
+    position = jnp.arange(w.shape[0], dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+    return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * position, dtype=jnp.uint32)])
+  return jax.tree.map(one, tree)
+
+
+def fingerprints(tree) -> dict[str, str]:
+  """{leaf path: 'xxxxxxxx-xxxxxxxx'} for every array of `tree`."""
+  sums = jax.device_get(_fingerprints(tree))
+  flat = jax.tree_util.tree_flatten_with_path(sums)[0]
+  return {sharding.path_str(p): '%08x-%08x' % tuple(int(v) for v in np.asarray(s))
+          for p, s in flat}
+
+
+def _layout(tree) -> dict[str, list]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {sharding.path_str(p): [list(x.shape), str(x.dtype)] for p, x in flat}
 
 
 class Checkpointer:
@@ -24,24 +86,67 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, *, config=None, extra: dict | None = None) -> None:
-    meta = {'step': int(step), **(extra or {})}
+    meta = {'step': int(step), 'layout': _layout(state), 'fingerprints': fingerprints(state),
+            **(extra or {})}
     if config is not None:
       meta['config'] = json.loads(config.to_json_best_effort())
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
-  def restore(self, step: int, like: Any) -> Any:
-    """The state at `step`, placed like `like` (a state or its abstract shapes + shardings)."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))
-    return restored['state']
-
   def metadata(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+  def restore(self, step: int, like: Any) -> Any:
+    """The verified state at `step`, placed like `like` (a state or its shapes + shardings).
+
+    Raises CorruptCheckpoint when it cannot be read or fails verification, CheckpointError
+    when it does not fit `like` (the model or optimizer changed).
+    """
+    try:
+      meta = self.metadata(step)
+    except Exception as e:  # pylint: disable=broad-except  (any read failure means unusable)
+      raise CorruptCheckpoint(f'its metadata cannot be read ({type(e).__name__}: {e})') from e
+    expected = _layout(like)
+    if meta.get('layout') != expected:
+      saved = meta.get('layout') or {}
+      diff = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
+      first = diff[0] if diff else '?'
+      raise CheckpointError(
+          f'the checkpoint at step {step} in {self.directory} does not fit the model: '
+          f'{len(diff)} arrays differ, e.g. {first}: saved {saved.get(first)}, expected '
+          f'{expected.get(first)}. The config changed the model or optimizer; use a new workdir '
+          f'(or --restart_from_scratch)')
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    try:
+      state = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))['state']
+    except Exception as e:  # pylint: disable=broad-except
+      raise CorruptCheckpoint(f'its arrays cannot be read ({type(e).__name__}: {e})') from e
+    actual = fingerprints(state)
+    wrong = [k for k, v in meta['fingerprints'].items() if actual.get(k) != v]
+    if wrong:
+      raise CorruptCheckpoint(f'{len(wrong)} arrays do not match their recorded fingerprint, '
+                              f'e.g. {wrong[0]}')
+    return state
+
+  def restore_latest(self, like: Any) -> tuple[Any, int | None]:
+    """(state, step) of the newest checkpoint that reads and verifies; (like, None) if there
+    are none. Unusable ones are reported and skipped; if all are unusable, CheckpointError."""
+    steps = self.all_steps()
+    for step in reversed(steps):
+      try:
+        return self.restore(step, like), step
+      except CorruptCheckpoint as e:
+        logging.warning('The checkpoint at step %d in %s is unusable: %s. Falling back to the '
+                        'previous one.', step, self.directory, e)
+    if steps:
+      raise CheckpointError(
+          f'none of the checkpoints in {self.directory} (steps {steps}) is readable; see the '
+          f'warnings above. Move the directory away to start over')
+    return like, None
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

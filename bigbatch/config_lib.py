@@ -16,7 +16,7 @@ from typing import Sequence
 import ml_collections
 from ml_collections import config_dict
 
-MODELS = ('cnn', 'mlp')
+MODELS = ('cnn', 'mlp', 'resnet', 'cifar_resnet')
 DATASETS = ('digits', 'synthetic')
 OPTIMIZERS = ('sgd', 'adamw', 'lars', 'lamb')
 SCALING_RULES = ('linear', 'sqrt', 'none')
@@ -58,6 +58,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.bn_epsilon = 1e-5
   c.model.gn_groups = 8
   c.model.dtype = 'float32'  # compute dtype; parameters stay float32
+  # ResNets: resnet (ImageNet) depth 18 | 34 | 50 | 101 | 152; cifar_resnet depth 6n+2 in
+  # 8 | 14 | 20 | 32 | 44 | 56 | 110. model.width is the stem width (64 / 16 standard).
+  c.model.depth = 50
+  # Blocks per stage, overriding the depth's (4 for resnet, 3 for cifar_resnet), e.g. (1,1,1,1)
+  # for smoke runs; the depth still picks basic or bottleneck blocks.
+  c.model.stage_depths = config_dict.placeholder(tuple)
+  # Goyal et al. 2017: gamma = 0 in the last norm of each residual block.
+  c.model.zero_init_last_gamma = True
+  # Conv backward: auto (matmul weight gradients on CPU, XLA elsewhere) | xla | matmul.
+  c.model.conv_impl = 'auto'
 
   # The global batch is a number, not a property of the hardware:
   # global_batch = accumulation_steps * microbatch, and the microbatch is split over 'data'.
@@ -101,6 +111,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.clip_grad_norm = config_dict.placeholder(float)  # global-norm clipping
 
   c.label_smoothing = 0.0
+
+  # A step whose loss or gradients are not finite is never applied. 'skip': count it and go on,
+  # stopping after max_nonfinite_steps in a row; 'stop': stop at the first one.
+  c.nonfinite = 'skip'
+  c.max_nonfinite_steps = 10
 
   # Mesh axes ('data', 'model'); -1 takes the devices that are left.
   c.mesh = ml_collections.ConfigDict()
@@ -211,6 +226,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if config.lr.decay == 'step' and not (config.lr.boundaries_epochs or config.lr.boundaries_steps):
     raise ConfigError('config.lr.decay=step needs boundaries; set --config.lr.boundaries_epochs='
                       '"(30,60,80)" or lr.boundaries_steps')
+  _choice(config, 'nonfinite', ('skip', 'stop'))
+  _positive(config, 'max_nonfinite_steps')
   if not 0.0 <= config.label_smoothing < 1.0:
     raise ConfigError(f'config.label_smoothing={config.label_smoothing}: must be in [0, 1)')
   for path in ('optimizer.weight_decay_exclude', 'optimizer.trust_ratio_exclude'):
@@ -250,3 +267,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                       f'model.width={config.model.width}; choose a divisor')
   if config.model.dtype not in ('float32', 'bfloat16', 'float16'):
     raise ConfigError(f'config.model.dtype={config.model.dtype!r}; choose float32, bfloat16 or float16')
+  if config.model.name == 'resnet' and config.model.depth not in (18, 34, 50, 101, 152):
+    raise ConfigError(f'config.model.depth={config.model.depth} for resnet; '
+                      f'choose 18, 34, 50, 101 or 152')
+  if config.model.name == 'cifar_resnet' and config.model.depth not in (8, 14, 20, 32, 44, 56, 110):
+    raise ConfigError(f'config.model.depth={config.model.depth} for cifar_resnet; '
+                      f'choose 6n+2: 8, 14, 20, 32, 44, 56 or 110')
+  if config.model.stage_depths is not None and (
+      len(config.model.stage_depths) != {'resnet': 4, 'cifar_resnet': 3}.get(config.model.name)
+      or min(config.model.stage_depths) < 1):
+    raise ConfigError(f'config.model.stage_depths={config.model.stage_depths}: set 4 positive '
+                      f'block counts for resnet, 3 for cifar_resnet, or leave it None')
+  if config.model.conv_impl not in ('auto', 'xla', 'matmul'):
+    raise ConfigError(f'config.model.conv_impl={config.model.conv_impl!r}; '
+                      f'choose auto, xla or matmul')

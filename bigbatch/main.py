@@ -17,22 +17,47 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, e.g. configs/quickstart.py or configs/x.py:arg.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
+_RESTART = flags.DEFINE_bool(
+    'restart_from_scratch', False,
+    'Move an existing workdir aside (to DIR.old-<time>) and start a new run in DIR.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-EXIT_CONFIG_ERROR = 2
+# Exit codes (documented in README "Resuming and preemption" and docs/errors.md).
+EXIT_CONFIG_ERROR = 2  # invalid config, or a workdir holding another experiment
+EXIT_NONFINITE = 3  # loss/gradients non-finite for too many consecutive steps
+EXIT_CHECKPOINT_ERROR = 4  # no readable checkpoint, or one that does not fit the model
+EXIT_PREEMPTED = 75  # SIGTERM: checkpoint written; rerun the same command (EX_TEMPFAIL)
 
 
-def run(config, workdir: str) -> dict:
-  """Validates, then trains. A ConfigError becomes one line on stderr and exit code 2."""
+def _fail(kind: str, error: Exception, code: int):
+  print(f'bigbatch: {kind}: {error}', file=sys.stderr)
+  sys.exit(code)
+
+
+def run(config, workdir: str, *, restart_from_scratch: bool = False) -> dict:
+  """Validates, then trains. Errors a user can fix become one line on stderr and an exit code."""
   import jax  # pylint: disable=g-import-not-at-top
   try:
     # Before TensorFlow is imported or anything is written.
     config_lib.validate(config, jax.device_count())
-    from bigbatch import train  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
-    return train.train_and_evaluate(config, workdir)
   except config_lib.ConfigError as e:
-    print(f'bigbatch: config error: {e}', file=sys.stderr)
-    sys.exit(EXIT_CONFIG_ERROR)
+    _fail('config error', e, EXIT_CONFIG_ERROR)
+  # pylint: disable=g-import-not-at-top  (these import TensorFlow)
+  from bigbatch import checkpoint
+  from bigbatch import train
+  from bigbatch import workdir as workdir_lib
+  try:
+    return train.train_and_evaluate(config, workdir, restart_from_scratch=restart_from_scratch)
+  except config_lib.ConfigError as e:  # those that need the data set's size
+    _fail('config error', e, EXIT_CONFIG_ERROR)
+  except workdir_lib.WorkdirError as e:
+    _fail('workdir error', e, EXIT_CONFIG_ERROR)
+  except checkpoint.CheckpointError as e:
+    _fail('checkpoint error', e, EXIT_CHECKPOINT_ERROR)
+  except train.NonFiniteError as e:
+    _fail('non-finite values', e, EXIT_NONFINITE)
+  except train.Preempted as e:
+    _fail('stopped', e, EXIT_PREEMPTED)
 
 
 class _QuietLibraries:
@@ -46,7 +71,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  result = run(_CONFIG.value, _WORKDIR.value)
+  result = run(_CONFIG.value, _WORKDIR.value, restart_from_scratch=_RESTART.value)
   logging.info('Final evaluation: %s', result)
 
 

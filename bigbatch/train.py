@@ -15,6 +15,8 @@ import dataclasses
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -35,6 +37,7 @@ from bigbatch import metrics as metrics_lib
 from bigbatch import models
 from bigbatch import optim
 from bigbatch import sharding
+from bigbatch import workdir as workdir_lib
 
 
 @flax.struct.dataclass
@@ -44,6 +47,8 @@ class TrainState:
   batch_stats: Any  # BN running statistics ({} without BatchNorm)
   opt_state: Any
   rng: jax.Array  # uint32[2]; per-step keys are fold_in(rng, step)
+  nonfinite_streak: jax.Array  # int32: consecutive steps whose update was not applied
+  nonfinite_total: jax.Array  # int32: all such steps of the run
 
 
 # ----------------------------------------------------------------------------- pure step functions
@@ -100,19 +105,33 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
       lambda s: lax.pmean(s, 'data') if _varying(s, 'data') else s, batch_stats)
 
   lr = optim.learning_rate(state.opt_state, lr_fn)
+  loss = lax.pmean(losses.mean(), 'data')
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+
+  # A non-finite loss or gradient leaves params, optimizer state and BN statistics as they were
+  # (the data step still advances). optax.apply_if_finite would cover the optimizer alone, and
+  # applies the bad update after max_consecutive_errors; the host decides when to stop instead.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+  new_state = state.replace(
+      step=state.step + 1, params=keep(params, state.params),
+      batch_stats=keep(batch_stats, state.batch_stats),
+      opt_state=keep(opt_state, state.opt_state), nonfinite_streak=streak,
+      nonfinite_total=state.nonfinite_total + (1 - finite.astype(jnp.int32)))
   metrics = {
-      'loss': lax.pmean(losses.mean(), 'data'),
+      'loss': loss,
       'accuracy': lax.pmean(accuracies.mean(), 'data'),
       'lr': lr,
-      'grad_norm': optax.tree.norm(grads),
-      'param_norm': optax.tree.norm(params),
+      'grad_norm': grad_norm,
+      'param_norm': optax.tree.norm(new_state.params),
       'update_norm': optax.tree.norm(updates),
+      'nonfinite_streak': streak,
+      'nonfinite_total': new_state.nonfinite_total,
       **optim.trust_ratio_stats(opt_state),
   }
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state)
   return new_state, metrics
 
 
@@ -181,7 +200,9 @@ def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}),
-                      opt_state=optimizer.tx.init(params), rng=state_rng)
+                      opt_state=optimizer.tx.init(params), rng=state_rng,
+                      nonfinite_streak=jnp.zeros((), jnp.int32),
+                      nonfinite_total=jnp.zeros((), jnp.int32))
 
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init, rng)
@@ -232,10 +253,72 @@ def _every(config, derived: optim.Derived, steps_field: str, epochs_field: str) 
   return steps
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains and evaluates as the config says, resuming from the latest checkpoint in workdir.
+class Preempted(Exception):
+  """SIGTERM arrived; a checkpoint of `step` was written. main exits with EXIT_PREEMPTED."""
 
-  Returns the final evaluation metrics.
+  def __init__(self, step: int):
+    super().__init__(f'preempted (SIGTERM): checkpoint written at step {step}; rerun the same '
+                     f'command to resume')
+    self.step = step
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class _Faults:
+  """Deterministic fault injection for the fault-tolerance tests, from $BIGBATCH_FAULT:
+  'kill_after_step:N' (SIGKILL once step N is dispatched), 'kill_during_save:N' (SIGKILL right
+  after the asynchronous save of step N starts), 'term_after_step:N' (SIGTERM to itself).
+  Unset in normal runs: one dict lookup per step."""
+
+  def __init__(self):
+    spec = os.environ.get('BIGBATCH_FAULT', '')
+    self.kind, _, at = spec.partition(':')
+    self.at = int(at) if at else -1
+
+  def __call__(self, kind: str, step: int) -> None:
+    if kind == self.kind and step == self.at:
+      logging.warning('BIGBATCH_FAULT: %s at step %d', kind, step)
+      logging.flush()
+      os.kill(os.getpid(), signal.SIGTERM if kind.startswith('term') else signal.SIGKILL)
+
+
+class _SigtermFlag:
+  """Records SIGTERM (sent by Cloud TPU and SLURM before preemption) for the loop to act on at
+  the next step boundary; the previous handler is restored on exit."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.received = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       restart_from_scratch: bool = False) -> dict[str, float]:
+  """Trains and evaluates as the config says, resuming from the latest good checkpoint.
+
+  Returns the final evaluation metrics. Raises Preempted after writing a checkpoint on SIGTERM,
+  NonFiniteError, workdir.WorkdirError and checkpoint.CheckpointError with actionable messages.
   """
   config_lib.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config)
@@ -244,16 +327,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   num_classes=dataset.num_classes)
   derived = trainer.optimizer.derived
   is_main = jax.process_index() == 0
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
 
-  # Nothing is written before the config and the derived values have been checked.
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                     keep=config.keep_checkpoints)
-  state = trainer.state
-  start = ckpt.latest_step()
+  # Nothing is written before the config, the derived values and the workdir have been checked.
+  if restart_from_scratch and is_main:
+    moved = workdir_lib.set_aside(workdir)
+    if moved:
+      logging.warning('--restart_from_scratch: the previous run in %s was moved to %s.',
+                      workdir, moved)
+  if os.path.isdir(ckpt_dir):
+    ckpt = checkpoint_lib.Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
+    steps = ckpt.all_steps()
+  else:
+    ckpt, steps = None, []
+  workdir_lib.check_compatible(workdir, config, num_train=dataset.num_train,
+                               resume_step=steps[-1] if steps else 0)
+  if ckpt is None:
+    ckpt = checkpoint_lib.Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
+  state, start = ckpt.restore_latest(trainer.state)
   if start is not None:
-    state = ckpt.restore(start, state)
-    logging.info('Resumed from the checkpoint at step %d.', start)
+    logging.info('Resumed from the checkpoint at step %d in %s.', start, ckpt_dir)
   start = int(start or 0)
+  last_good = start or None
   info = {'derived': derived.as_dict(), 'mesh': dict(mesh.shape),
           'devices': jax.device_count(), 'processes': jax.process_count(),
           'examples_per_device_per_microbatch':
@@ -261,8 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info('Derived hyperparameters: %s', json.dumps(info))
   if is_main:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    workdir_lib.record(workdir, config)
     with open(os.path.join(workdir, 'derived.json'), 'w') as f:
       json.dump(info, f, indent=2)
   writer = metrics_lib.create_writer(workdir, is_main=is_main, resume_step=start)
@@ -275,29 +369,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       start, total, dataset.prefetch)
   progress = metrics_lib.Progress(total_steps=total, global_batch=config.global_batch,
                                   start_step=start, now=time.monotonic())
+  faults = _Faults()
+  limit = 1 if config.nonfinite == 'stop' else config.max_nonfinite_steps
+
+  def save(step):
+    nonlocal last_good
+    if not bool(_all_finite(state)):  # never write a checkpoint holding a non-finite value
+      logging.error('Not saving step %d: the state holds a non-finite value.', step)
+      return
+    ckpt.save(step, state, config=config)
+    last_good = step
+
   pending = None  # (step, device metrics) of the last logged step, read one step late
+  previous = None  # (step, device metrics) of the previous step, for the non-finite check
   eval_metrics: dict[str, float] = {}
   try:
-    for step, batch in batches:
-      state, step_metrics = trainer.train_step(state, batch)
-      done = step + 1
-      if pending is not None:  # the device is busy with this step; read the last one's values
-        _write_train_metrics(writer, progress, *pending)
-        pending = None
-      if done % config.log_every_steps == 0 or done == total:
-        pending = (done, step_metrics)
-      if (eval_every and done % eval_every == 0) or done == total:
+    with _SigtermFlag() as sigterm:
+      for step, batch in batches:
+        state, step_metrics = trainer.train_step(state, batch)
+        done = step + 1
+        faults('kill_after_step', done)
+        faults('term_after_step', done)
+        # The device is busy with this step: read what the previous one left behind.
+        if previous is not None:
+          _check_finite(previous, limit, last_good, ckpt_dir)
+        previous = (done, step_metrics)
         if pending is not None:
           _write_train_metrics(writer, progress, *pending)
           pending = None
-        eval_metrics = evaluate(trainer, state, dataset)
-        writer.write_scalars(done, eval_metrics)
-        logging.info('eval at step %d: %s', done,
-                     ', '.join(f'{k}={v:.4f}' for k, v in eval_metrics.items()))
-      if done % config.checkpoint_every_steps == 0 or done == total:
-        ckpt.save(done, state, config=config)
-    if pending is not None:
-      _write_train_metrics(writer, progress, *pending)
+        if done % config.log_every_steps == 0 or done == total:
+          pending = (done, step_metrics)
+        if (eval_every and done % eval_every == 0) or done == total:
+          _check_finite(previous, limit, last_good, ckpt_dir)
+          if pending is not None:
+            _write_train_metrics(writer, progress, *pending)
+            pending = None
+          eval_metrics = evaluate(trainer, state, dataset)
+          writer.write_scalars(done, eval_metrics)
+          logging.info('eval at step %d: %s', done,
+                       ', '.join(f'{k}={v:.4f}' for k, v in eval_metrics.items()))
+        if done % config.checkpoint_every_steps == 0 or done == total:
+          _check_finite(previous, limit, last_good, ckpt_dir)
+          save(done)
+          faults('kill_during_save', done)
+        if sigterm.received:
+          if pending is not None:
+            _write_train_metrics(writer, progress, *pending)
+            pending = None
+          if last_good != done:
+            save(done)
+          ckpt.wait()
+          logging.warning('SIGTERM: checkpoint written at step %d in %s; exiting.', done,
+                          ckpt_dir)
+          raise Preempted(done)
+      if previous is not None:
+        _check_finite(previous, limit, last_good, ckpt_dir)
+      if pending is not None:
+        _write_train_metrics(writer, progress, *pending)
   finally:
     batches.close()
     ckpt.close()
@@ -306,6 +434,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if not eval_metrics:  # resumed at the end: nothing ran
     eval_metrics = evaluate(trainer, state, dataset)
   return eval_metrics
+
+
+def _check_finite(step_and_metrics, limit: int, last_good: int | None, ckpt_dir: str) -> None:
+  step, device_metrics = step_and_metrics
+  streak = int(device_metrics['nonfinite_streak'])
+  if streak >= limit:
+    lr = float(device_metrics['lr'])
+    raise NonFiniteError(
+        f'step {step}: the loss or gradients were not finite for {streak} consecutive step(s) '
+        f'(lr {lr:.4g}); no update was applied. Last good checkpoint: '
+        f'{"step %d in %s" % (last_good, ckpt_dir) if last_good else "none"}. Lower the lr, '
+        f'add warmup or clipping (optimizer.clip_grad_norm), then resume or start over')
 
 
 def _write_train_metrics(writer, progress, step: int, device_metrics) -> None:
