@@ -167,14 +167,15 @@ class Trainer:
 
 
 # Trials that differ only in values held in the optimizer state (the peak lr) reuse one jitted
-# step, and so one compilation: keyed on everything else that the step's code depends on.
-_STEP_CACHE: dict[str, Callable] = {}
-_NOT_IN_STEP = ('seed', 'lr.base_lr', 'log_every_steps', 'eval_every_epochs',
-                'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'data.prefetch',
-                'data.data_dir')
+# step, and so one compilation: keyed on everything else that the step's code depends on. The
+# run's length enters only through the derived schedule (warmup, total steps, boundaries).
+_STEP_CACHE: dict[str, tuple[Callable, Callable]] = {}
+_NOT_IN_STEP = ('seed', 'lr.base_lr', 'log_every_steps', 'eval_every_epochs', 'eval_every_steps',
+                'checkpoint_every_steps', 'keep_checkpoints', 'data.prefetch', 'data.data_dir',
+                'num_steps', 'num_epochs', 'nonfinite', 'max_nonfinite_steps')
 
 
-def _step_key(config, mesh, num_train: int) -> str:
+def _step_key(config, mesh, derived: optim.Derived) -> str:
   flat = json.loads(config.to_json_best_effort())
   for path in _NOT_IN_STEP:
     node = flat
@@ -182,8 +183,11 @@ def _step_key(config, mesh, num_train: int) -> str:
     for p in parents:
       node = node[p]
     node.pop(leaf, None)
+  schedule = [derived.warmup_steps, list(derived.boundaries_steps),
+              derived.total_steps if config.lr.decay in ('cosine', 'polynomial', 'linear') else 0]
   devices = [d.id for d in mesh.devices.flat]
-  return json.dumps([flat, devices, mesh.axis_names, mesh.devices.shape, num_train], sort_keys=True)
+  return json.dumps([flat, schedule, devices, mesh.axis_names, mesh.devices.shape],
+                    sort_keys=True)
 
 
 def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
@@ -212,7 +216,7 @@ def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
 
   batch_sharding = NamedSharding(mesh, sharding.BATCH_SPEC)
   eval_sharding = NamedSharding(mesh, sharding.EVAL_SPEC)
-  key = _step_key(config, mesh, num_train)
+  key = _step_key(config, mesh, optimizer.derived)
   if key not in _STEP_CACHE:
     step_model = models.build(config.model, num_classes, axis_name='data')
     per_device = functools.partial(
@@ -220,13 +224,15 @@ def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
         num_classes=num_classes, label_smoothing=config.label_smoothing)
     mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(specs, sharding.BATCH_SPEC),
                            out_specs=(specs, P()))
-    _STEP_CACHE[key] = jax.jit(mapped, in_shardings=(state_shardings, batch_sharding),
-                               out_shardings=(state_shardings, NamedSharding(mesh, P())),
-                               donate_argnums=0)
-  eval_fn = jax.jit(
-      functools.partial(eval_step, model=init_model, num_classes=num_classes),
-      in_shardings=(state_shardings, eval_sharding), out_shardings=NamedSharding(mesh, P()))
-  return Trainer(state=state, state_specs=specs, train_step=_STEP_CACHE[key], eval_step=eval_fn,
+    step_fn = jax.jit(mapped, in_shardings=(state_shardings, batch_sharding),
+                      out_shardings=(state_shardings, NamedSharding(mesh, P())),
+                      donate_argnums=0)
+    eval_fn = jax.jit(
+        functools.partial(eval_step, model=init_model, num_classes=num_classes),
+        in_shardings=(state_shardings, eval_sharding), out_shardings=NamedSharding(mesh, P()))
+    _STEP_CACHE[key] = (step_fn, eval_fn)
+  step_fn, eval_fn = _STEP_CACHE[key]
+  return Trainer(state=state, state_specs=specs, train_step=step_fn, eval_step=eval_fn,
                  optimizer=optimizer, mesh=mesh, batch_sharding=batch_sharding,
                  eval_sharding=eval_sharding)
 
@@ -269,19 +275,26 @@ class NonFiniteError(RuntimeError):
 class _Faults:
   """Deterministic fault injection for the fault-tolerance tests, from $BIGBATCH_FAULT:
   'kill_after_step:N' (SIGKILL once step N is dispatched), 'kill_during_save:N' (SIGKILL right
-  after the asynchronous save of step N starts), 'term_after_step:N' (SIGTERM to itself).
-  Unset in normal runs: one dict lookup per step."""
+  after the asynchronous save of step N starts), 'term_after_step:N' (SIGTERM to itself),
+  'nan_from_step:N' (the images of update N and later become NaN).
+  Unset in normal runs: a string comparison per step."""
 
   def __init__(self):
     spec = os.environ.get('BIGBATCH_FAULT', '')
     self.kind, _, at = spec.partition(':')
     self.at = int(at) if at else -1
 
-  def __call__(self, kind: str, step: int) -> None:
+  def __call__(self, kind: str, step: int, settle: Callable[[], None] = lambda: None) -> None:
     if kind == self.kind and step == self.at:
+      settle()  # e.g. let earlier async saves finish, so which checkpoint survives is fixed
       logging.warning('BIGBATCH_FAULT: %s at step %d', kind, step)
       logging.flush()
       os.kill(os.getpid(), signal.SIGTERM if kind.startswith('term') else signal.SIGKILL)
+
+  def poison(self, batch: dict, step: int) -> dict:
+    if self.kind == 'nan_from_step' and step >= self.at:
+      return dict(batch, image=batch['image'] * jnp.nan)
+    return batch
 
 
 class _SigtermFlag:
@@ -386,9 +399,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     with _SigtermFlag() as sigterm:
       for step, batch in batches:
-        state, step_metrics = trainer.train_step(state, batch)
         done = step + 1
-        faults('kill_after_step', done)
+        batch = faults.poison(batch, done)
+        state, step_metrics = trainer.train_step(state, batch)
+        faults('kill_after_step', done, settle=ckpt.wait)
         faults('term_after_step', done)
         # The device is busy with this step: read what the previous one left behind.
         if previous is not None:

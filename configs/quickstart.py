@@ -30,7 +30,9 @@ def get_config(arg=None):
   c.eval_every_epochs = 10.0
   c.log_every_steps = 20
   c.checkpoint_every_steps = 200
-  if args.steps:
+  if args.steps:  # a shortened run keeps the warmup within it (at most the usual 2 epochs)
     c.num_epochs = None
     c.num_steps = args.steps
+    c.lr.warmup_epochs = None
+    c.lr.warmup_steps = min(22, args.steps // 4)
   return c

@@ -45,7 +45,7 @@ def test_quickstart_shortened_reaches_90_percent(tmp_path):
 def _resume_config(steps):
   config = quickstart.get_config(f'steps={steps}')
   config.lr.decay = 'constant'  # the lr of a step must not depend on the run's length
-  config.lr.warmup_epochs = None
+  config.lr.warmup_steps = None
   config.log_every_steps = 2
   config.checkpoint_every_steps = 4
   config.eval_every_epochs = None

@@ -1,0 +1,302 @@
+"""Fault tolerance, each property tested by injecting the fault: SIGKILL at chosen points,
+SIGTERM, corrupt checkpoints, non-finite batches, a workdir reused by another experiment."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bigbatch import checkpoint
+from bigbatch import main
+from bigbatch import sharding
+from bigbatch import train
+from bigbatch import workdir as workdir_lib
+
+ROOT = os.path.join(os.path.dirname(__file__), '..')
+sys.path.insert(0, ROOT)
+from configs import quickstart  # noqa: E402
+
+# 1437 digits / 128 = 11 steps per epoch; accumulation on; checkpoints every 4 steps.
+STEPS = 16
+OVERRIDES = ['--config.accumulation_steps=2', '--config.model.width=8',
+             '--config.log_every_steps=1', '--config.checkpoint_every_steps=4',
+             '--config.eval_every_epochs=1000']
+
+
+def _config(**overrides):
+  c = quickstart.get_config(f'steps={STEPS}')
+  c.accumulation_steps = 2
+  c.model.width = 8
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 4
+  c.eval_every_epochs = None
+  c.lr.warmup_steps = None
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def _cli(workdir, fault=None, devices=2):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  env.pop('BIGBATCH_FAULT', None)
+  if fault:
+    env['BIGBATCH_FAULT'] = fault
+  return subprocess.run(
+      [sys.executable, '-m', 'bigbatch.main', f'--config=configs/quickstart.py:steps={STEPS}',
+       f'--workdir={workdir}', *OVERRIDES], cwd=ROOT, env=env, capture_output=True, text=True,
+      timeout=300)
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [{k: v for k, v in json.loads(line).items() if 'per_sec' not in k} for line in f]
+
+
+def _final_state(workdir, config):
+  trainer = train.build(config, sharding.make_mesh(config), num_train=1437,
+                        image_shape=(8, 8, 1), num_classes=10)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  return jax.device_get(ckpt.restore(ckpt.latest_step(), trainer.state))
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  proc = _cli(workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+def _killed_then_resumed(uninterrupted, tmp_path, fault):
+  workdir = str(tmp_path / 'wd')
+  proc = _cli(workdir, fault)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  # A torn last line, as a kill in the middle of a write leaves.
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+    f.write('{"step": 99, "train/lo')
+  proc = _cli(workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Resumed from the checkpoint' in proc.stderr
+  assert _records(workdir) == _records(uninterrupted)  # each step once, same values
+  config = _config()
+  a, b = _final_state(uninterrupted, config), _final_state(workdir, config)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  return proc
+
+
+def test_sigkill_during_async_save_resumes_bitwise(uninterrupted, tmp_path):
+  proc = _killed_then_resumed(uninterrupted, tmp_path, 'kill_during_save:8')
+  assert 'at step 4 ' in proc.stderr or 'step 4 in' in proc.stderr  # the save of 8 never finished
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_resumes_bitwise(uninterrupted, tmp_path):
+  _killed_then_resumed(uninterrupted, tmp_path, 'kill_after_step:6')
+
+
+@pytest.mark.slow
+def test_sigkill_right_after_epoch_boundary_resumes_bitwise(uninterrupted, tmp_path):
+  _killed_then_resumed(uninterrupted, tmp_path, 'kill_after_step:12')  # epoch 1 starts at 11
+
+
+def test_same_config_and_seed_give_identical_metrics(tmp_path):
+  for name in ('a', 'b'):
+    train.train_and_evaluate(_config(num_steps=6), str(tmp_path / name))
+  assert _records(tmp_path / 'a') == _records(tmp_path / 'b')
+
+
+def test_sigterm_writes_checkpoint_and_exits_75(tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv('BIGBATCH_FAULT', 'term_after_step:3')
+  workdir = tmp_path / 'wd'
+  with pytest.raises(SystemExit) as e:
+    main.run(_config(), str(workdir))
+  assert e.value.code == main.EXIT_PREEMPTED == 75
+  assert 'checkpoint written at step 3' in capsys.readouterr().err
+  assert checkpoint.Checkpointer(str(workdir / 'checkpoints')).latest_step() == 3
+  assert signal.getsignal(signal.SIGTERM) is not None  # handler restored, not left installed
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _small_state(value):
+  return {'w': jnp.full((64, 64), value, jnp.float32), 'step': jnp.int32(value),
+          'flag': jnp.array([True, False])}
+
+
+@pytest.fixture
+def three_checkpoints(tmp_path):
+  directory = str(tmp_path / 'ckpt')
+  ckpt = checkpoint.Checkpointer(directory, asynchronous=False)
+  for step in (1, 2, 3):
+    ckpt.save(step, _small_state(step))
+  ckpt.close()
+  return directory
+
+
+def _array_files(directory, step):
+  root = os.path.join(directory, str(step), 'state')
+  files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+  data = [f for f in files if os.path.getsize(f) > 0 and 'ocdbt' in f.lower() or '/d/' in f]
+  return sorted(data or files, key=os.path.getsize)
+
+
+def _corrupt(directory, step, how):
+  files = _array_files(directory, step)
+  target = files[-1]
+  if how == 'missing':
+    os.remove(target)
+  elif how == 'truncated':
+    with open(target, 'r+b') as f:
+      f.truncate(os.path.getsize(target) // 2)
+  elif how == 'flipped':
+    with open(target, 'r+b') as f:
+      data = bytearray(f.read())
+      data[len(data) // 2] ^= 0x01
+      f.seek(0)
+      f.write(data)
+
+
+@pytest.mark.parametrize('how', ['missing', 'truncated', 'flipped'])
+def test_corrupt_latest_checkpoint_falls_back_to_previous(three_checkpoints, how, caplog):
+  _corrupt(three_checkpoints, 3, how)
+  ckpt = checkpoint.Checkpointer(three_checkpoints)
+  state, step = ckpt.restore_latest(_small_state(0))
+  assert step == 2
+  np.testing.assert_array_equal(state['w'], np.full((64, 64), 2.0))
+  assert 'step 3' in caplog.text and 'unusable' in caplog.text
+
+
+def test_flipped_byte_in_raw_array_data_is_caught_by_fingerprint(tmp_path):
+  """Uncompressed bytes: the flip decodes to a valid but wrong value, which only the
+  fingerprint can catch."""
+  state = _small_state(5)
+  good = checkpoint.fingerprints(state)
+  bad = dict(state, w=state['w'].at[7, 9].set(np.float32(5.0000005)))
+  assert checkpoint.fingerprints(bad)['w'] != good['w']
+  assert checkpoint.fingerprints(bad)['step'] == good['step']
+  # Sharding does not change the fingerprint.
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  sharded = jax.device_put(state['w'], jax.sharding.NamedSharding(mesh, jax.P('data')))
+  assert checkpoint.fingerprints({'w': sharded})['w'] == good['w']
+
+
+def test_no_readable_checkpoint_stops_naming_the_directory(three_checkpoints):
+  for step in (1, 2, 3):
+    _corrupt(three_checkpoints, step, 'missing')
+  with pytest.raises(checkpoint.CheckpointError, match=three_checkpoints):
+    checkpoint.Checkpointer(three_checkpoints).restore_latest(_small_state(0))
+
+
+def test_unfinalized_checkpoint_is_ignored(three_checkpoints):
+  shutil.copytree(os.path.join(three_checkpoints, '3'),
+                  os.path.join(three_checkpoints, '4.orbax-checkpoint-tmp'))
+  _, step = checkpoint.Checkpointer(three_checkpoints).restore_latest(_small_state(0))
+  assert step == 3
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(three_checkpoints):
+  other = dict(_small_state(0), w=jnp.zeros((32, 64)))
+  with pytest.raises(checkpoint.CheckpointError, match='does not fit the model.*w: saved'):
+    checkpoint.Checkpointer(three_checkpoints).restore_latest(other)
+
+
+def test_checkpoint_records_its_config(tmp_path):
+  config = _config(num_steps=2, checkpoint_every_steps=2)
+  train.train_and_evaluate(config, str(tmp_path))
+  meta = checkpoint.Checkpointer(str(tmp_path / 'checkpoints')).metadata(2)
+  assert meta['config']['global_batch'] == 128 and meta['step'] == 2
+
+
+# ----------------------------------------------------------------------------- non-finite
+
+
+def _nan_batch(k, m):
+  return {'image': np.full((k, m, 8, 8, 1), np.nan, np.float32),
+          'label': np.zeros((k, m), np.int32)}
+
+
+def test_nonfinite_batch_is_skipped_and_counted():
+  config = _config(global_batch=64, accumulation_steps=1)
+  trainer = train.build(config, sharding.make_mesh(config), num_train=1437,
+                        image_shape=(8, 8, 1), num_classes=10)
+  before = jax.device_get(trainer.state)
+  state, metrics = trainer.train_step(
+      trainer.state, jax.device_put(_nan_batch(1, 64), trainer.batch_sharding))
+  after = jax.device_get(state)
+  assert int(metrics['nonfinite_total']) == 1 and int(metrics['nonfinite_streak']) == 1
+  assert int(after.step) == 1
+  for x, y in zip(jax.tree.leaves((before.params, before.opt_state, before.batch_stats)),
+                  jax.tree.leaves((after.params, after.opt_state, after.batch_stats))):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize('policy,expected_streak', [('skip', 3), ('stop', 1)])
+def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, monkeypatch, capsys, policy,
+                                                  expected_streak):
+  monkeypatch.setenv('BIGBATCH_FAULT', 'nan_from_step:6')
+  config = _config(nonfinite=policy, max_nonfinite_steps=3)
+  with pytest.raises(SystemExit) as e:
+    main.run(config, str(tmp_path))
+  assert e.value.code == main.EXIT_NONFINITE
+  err = capsys.readouterr().err.strip()
+  assert f'step {5 + expected_streak}:' in err and f'{expected_streak} consecutive' in err
+  assert 'Last good checkpoint: step 4' in err and 'lr ' in err
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'))
+  assert ckpt.all_steps() == [4]  # nothing written after the bad steps
+
+
+# ----------------------------------------------------------------------------- workdir
+
+
+def _short(**overrides):
+  return _config(**{'num_steps': 4, 'checkpoint_every_steps': 2, 'lr.decay': 'constant',
+                     **overrides})
+
+
+def test_restart_with_a_different_experiment_is_refused(tmp_path, capsys):
+  train.train_and_evaluate(_short(), str(tmp_path))
+  before = sorted(os.listdir(tmp_path / 'checkpoints'))
+  with pytest.raises(SystemExit) as e:
+    main.run(_short(global_batch=64, **{'optimizer.name': 'lars'}), str(tmp_path))
+  assert e.value.code == main.EXIT_CONFIG_ERROR
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'global_batch: 128 -> 64' in err[0] and 'optimizer.name' in err[0]
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == before
+
+
+def test_observing_and_extending_changes_are_allowed(tmp_path):
+  train.train_and_evaluate(_short(), str(tmp_path))
+  # Constant lr: 8 steps give the first 4 the same lr, so extending is allowed.
+  train.train_and_evaluate(_short(num_steps=8, log_every_steps=2), str(tmp_path))
+  assert checkpoint.Checkpointer(str(tmp_path / 'checkpoints')).latest_step() == 8
+
+
+def test_extending_a_decaying_schedule_is_refused(tmp_path):
+  train.train_and_evaluate(_short(**{'lr.decay': 'cosine'}), str(tmp_path))
+  with pytest.raises(workdir_lib.WorkdirError, match='lr of steps already run'):
+    train.train_and_evaluate(_short(num_steps=8, **{'lr.decay': 'cosine'}), str(tmp_path))
+
+
+def test_restart_from_scratch_sets_the_old_run_aside(tmp_path):
+  workdir = tmp_path / 'wd'
+  train.train_and_evaluate(_short(), str(workdir))
+  train.train_and_evaluate(_short(global_batch=64), str(workdir), restart_from_scratch=True)
+  aside = [p for p in os.listdir(tmp_path) if p.startswith('wd.old-')]
+  assert len(aside) == 1
+  assert json.load(open(tmp_path / aside[0] / 'config.json'))['global_batch'] == 128
+  assert json.load(open(workdir / 'config.json'))['global_batch'] == 64
