@@ -33,6 +33,30 @@ class CorruptCheckpoint(RuntimeError):
   pass
 
 
+class SaveError(RuntimeError):
+  """A checkpoint could not be written (disk full, no permission, ...)."""
+
+
+def _os_error(e: BaseException) -> OSError | None:
+  while e is not None:
+    if isinstance(e, OSError):
+      return e
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _saving(what: str, directory: str, fn, *args, **kwargs):
+  """Runs an orbax call that writes; an OSError anywhere in its cause chain (orbax wraps errors
+  of its background threads) becomes a SaveError naming the directory."""
+  try:
+    return fn(*args, **kwargs)
+  except Exception as e:  # pylint: disable=broad-except
+    os_error = _os_error(e)
+    if os_error is None:
+      raise
+    raise SaveError(f'{what} in {directory} failed: {os_error.strerror or os_error}') from e
+
+
 def _words(x) -> jax.Array:
   """The array's bytes as uint32 words (smaller dtypes widened element by element)."""
   x = jnp.ravel(x)
@@ -93,8 +117,9 @@ class Checkpointer:
             **(extra or {})}
     if config is not None:
       meta['config'] = json.loads(config.to_json_best_effort())
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    _saving(f'writing the checkpoint of step {step}', self.directory, self._manager.save, step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    meta=ocp.args.JsonSave(meta)))
 
   def metadata(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
@@ -112,7 +137,8 @@ class Checkpointer:
     expected = _layout(like)
     if meta.get('layout') != expected:
       saved = meta.get('layout') or {}
-      diff = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
+      diff = sorted((k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k)),
+                    key=lambda k: (not k.startswith('params/'), k))  # parameters say most
       first = diff[0] if diff else '?'
       raise CheckpointError(
           f'the checkpoint at step {step} in {self.directory} does not fit the model: '
@@ -149,8 +175,10 @@ class Checkpointer:
     return like, None
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    _saving('finishing a checkpoint', self.directory, self._manager.wait_until_finished)
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()

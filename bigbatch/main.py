@@ -26,6 +26,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 EXIT_CONFIG_ERROR = 2  # invalid config, or a workdir holding another experiment
 EXIT_NONFINITE = 3  # loss/gradients non-finite for too many consecutive steps
 EXIT_CHECKPOINT_ERROR = 4  # no readable checkpoint, or one that does not fit the model
+EXIT_SAVE_ERROR = 5  # a checkpoint could not be written (disk full, permissions)
+EXIT_DATA_ERROR = 6  # the data set cannot be read
 EXIT_PREEMPTED = 75  # SIGTERM: checkpoint written; rerun the same command (EX_TEMPFAIL)
 
 
@@ -54,10 +56,46 @@ def run(config, workdir: str, *, restart_from_scratch: bool = False) -> dict:
     _fail('workdir error', e, EXIT_CONFIG_ERROR)
   except checkpoint.CheckpointError as e:
     _fail('checkpoint error', e, EXIT_CHECKPOINT_ERROR)
+  except checkpoint.SaveError as e:
+    _fail('checkpoint not written', f'{e}; free space or fix permissions, then rerun the same '
+          f'command: it resumes from the last checkpoint that was written', EXIT_SAVE_ERROR)
+  except train.DataError as e:
+    _fail('data error', e, EXIT_DATA_ERROR)
   except train.NonFiniteError as e:
     _fail('non-finite values', e, EXIT_NONFINITE)
   except train.Preempted as e:
     _fail('stopped', e, EXIT_PREEMPTED)
+
+
+def _root_cause(e: BaseException) -> BaseException:
+  while e.__cause__ is not None or e.__context__ is not None:
+    e = e.__cause__ or e.__context__
+  return e
+
+
+def _parse_flags(argv):
+  """absl's parser, with the config file loaded here: a bad flag, a missing config file or an
+  unknown --config.field becomes one line and exit code 1 instead of a chained traceback."""
+  try:
+    rest = flags.FLAGS(argv)
+    _CONFIG.value.get('seed')  # config_flags defers a load failure to the first use
+  except Exception as e:  # pylint: disable=broad-except
+    cause = _root_cause(e)
+    reason = ' '.join(str(cause).replace("\\'", "'").split()).strip('\'"')
+    config_arg = next((a for a in argv if a.startswith('--config=')), '--config')
+    if isinstance(e, flags.Error) and not isinstance(cause, (OSError, KeyError, AttributeError)):
+      message = str(e).splitlines()[0]
+    elif 'Failed loading config file' in str(cause):
+      last = str(cause).strip().splitlines()[-1].strip()
+      message = f'{config_arg}: the config file cannot be loaded ({last})'
+    elif isinstance(cause, (KeyError, AttributeError)):
+      detail = ' '.join(str(cause.args[0] if cause.args else cause).split())
+      message = f'a --config.* override names no config field: {detail}'
+    else:
+      message = f'{reason} ({type(cause).__name__})'
+    print(f'bigbatch: flag error: {message}', file=sys.stderr)
+    sys.exit(1)
+  return rest
 
 
 class _QuietLibraries:
@@ -76,4 +114,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -268,6 +268,25 @@ class Preempted(Exception):
     self.step = step
 
 
+class DataError(RuntimeError):
+  """The data set cannot be read (missing or corrupt files)."""
+
+
+def load_dataset(config):
+  """input_pipeline.create, with read failures reported as DataError naming the data."""
+  try:
+    return input_pipeline.create(config)
+  except config_lib.ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (TF/TFDS raise many kinds)
+    where = config.data.data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else ''
+    raise DataError(
+        f'the {config.data.name} data set under {where} cannot be read ({type(e).__name__}: '
+        f'{detail[:200]}); delete its prepared files there so it is rebuilt, or point '
+        f'config.data.data_dir at a good copy') from e
+
+
 class NonFiniteError(RuntimeError):
   """Too many consecutive steps with a non-finite loss or gradient."""
 
@@ -335,7 +354,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   config_lib.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config)
-  dataset = input_pipeline.create(config)
+  dataset = load_dataset(config)
   trainer = build(config, mesh, num_train=dataset.num_train, image_shape=dataset.image_shape,
                   num_classes=dataset.num_classes)
   derived = trainer.optimizer.derived
@@ -348,6 +367,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if moved:
       logging.warning('--restart_from_scratch: the previous run in %s was moved to %s.',
                       workdir, moved)
+  if is_main:
+    workdir_lib.ensure_writable(workdir)
   if os.path.isdir(ckpt_dir):
     ckpt = checkpoint_lib.Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
     steps = ckpt.all_steps()
@@ -368,7 +389,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
               config.global_batch // (config.accumulation_steps * mesh.shape['data'])}
   logging.info('Derived hyperparameters: %s', json.dumps(info))
   if is_main:
-    os.makedirs(workdir, exist_ok=True)
     workdir_lib.record(workdir, config)
     with open(os.path.join(workdir, 'derived.json'), 'w') as f:
       json.dump(info, f, indent=2)

@@ -90,6 +90,19 @@ def set_aside(workdir: str) -> str | None:
   return target
 
 
+def ensure_writable(workdir: str) -> None:
+  """Creates the workdir, or raises WorkdirError saying why it cannot be written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.bigbatch-write-test')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f'cannot write to the workdir {workdir}: {e.strerror or e}; choose a '
+                       f'writable --workdir') from None
+
+
 def record(workdir: str, config) -> None:
   with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))

@@ -1,0 +1,200 @@
+"""docs/errors.md as tests: each bad input gets a non-zero exit, one line naming what is wrong
+and how to fix it, no traceback, and nothing overwritten.
+
+Rows run in-process (main.run, catching SystemExit), so the table costs seconds; the flag rows
+and one config row run the real command line to confirm exit codes and the absence of a
+traceback.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from bigbatch import checkpoint
+from bigbatch import main
+from bigbatch import train
+
+ROOT = os.path.join(os.path.dirname(__file__), '..')
+sys.path.insert(0, ROOT)
+from configs import quickstart  # noqa: E402
+
+
+def _set(config, **fields):
+  for key, value in fields.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+# id: (config overrides, exit code, words the one line must contain)
+CONFIG_ROWS = {
+    'batch-not-divisible': ({'global_batch': 100}, 2, ['config.global_batch=100', 'multiple']),
+    'batch-zero': ({'global_batch': 0}, 2, ['config.global_batch=0', 'positive']),
+    'batch-vs-accumulation': ({'global_batch': 104, 'accumulation_steps': 4}, 2,
+                              ['accumulation_steps (4)', 'multiple of 32']),
+    'mesh-mismatch': ({'mesh.data': 3}, 2, ['config.mesh', 'devices']),
+    'unknown-model': ({'model.name': 'resnet9000'}, 2, ['config.model.name', 'choose one of']),
+    'unknown-optimizer': ({'optimizer.name': 'adagrad'}, 2, ['config.optimizer.name', 'lars']),
+    'unknown-dataset': ({'data.name': 'imagenet9000'}, 2, ['config.data.name', 'digits']),
+    'unknown-schedule': ({'lr.decay': 'exponential'}, 2, ['config.lr.decay', 'cosine']),
+    'unknown-scaling': ({'lr.scaling': 'cubic'}, 2, ['config.lr.scaling', 'sqrt']),
+    'lr-negative': ({'lr.base_lr': -0.1}, 2, ['config.lr.base_lr=-0.1', 'positive']),
+    'lr-zero': ({'lr.base_lr': 0.0}, 2, ['config.lr.base_lr=0.0', 'positive']),
+    'ghost-bn-group': ({'model.bn_group_size': 3}, 2, ['bn_group_size=3', 'divisor of 16']),
+    'accumulation-zero': ({'accumulation_steps': 0}, 2, ['accumulation_steps=0', 'positive']),
+    'eval-batch': ({'eval_batch': 100}, 2, ['config.eval_batch=100', 'multiple of 8']),
+    'length-twice': ({'num_steps': 10}, 2, ['num_epochs and config.num_steps', 'only one']),
+    'batch-larger-than-data': ({'global_batch': 4096}, 2, ['4096', '1437 training examples']),
+    'warmup-too-long': ({'lr.warmup_epochs': 50.0}, 2, ['warmup', 'train longer']),
+    'step-decay-no-boundaries': ({'lr.decay': 'step'}, 2, ['boundaries']),
+    'nonfinite-policy': ({'nonfinite': 'ignore'}, 2, ['config.nonfinite', 'skip']),
+}
+
+
+@pytest.mark.parametrize('row', sorted(CONFIG_ROWS))
+def test_config_rows(row, tmp_path, capsys):
+  overrides, code, words = CONFIG_ROWS[row]
+  workdir = tmp_path / 'wd'
+  with pytest.raises(SystemExit) as e:
+    main.run(_set(quickstart.get_config(), **overrides), str(workdir))
+  _assert_one_line(e, capsys, code, words)
+  assert not workdir.exists()
+
+
+def _assert_one_line(e, capsys, code, words):
+  assert e.value.code == code
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err
+  assert 'Traceback' not in err[0]
+  for w in words:
+    assert w in err[0], (w, err[0])
+
+
+def _short():
+  return _set(quickstart.get_config('steps=4'), **{
+      'model.width': 8, 'checkpoint_every_steps': 2, 'log_every_steps': 2,
+      'eval_every_epochs': None, 'lr.decay': 'constant'})
+
+
+@pytest.fixture
+def trained(tmp_path):
+  workdir = tmp_path / 'wd'
+  train.train_and_evaluate(_short(), str(workdir))
+  return workdir
+
+
+def _snapshot(workdir):
+  return sorted((os.path.relpath(os.path.join(d, f), workdir), os.path.getsize(os.path.join(d, f)))
+                for d, _, fs in os.walk(workdir) for f in fs)
+
+
+def test_workdir_of_another_experiment(trained, capsys):
+  before = _snapshot(trained)
+  with pytest.raises(SystemExit) as e:
+    main.run(_set(_short(), global_batch=64), str(trained))
+  _assert_one_line(e, capsys, 2, ['holds another experiment', 'global_batch: 128 -> 64',
+                                  '--restart_from_scratch'])
+  assert _snapshot(trained) == before
+
+
+def test_workdir_not_writable(tmp_path, capsys):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  with pytest.raises(SystemExit) as e:
+    main.run(_short(), str(blocker / 'wd'))
+  _assert_one_line(e, capsys, 2, ['cannot write to the workdir', 'writable --workdir'])
+  assert blocker.read_text() == 'not a directory'
+
+
+def test_checkpoint_of_another_model(trained, capsys):
+  os.remove(trained / 'config.json')  # past the workdir guard, as after a manual cleanup
+  before = _snapshot(trained)
+  with pytest.raises(SystemExit) as e:
+    main.run(_set(_short(), **{'model.width': 16}), str(trained))
+  _assert_one_line(e, capsys, 4, ['does not fit the model', 'conv0/kernel', 'new workdir'])
+  assert _snapshot(trained) == before
+
+
+def test_no_readable_checkpoint(trained, capsys):
+  for step in ('2', '4'):
+    os.remove(trained / 'checkpoints' / step / 'meta' / 'metadata')
+  with pytest.raises(SystemExit) as e:
+    main.run(_short(), str(trained))
+  _assert_one_line(e, capsys, 4, ['none of the checkpoints', str(trained / 'checkpoints')])
+
+
+def test_disk_full_on_save(tmp_path, capsys, monkeypatch):
+  real_save = checkpoint.ocp.CheckpointManager.save
+
+  def full(self, step, *args, **kwargs):
+    if step >= 4:
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return real_save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint.ocp.CheckpointManager, 'save', full)
+  with pytest.raises(SystemExit) as e:
+    main.run(_short(), str(tmp_path / 'wd'))
+  _assert_one_line(e, capsys, 5, ['step 4', 'No space left on device', 'rerun the same command'])
+  assert checkpoint.Checkpointer(str(tmp_path / 'wd' / 'checkpoints')).all_steps() == [2]
+
+
+def test_corrupt_data_files(tmp_path, capsys):
+  from bigbatch.data import digits  # pylint: disable=g-import-not-at-top
+  data_dir = tmp_path / 'tfds'
+  digits.prepare(str(data_dir))
+  shards = [os.path.join(d, f) for d, _, fs in os.walk(data_dir) for f in fs
+            if 'train' in f and not f.endswith('.json')]
+  for shard in shards:
+    with open(shard, 'r+b') as f:
+      f.truncate(os.path.getsize(shard) // 3)
+  capsys.readouterr()  # the preparation's progress bars
+  with pytest.raises(SystemExit) as e:
+    main.run(_set(_short(), **{'data.data_dir': str(data_dir)}), str(tmp_path / 'wd'))
+  _assert_one_line(e, capsys, 6, ['cannot be read', str(data_dir)])
+  assert not (tmp_path / 'wd').exists()
+
+
+CLI_ROWS = {
+    'unknown-override': (['--config=configs/quickstart.py', '--workdir={wd}',
+                          '--config.global_bach=256'], 1, 'global_bach'),
+    'missing-workdir': (['--config=configs/quickstart.py'], 1, 'workdir'),
+    'missing-config-file': (['--config=configs/nope.py', '--workdir={wd}'], 1, 'nope.py'),
+    'config-error-cli': (['--config=configs/quickstart.py', '--workdir={wd}',
+                          '--config.global_batch=100'], 2, 'config.global_batch=100'),
+}
+
+
+@pytest.mark.parametrize('row', sorted(CLI_ROWS))
+def test_command_line_rows(row, tmp_path):
+  args, code, word = CLI_ROWS[row]
+  workdir = tmp_path / 'wd'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-m', 'bigbatch.main',
+                         *[a.format(wd=workdir) for a in args]],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == code, proc.stderr
+  assert 'Traceback' not in proc.stderr
+  errors = [l for l in proc.stderr.splitlines() if word in l]
+  assert errors, proc.stderr
+  assert not workdir.exists()
+
+
+def test_docs_table_lists_every_row():
+  with open(os.path.join(ROOT, 'docs', 'errors.md')) as f:
+    documented = set(re.findall(r'^\| `([a-z0-9-]+)` \|', f.read(), re.M))
+  tested = set(CONFIG_ROWS) | set(CLI_ROWS) | {
+      'workdir-other-experiment', 'workdir-not-writable', 'checkpoint-other-model',
+      'checkpoint-none-readable', 'disk-full', 'corrupt-data', 'nonfinite-stop',
+      'checkpoint-corrupt-latest', 'preempted'}
+  assert documented == tested
+  assert len(documented) >= 20
