@@ -6,6 +6,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bigbatch.models import conv
 from bigbatch.models import layers
 
 
@@ -14,6 +15,7 @@ class Model(nn.Module):
   norm: layers.Norm
   width: int = 32
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'  # conv.Conv backward: auto | xla | matmul
 
   @nn.compact
   def __call__(self, x_BxHxWxC, train: bool):
@@ -22,8 +24,8 @@ class Model(nn.Module):
     x = x_BxHxWxC.astype(self.dtype)
     for i, (features, stride) in enumerate(
         [(self.width, 1), (2 * self.width, 2), (2 * self.width, 1)]):
-      x = nn.Conv(features, (3, 3), strides=stride, padding='SAME', use_bias=use_bias,
-                  dtype=self.dtype, name=f'conv{i}')(x)
+      x = conv.Conv(features, (3, 3), strides=stride, padding='SAME', use_bias=use_bias,
+                    dtype=self.dtype, impl=self.conv_impl, name=f'conv{i}')(x)
       x = self.norm(train, name=f'norm{i}')(x)
       x = nn.relu(x)
     x = jnp.mean(x, axis=(1, 2))
