@@ -160,6 +160,7 @@ class Trainer:
   state_specs: Any
   train_step: Callable  # (state, batch) -> (state, metrics); jitted, state donated
   eval_step: Callable  # (state, eval batch) -> sums
+  model: Any  # the flax module, outside shard_map (sync BN without an axis)
   optimizer: optim.Optimizer
   mesh: jax.sharding.Mesh
   batch_sharding: NamedSharding
@@ -233,6 +234,7 @@ def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
     _STEP_CACHE[key] = (step_fn, eval_fn)
   step_fn, eval_fn = _STEP_CACHE[key]
   return Trainer(state=state, state_specs=specs, train_step=step_fn, eval_step=eval_fn,
+                 model=init_model,
                  optimizer=optimizer, mesh=mesh, batch_sharding=batch_sharding,
                  eval_sharding=eval_sharding)
 
@@ -250,6 +252,20 @@ def evaluate(trainer: Trainer, state: TrainState, dataset) -> dict[str, float]:
   count = float(totals['count'])
   return {'eval/top1': float(totals['top1']) / count, 'eval/top5': float(totals['top5']) / count,
           'eval/loss': float(totals['loss']) / count, 'eval/examples': count}
+
+
+def model_flops_per_example(trainer: Trainer, image_shape, batch: int = 8) -> float:
+  """Training FLOPs per example: 3x the forward pass (forward + two backward products), from
+  XLA's cost analysis of the eval-mode forward. Analytic rather than from the compiled step:
+  its cost analysis counts a loop body once, and the CPU convolution backward runs in loops."""
+  variables = {'params': trainer.state.params}
+  if trainer.state.batch_stats:
+    variables['batch_stats'] = trainer.state.batch_stats
+  forward = jax.jit(lambda v, x: trainer.model.apply(v, x, train=False))
+  x = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
+  cost = forward.lower(abstract, x).cost_analysis() or {}
+  return 3.0 * float(cost.get('flops', float('nan'))) / batch
 
 
 def _every(config, derived: optim.Derived, steps_field: str, epochs_field: str) -> int | None:
@@ -404,6 +420,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                   start_step=start, now=time.monotonic())
   faults = _Faults()
   limit = 1 if config.nonfinite == 'stop' else config.max_nonfinite_steps
+  flops_per_step = model_flops_per_example(trainer, dataset.image_shape) * config.global_batch
+  logging.info('Model FLOPs per step: %.3g (3x forward, %d examples).', flops_per_step,
+               config.global_batch)
+  throughput = _Throughput(flops_per_step, lambda: batches.wait_seconds, time.monotonic())
 
   def save(step):
     nonlocal last_good
@@ -429,14 +449,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           _check_finite(previous, limit, last_good, ckpt_dir)
         previous = (done, step_metrics)
         if pending is not None:
-          _write_train_metrics(writer, progress, *pending)
+          _write_train_metrics(writer, progress, throughput, *pending)
           pending = None
         if done % config.log_every_steps == 0 or done == total:
           pending = (done, step_metrics)
         if (eval_every and done % eval_every == 0) or done == total:
           _check_finite(previous, limit, last_good, ckpt_dir)
           if pending is not None:
-            _write_train_metrics(writer, progress, *pending)
+            _write_train_metrics(writer, progress, throughput, *pending)
             pending = None
           eval_metrics = evaluate(trainer, state, dataset)
           writer.write_scalars(done, eval_metrics)
@@ -448,7 +468,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           faults('kill_during_save', done)
         if sigterm.received:
           if pending is not None:
-            _write_train_metrics(writer, progress, *pending)
+            _write_train_metrics(writer, progress, throughput, *pending)
             pending = None
           if last_good != done:
             save(done)
@@ -459,7 +479,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if previous is not None:
         _check_finite(previous, limit, last_good, ckpt_dir)
       if pending is not None:
-        _write_train_metrics(writer, progress, *pending)
+        _write_train_metrics(writer, progress, throughput, *pending)
   finally:
     batches.close()
     ckpt.close()
@@ -482,8 +502,28 @@ def _check_finite(step_and_metrics, limit: int, last_good: int | None, ckpt_dir:
         f'add warmup or clipping (optimizer.clip_grad_norm), then resume or start over')
 
 
-def _write_train_metrics(writer, progress, step: int, device_metrics) -> None:
+class _Throughput:
+  """FLOP/s and the fraction of wall time the loop waited for input, between logged steps."""
+
+  def __init__(self, flops_per_step: float, waited: Callable[[], float], now: float):
+    self.flops_per_step = flops_per_step
+    self._waited = waited
+    self._last = (now, waited())
+
+  def rates(self, steps_per_sec: float | None, now: float) -> dict[str, float]:
+    waited = self._waited()
+    (then, waited_then), self._last = self._last, (now, waited)
+    out = {'perf/model_flops_per_step': self.flops_per_step,
+           'perf/input_wait_fraction': (waited - waited_then) / max(now - then, 1e-9)}
+    if steps_per_sec:
+      out['perf/flops_per_sec'] = self.flops_per_step * steps_per_sec
+    return out
+
+
+def _write_train_metrics(writer, progress, throughput, step: int, device_metrics) -> None:
   values = {f'train/{k}': float(v) for k, v in jax.device_get(device_metrics).items()}
-  values.update(progress.rates(step, time.monotonic()))
+  now = time.monotonic()
+  values.update(progress.rates(step, now))
+  values.update(throughput.rates(values.get('train/steps_per_sec'), now))
   writer.write_scalars(step, values)
   logging.info('%s', progress.line(step, values))

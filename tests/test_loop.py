@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from bigbatch import checkpoint
 from bigbatch import sharding
@@ -32,8 +33,16 @@ def test_quickstart_shortened_reaches_90_percent(tmp_path):
   train_steps = [r['step'] for r in records if 'train/loss' in r]
   assert train_steps == [20, 40, 60]
   last = [r for r in records if 'train/loss' in r][-1]
-  for key in ('train/lr', 'train/grad_norm', 'train/param_norm', 'train/examples_per_sec'):
+  for key in ('train/lr', 'train/grad_norm', 'train/param_norm', 'train/examples_per_sec',
+              'perf/flops_per_sec', 'perf/input_wait_fraction'):
     assert key in last
+  # Training FLOPs: 3x the forward of the CNN (3x3 convs on 8x8, 8x8 -> 4x4 stride 2, 4x4, and
+  # a dense head). XLA counts the kernel taps that land inside the image (SAME padding): per
+  # axis 22 of 8x3 at 8x8, 11 of 4x3 for the strided conv, 10 of 4x3 at 4x4.
+  w = 32
+  forward = 2 * (22**2 * 1 * w + 11**2 * w * 2 * w + 10**2 * 2 * w * 2 * w + 2 * w * 10)
+  assert last['perf/model_flops_per_step'] == pytest.approx(3 * forward * 128, rel=0.05)
+  assert 0.0 <= last['perf/input_wait_fraction'] <= 1.0
   assert [r['step'] for r in records if 'eval/top1' in r] == [60]
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / 'tensorboard'))
   derived = json.load(open(tmp_path / 'derived.json'))['derived']
