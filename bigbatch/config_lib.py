@@ -17,9 +17,9 @@ import ml_collections
 from ml_collections import config_dict
 
 MODELS = ('cnn', 'mlp', 'resnet', 'cifar_resnet')
-DATASETS = ('digits', 'synthetic')
+DATASETS = ('digits', 'synthetic', 'imagenet2012', 'cifar10', 'mnist')
 OPTIMIZERS = ('sgd', 'adamw', 'lars', 'lamb')
-SCALING_RULES = ('linear', 'sqrt', 'none')
+SCALING_RULES = ('linear', 'sqrt', 'none', 'table')
 DECAYS = ('cosine', 'polynomial', 'step', 'linear', 'constant')
 NORMS = ('batch', 'group', 'none')
 
@@ -46,6 +46,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_classes = 10
   c.data.teacher_width = 64
   c.data.prefetch = 2  # batches prepared ahead of the device, on a host thread
+  # Image data sets through TFDS (imagenet2012 | cifar10 | mnist; bigbatch/data/images.py).
+  # image_size above is the ImageNet crop size (set 224); cifar10 and mnist keep their own size.
+  # The TFDS data set read with data.name's preprocessing; None: data.name itself.
+  c.data.tfds_name = config_dict.placeholder(str)
+  c.data.train_split = 'train'  # any TFDS split string, e.g. 'train[:99%]'
+  c.data.eval_split = config_dict.placeholder(str)  # None: 'validation' if present, else 'test'
+  # Format to prepare a data set in when it is not prepared yet: 'array_record' is read by global
+  # index (batch order independent of the process count); 'tfrecord' (TFDS's default, None) is
+  # streamed per process. Data already prepared is read in the format it has.
+  c.data.file_format = config_dict.placeholder(str)
+  c.data.num_parallel_calls = -1  # tf.data decode/augment parallelism; -1: AUTOTUNE
+  c.data.shuffle_buffer = 10_000  # TFRecord only: examples per process (~1 GB of ImageNet JPEGs)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'cnn'  # module bigbatch.models.<name>
@@ -64,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Blocks per stage, overriding the depth's (4 for resnet, 3 for cifar_resnet), e.g. (1,1,1,1)
   # for smoke runs; the depth still picks basic or bottleneck blocks.
   c.model.stage_depths = config_dict.placeholder(tuple)
-  # Goyal et al. 2017: gamma = 0 in the last norm of each residual block.
+  # Goyal et al. 2017: gamma = 0 in the last norm of each residual block (no-op with norm=none).
   c.model.zero_init_last_gamma = True
   # Conv backward: auto (matmul weight gradients on CPU, XLA elsewhere) | xla | matmul.
   c.model.conv_impl = 'auto'
@@ -83,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.lr.base_lr = 0.1
   c.lr.base_batch = 256
   c.lr.scaling = 'linear'  # linear | sqrt | none: peak = base_lr * rule(global_batch / base_batch)
+  # scaling=table: a published per-batch recipe, rows (max_batch, peak_lr, warmup_epochs or None);
+  # the first row with max_batch >= global_batch gives the peak lr (and the warmup, if not None).
+  c.lr.table = config_dict.placeholder(tuple)
   # Gradual linear warmup from warmup_init_lr (absolute) to the peak: at most one of the two.
   c.lr.warmup_epochs = config_dict.placeholder(float)
   c.lr.warmup_steps = config_dict.placeholder(int)
@@ -128,6 +143,62 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = config_dict.placeholder(int)
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
+  return c
+
+
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
+
+
+def imagenet_resnet50(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """ResNet-50 on imagenet2012 at 224x224: the model and data part shared by the r50 recipes."""
+  c.data.name = 'imagenet2012'
+  c.data.image_size = 224
+  c.data.file_format = 'array_record'  # read by global index: batch order independent of hosts
+  c.model.name = 'resnet'
+  c.model.depth = 50
+  c.model.width = 64
+  c.model.zero_init_last_gamma = True
+  c.eval_batch = 1024
+  c.log_every_steps = 100
+  c.eval_every_epochs = 4.0
+  c.checkpoint_every_steps = 1000
+  return c
+
+
+def runlocal(c: ml_collections.ConfigDict, *, steps: int = 2) -> ml_collections.ConfigDict:
+  """Shrinks any experiment to a CPU smoke run: synthetic 16x16 data, stage depths of 1, a
+  narrow model, a small batch, float32, a few steps. Optimizer and schedule shape are kept."""
+  c.data.name = 'synthetic'
+  c.data.image_size = 16
+  c.data.channels = 3
+  c.data.num_classes = 10
+  c.data.num_train = 4096
+  c.data.num_eval = 64
+  c.data.file_format = None
+  if c.model.name == 'resnet':
+    c.model.stage_depths = (1, 1, 1, 1)
+    c.model.width = 8
+  elif c.model.name == 'cifar_resnet':
+    c.model.stage_depths = (1, 1, 1)
+    c.model.width = 8
+  c.model.dtype = 'float32'
+  c.global_batch = 64
+  c.accumulation_steps = 1
+  if c.model.bn_group_size is not None:
+    c.model.bn_group_size = 4
+  c.eval_batch = 64
+  c.num_epochs = None
+  c.num_steps = steps
+  if c.lr.scaling == 'table':
+    c.lr.table = ((1 << 30, c.lr.table[0][1], None),)
+  c.lr.warmup_epochs = None
+  c.lr.warmup_steps = 1
+  c.lr.boundaries_epochs = None
+  c.lr.boundaries_steps = (steps,) if c.lr.decay == 'step' else None
+  c.log_every_steps = 1
+  c.eval_every_epochs = None
+  c.eval_every_steps = None
+  c.checkpoint_every_steps = steps
   return c
 
 
@@ -262,6 +333,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     for path in ('data.num_train', 'data.num_eval', 'data.image_size', 'data.channels',
                  'data.num_classes', 'data.teacher_width'):
       _positive(config, path)
+  if config.data.name in ('imagenet2012', 'cifar10', 'mnist'):
+    for path in ('data.image_size', 'data.shuffle_buffer'):
+      _positive(config, path)
+  if config.data.file_format not in (None, 'tfrecord', 'array_record'):
+    raise ConfigError(f'config.data.file_format={config.data.file_format!r} is unknown; choose '
+                      'array_record, tfrecord or None (TFDS default)')
+  if config.data.num_parallel_calls != -1 and config.data.num_parallel_calls < 1:
+    raise ConfigError(f'config.data.num_parallel_calls={config.data.num_parallel_calls}: must be '
+                      '-1 (AUTOTUNE) or positive')
   if config.model.norm == 'group' and config.model.width % config.model.gn_groups:
     raise ConfigError(f'config.model.gn_groups={config.model.gn_groups} does not divide '
                       f'model.width={config.model.width}; choose a divisor')

@@ -57,7 +57,8 @@ def _scaling(rule: str, ratio: float) -> float:
     return math.sqrt(ratio)
   if rule == 'none':
     return 1.0
-  raise ConfigError(f'config.lr.scaling={rule!r} is unknown; choose one of linear, sqrt, none')
+  raise ConfigError(f'config.lr.scaling={rule!r} is unknown; choose one of linear, sqrt, none, '
+                    f'table')
 
 
 def _boundaries(config, steps_per_epoch: int, total_steps: int) -> tuple[int, ...]:
@@ -87,6 +88,23 @@ def _boundaries(config, steps_per_epoch: int, total_steps: int) -> tuple[int, ..
   return steps
 
 
+def _table_row(config) -> tuple[int, float, float | None]:
+  """The row of config.lr.table ((max_batch, peak_lr, warmup_epochs or None), ...) for the global
+  batch: the first whose max_batch is >= the batch."""
+  table = config.lr.table
+  if not table:
+    raise ConfigError('config.lr.scaling=table needs config.lr.table = ((max_batch, peak_lr, '
+                      'warmup_epochs), ...); set it or choose another scaling rule')
+  for row in table:
+    if len(row) != 3:
+      raise ConfigError(f'config.lr.table row {row!r}: expected (max_batch, peak_lr, '
+                        f'warmup_epochs or None)')
+    if config.global_batch <= row[0]:
+      return int(row[0]), float(row[1]), None if row[2] is None else float(row[2])
+  raise ConfigError(f'config.global_batch={config.global_batch} is above every row of '
+                    f'config.lr.table (largest {table[-1][0]}); add a row for it')
+
+
 def derive(config, num_train_examples: int) -> Derived:
   """Derives steps, warmup, peak lr and boundaries for `config.global_batch`. Raises ConfigError."""
   n = int(num_train_examples)
@@ -111,7 +129,10 @@ def derive(config, num_train_examples: int) -> Derived:
                       f'{steps_per_epoch} steps/epoch; train for at least one step')
 
   lr = config.lr
-  if lr.warmup_steps is not None:
+  row = _table_row(config) if lr.scaling == 'table' else None
+  if row is not None and row[2] is not None:
+    field, warmup_steps = 'lr.table', round(row[2] * steps_per_epoch)
+  elif lr.warmup_steps is not None:
     field, warmup_steps = 'lr.warmup_steps', int(lr.warmup_steps)
   elif lr.warmup_epochs is not None:
     field, warmup_steps = 'lr.warmup_epochs', round(lr.warmup_epochs * steps_per_epoch)
@@ -124,7 +145,10 @@ def derive(config, num_train_examples: int) -> Derived:
                       f'{total_steps} total steps; shorten the warmup or train longer')
 
   # The linear scaling rule (Goyal et al.): lr grows with the batch. Sweep if sweeping batch.
-  peak_lr = float(lr.base_lr) * _scaling(lr.scaling, batch / lr.base_batch)
+  if row is not None:  # a published per-batch table (e.g. the TPU LARS recipe): not a rule
+    peak_lr = float(row[1])
+  else:
+    peak_lr = float(lr.base_lr) * _scaling(lr.scaling, batch / lr.base_batch)
   return Derived(
       num_train_examples=n,
       global_batch=batch,

@@ -193,8 +193,12 @@ def _step_key(config, mesh, derived: optim.Derived) -> str:
 
 def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
           image_shape: tuple[int, ...], num_classes: int,
-          param_rules=()) -> Trainer:
-  """Model, optimizer, initial state (initialized from shapes into its sharding) and steps."""
+          param_rules=(), initialize: bool = True) -> Trainer:
+  """Model, optimizer, initial state (initialized from shapes into its sharding) and steps.
+
+  initialize=False leaves the state abstract (ShapeDtypeStructs carrying their shardings), for
+  lowering a full-size step on a machine that could not hold or compile it.
+  """
   optimizer = optim.make(config, num_train)
   init_model = models.build(config.model, num_classes, axis_name=None)
 
@@ -213,7 +217,11 @@ def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
   abstract = jax.eval_shape(init, rng)
   specs = sharding.specs_for(abstract, param_rules)
   state_shardings = sharding.named(mesh, specs)
-  state = jax.jit(init, out_shardings=state_shardings)(rng)
+  if initialize:
+    state = jax.jit(init, out_shardings=state_shardings)(rng)
+  else:
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         abstract, state_shardings)
 
   batch_sharding = NamedSharding(mesh, sharding.BATCH_SPEC)
   eval_sharding = NamedSharding(mesh, sharding.EVAL_SPEC)

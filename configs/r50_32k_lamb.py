@@ -1,0 +1,39 @@
+"""ResNet-50 on ImageNet at batch 32,768 with LAMB (You et al. 2019).
+
+Command:  python -m bigbatch.main --config=configs/r50_32k_lamb.py --workdir=gs://BUCKET/r50_lamb
+Hardware: a TPU v3-256/512 or 256+ GPUs; bf16 compute.
+Expected: 76.3% top-1 at 32k (the LAMB authors' repository README; REFERENCES.md).
+CPU smoke run: configs/r50_32k_lamb.py:runlocal
+
+LAMB: Adam moments with bias correction, r = m / (sqrt(v) + eps), update
+lr * ||w|| / ||r + wd w|| * (r + wd w), biases and BN parameters without weight decay and with
+ratio 1. The peak lr and weight decay are NOT given in REFERENCES.md: the values below (sqrt
+scaling from 0.004 at batch 256 -> 0.045 at 32k, wd 0.01, 5 warmup epochs, polynomial decay)
+are our starting point, to be swept with the study tool before trusting a number.
+"""
+from bigbatch import config_lib
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg, runlocal=False, batch=32768)
+  c = config_lib.imagenet_resnet50(config_lib.base_config())
+  c.global_batch = args.batch
+  c.num_epochs = 90.0
+  c.model.dtype = 'bfloat16'
+  c.model.norm = 'batch'
+  c.model.bn_group_size = 64
+  c.optimizer.name = 'lamb'
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-6
+  c.optimizer.weight_decay = 0.01
+  c.lr.base_lr = 0.004
+  c.lr.base_batch = 256
+  c.lr.scaling = 'sqrt'
+  c.lr.warmup_epochs = 5.0
+  c.lr.decay = 'polynomial'
+  c.lr.power = 2.0
+  c.label_smoothing = 0.1
+  if args.runlocal:
+    config_lib.runlocal(c)
+  return c

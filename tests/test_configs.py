@@ -1,0 +1,129 @@
+"""Every experiment config: it validates, its runlocal variant trains two steps, its full-size
+train step traces and lowers on abstract inputs (no compile), and the published recipes derive
+the numbers REFERENCES.md gives."""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from bigbatch import config_lib
+from bigbatch import models
+from bigbatch import optim
+from bigbatch import sharding
+from bigbatch import train
+
+ROOT = os.path.join(os.path.dirname(__file__), '..')
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+                 if not os.path.basename(p).startswith('_'))
+FULL_SIZE = [c for c in CONFIGS if c.startswith(('r50_', 'cifar10_'))]
+NUM_TRAIN = {'imagenet2012': config_lib.IMAGENET_TRAIN_EXAMPLES, 'cifar10': 50_000}
+IMAGE_SHAPE = {'imagenet2012': (224, 224, 3), 'cifar10': (32, 32, 3)}
+NUM_CLASSES = {'imagenet2012': 1000, 'cifar10': 10}
+
+
+def load(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert module.__doc__ and 'Command:' in module.__doc__ and 'Expected:' in module.__doc__
+  return module.get_config(arg)
+
+
+# Two in the default suite (SGD on ImageNet and CIFAR ResNets); the others compile their own
+# optimizers' steps and run with the slow tests.
+_FAST = ('r50_8k_goyal', 'cifar10_small_batch')
+
+
+@pytest.mark.parametrize('name', [
+    n if n in _FAST else pytest.param(n, marks=pytest.mark.slow) for n in FULL_SIZE])
+def test_runlocal_trains_two_steps(name, tmp_path):
+  config = load(name, 'runlocal')
+  config.model.conv_impl = 'xla'  # compiles faster; the matmul path has its own tests
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(result['eval/loss'])
+  assert result['eval/examples'] == config.data.num_eval
+
+
+@pytest.mark.parametrize('name', FULL_SIZE)
+def test_full_size_step_lowers(name):
+  """Shapes and shardings at full size, by tracing and lowering only (8 devices)."""
+  config = load(name)
+  config.model.conv_impl = 'xla'
+  config_lib.validate(config, jax.device_count())
+  data = config.data.name
+  mesh = sharding.make_mesh(config)
+  trainer = train.build(config, mesh, num_train=NUM_TRAIN[data], image_shape=IMAGE_SHAPE[data],
+                        num_classes=NUM_CLASSES[data], initialize=False)
+  k, m = config.accumulation_steps, config.global_batch // config.accumulation_steps
+  batch = {'image': jax.ShapeDtypeStruct((k, m, *IMAGE_SHAPE[data]), np.float32,
+                                         sharding=trainer.batch_sharding),
+           'label': jax.ShapeDtypeStruct((k, m), np.int32, sharding=trainer.batch_sharding)}
+  lowered = trainer.train_step.lower(trainer.state, batch)
+  text = lowered.as_text()
+  assert 'all-reduce' in text or 'all_reduce' in text
+  if config.model.dtype == 'bfloat16':
+    assert 'bf16' in text
+  params = sum(np.prod(x.shape) for x in jax.tree.leaves(trainer.state.params))
+  if data == 'imagenet2012':
+    assert params == 25_557_032  # ResNet-50, torchvision's count
+
+
+def _lr_at_epochs(config, epochs):
+  derived = optim.derive(config, config_lib.IMAGENET_TRAIN_EXAMPLES)
+  lr_fn = optim.lr_schedule(config, derived)
+  return derived, [float(lr_fn(round(e * derived.steps_per_epoch), derived.peak_lr))
+                   for e in epochs]
+
+
+def test_goyal_8k_recipe_from_the_config_alone():
+  config = load('r50_8k_goyal')
+  derived, lrs = _lr_at_epochs(config, [0, 2.5, 5, 29.9, 30, 60, 80])
+  assert derived.steps_per_epoch == 156 and derived.warmup_steps == 780
+  assert derived.boundaries_steps == (4680, 9360, 12480)
+  np.testing.assert_allclose(lrs, [0.1, 1.65, 3.2, 3.2, 0.32, 0.032, 0.0032], rtol=1e-5)
+  assert config.model.bn_group_size == 32 and config.model.zero_init_last_gamma
+  assert config.optimizer.nesterov and config.optimizer.weight_decay == 1e-4
+  _assert_no_decay_on_bn_or_bias(config)
+
+
+def test_baseline_is_the_same_recipe_at_256():
+  base, goyal = load('r50_baseline'), load('r50_8k_goyal')
+  assert base.global_batch == 256 and goyal.global_batch == 8192
+  base.global_batch = 8192
+  assert base.to_json() == goyal.to_json()
+  derived, lrs = _lr_at_epochs(load('r50_baseline'), [0, 5, 30, 60, 80])
+  np.testing.assert_allclose(lrs, [0.1, 0.1, 0.01, 0.001, 0.0001], rtol=1e-5)
+
+
+@pytest.mark.parametrize('batch,peak,warmup_epochs', [(16384, 25.0, 5), (32768, 34.0, 12),
+                                                      (65536, 41.0, 16)])
+def test_64k_lars_follows_the_tpu_reference_table(batch, peak, warmup_epochs):
+  config = load('r50_64k', f'batch={batch}')
+  derived, lrs = _lr_at_epochs(config, [0, warmup_epochs, 90])
+  assert derived.peak_lr == peak
+  assert derived.warmup_steps == round(warmup_epochs * derived.steps_per_epoch)
+  np.testing.assert_allclose(lrs, [0.0, peak, 0.0], atol=1e-6)  # from 0, poly-2 decay to 0
+  # Halfway through the decay, power 2: peak * (1/2)^2.
+  mid = (derived.warmup_steps + derived.total_steps) // 2
+  lr_mid = float(optim.lr_schedule(config, derived)(mid, derived.peak_lr))
+  frac = 1 - (mid - derived.warmup_steps) / (derived.total_steps - derived.warmup_steps)
+  assert lr_mid == pytest.approx(peak * frac**2, rel=1e-4)
+  assert config.optimizer.name == 'lars' and config.optimizer.trust_coefficient == 0.001
+  assert config.label_smoothing == 0.1 and config.model.dtype == 'bfloat16'
+  _assert_no_decay_on_bn_or_bias(config)
+
+
+def _assert_no_decay_on_bn_or_bias(config):
+  model = models.build(config.model, 1000)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 64, 64, 3)),
+                                             train=False))['params']
+  decayed = optim.path_mask(shapes, config.optimizer.weight_decay_exclude)
+  flat = jax.tree_util.tree_flatten_with_path(decayed)[0]
+  for path, on in flat:
+    name = sharding.path_str(path)
+    assert on == name.endswith('kernel'), name
