@@ -17,6 +17,10 @@ the others:
               pixels / 255, standardized with the training split's pixel mean and std.
   'synthetic' example i of a split generated from (SYNTHETIC_SEED, split, i): standard normal
               images, labelled by a fixed random tanh-MLP teacher with balanced classes.
+Image data sets ('imagenet2012', 'cifar10', 'mnist': bigbatch/data/images.py) stream from tf.data
+instead, through readers: prepared as array_record they are read by global index in exactly this
+order; prepared as TFRecord each process streams its own files, an order that depends on the
+process count (`Dataset.global_order` is False).
 
 Shape letters: K accumulation steps, M examples per microbatch, N examples, H W C image.
 
@@ -44,6 +48,11 @@ SYNTHETIC_SEED = 0x5EED_DA7A
 
 # A source maps int64 example indices [N] of one split to (float32 images [N,H,W,C], int32 [N]).
 Source = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+# A train reader streams local batches {'image' [K, m, H, W, C], 'label' [K, m]} of `rows` for
+# steps start, start + 1, ...: reader(dataset, start, rows). An eval reader yields the padded eval
+# batches of `rows`, as `Dataset.eval_batches` documents: reader(dataset, rows).
+TrainReader = Callable[[Any, int, Any], Iterator[dict[str, np.ndarray]]]
+EvalReader = Callable[[Any, Any], Iterator[dict[str, np.ndarray]]]
 
 
 def process_rows(batch_size: int, process_index: int, process_count: int) -> slice:
@@ -77,10 +86,14 @@ def _cached_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 
 @dataclasses.dataclass(kw_only=True, eq=False)
 class Dataset:
-  """A random-access training split and an evaluation split, batched as the trainer needs.
+  """A training split and an evaluation split, batched as the trainer needs.
 
   `train_batch(step)` and `eval_batches()` are numpy; `make_global_batches` and
   `make_global_eval_batches` turn this process's rows into global jax.Arrays.
+
+  Each split comes from a random-access `Source` (indexed per batch) or a reader (a stream). A
+  streamed `train_batch` is fastest for steps in increasing order, as the trainer asks for them;
+  any other step starts a new stream there (for TFRecord, by reading up to it).
   """
   num_train: int
   num_eval: int
@@ -90,12 +103,21 @@ class Dataset:
   accumulation_steps: int
   eval_batch: int
   seed: int
-  train_source: Source = dataclasses.field(repr=False)
-  eval_source: Source = dataclasses.field(repr=False)
+  train_source: Source | None = dataclasses.field(default=None, repr=False)
+  eval_source: Source | None = dataclasses.field(default=None, repr=False)
+  train_reader: TrainReader | None = dataclasses.field(default=None, repr=False)
+  eval_reader: EvalReader | None = dataclasses.field(default=None, repr=False)
+  # False when batches are not `train_indices` of the global order (TFRecord read per process).
+  global_order: bool = True
   name: str = ''
   process_index: int = 0
   process_count: int = 1
   prefetch: int = 2  # config.data.prefetch, for the trainer's Prefetcher
+  # Open train streams by rows: [next step, iterator]. Guarded by _lock, since the Prefetcher
+  # thread reads them while the main thread may ask for a batch too.
+  _streams: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
+  _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, init=False,
+                                            repr=False)
 
   def __post_init__(self):
     b, k = self.global_batch, self.accumulation_steps
@@ -109,6 +131,10 @@ class Dataset:
           f'{self.name or "the data set"}, so an epoch has no full batch; lower global_batch')
     if self.eval_batch <= 0:
       raise config_lib.ConfigError(f'config.eval_batch={self.eval_batch}: must be positive')
+    for split, source, reader in (('train', self.train_source, self.train_reader),
+                                  ('eval', self.eval_source, self.eval_reader)):
+      if (source is None) == (reader is None):
+        raise ValueError(f'give the {split} split a source or a reader (exactly one)')
     # Fail here, not at the first step, when the processes cannot split the batches evenly.
     process_rows(self.microbatch, self.process_index, self.process_count)
     process_rows(self.eval_batch, self.process_index, self.process_count)
@@ -141,6 +167,9 @@ class Dataset:
     """Global example indices [K, M] of the global batch at `step` (all processes' rows)."""
     if step < 0:
       raise ValueError(f'step={step} must be >= 0')
+    if not self.global_order:
+      raise ValueError(f'{self.name} is read per process (TFRecord), not in global-index order; '
+                       'prepare it with config.data.file_format=array_record for that')
     epoch, offset = divmod(step, self.steps_per_epoch)
     perm = _cached_permutation(self.seed, epoch, self.num_train)
     b = self.global_batch
@@ -151,12 +180,35 @@ class Dataset:
 
     `rows=None` gives the whole global batch (m = M); a process passes `self.train_rows`.
     """
+    if self.train_reader is not None:
+      return self._streamed_batch(step, rows)
     idx_KxM = self.train_indices(step)
     if rows is not None:
       idx_KxM = idx_KxM[:, rows]
     k, m = idx_KxM.shape
     images, labels = self.train_source(idx_KxM.reshape(-1))
     return {'image': images.reshape(k, m, *self.image_shape), 'label': labels.reshape(k, m)}
+
+  def _streamed_batch(self, step: int, rows) -> dict[str, np.ndarray]:
+    if step < 0:
+      raise ValueError(f'step={step} must be >= 0')
+    key = _rows_key(rows)
+    with self._lock:
+      stream = self._streams.get(key)
+      if stream is None or stream[0] != step:
+        # Another step than the next one: a new stream from there. At most two open streams (the
+        # trainer's rows and, in tests, the whole batch), each holding tf.data buffers.
+        if stream is None and len(self._streams) >= 2:
+          self._streams.pop(next(iter(self._streams)))
+        stream = self._streams[key] = [step, self.train_reader(self, step, rows)]
+      batch = next(stream[1])
+      stream[0] += 1
+    return batch
+
+  def close(self):
+    """Drops the open train streams (and their tf.data buffers); a later batch starts anew."""
+    with self._lock:
+      self._streams.clear()
 
   def eval_batches(self, rows: slice | np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
     """The eval split in order, in `num_eval_steps` batches of `eval_batch`, padded and masked.
@@ -165,6 +217,9 @@ class Dataset:
     rows when None; a process passes `self.eval_rows`). Padding has mask False, a zero image and
     label 0; every process gets the same number of batches, so collectives stay in step.
     """
+    if self.eval_reader is not None:
+      yield from self.eval_reader(self, rows)
+      return
     e = self.eval_batch
     for b in range(self.num_eval_steps):
       pos = np.arange(b * e, (b + 1) * e)
@@ -181,9 +236,21 @@ class Dataset:
       }
 
 
+def _rows_key(rows) -> Any:
+  if rows is None or isinstance(rows, slice):
+    return rows if rows is None else (rows.start, rows.stop, rows.step)
+  return tuple(np.asarray(rows).reshape(-1).tolist())
+
+
+IMAGE_DATASETS = ('imagenet2012', 'cifar10', 'mnist')  # bigbatch/data/images.py
+
+
 def create(config, *, process_index: int | None = None,
            process_count: int | None = None) -> Dataset:
-  """The data set named by config.data.name ('digits' | 'synthetic'), batched per `config`.
+  """The data set named by config.data.name, batched per `config`.
+
+  'digits' | 'synthetic' here; 'imagenet2012' | 'cifar10' | 'mnist' through TFDS in
+  bigbatch/data/images.py (imports TensorFlow).
 
   process_index / process_count default to jax.process_index() / jax.process_count(); tests pass
   them to simulate several processes in one.
@@ -202,6 +269,9 @@ def create(config, *, process_index: int | None = None,
     return Dataset(name='digits', num_train=len(train.labels), num_eval=len(test.labels),
                    image_shape=train.images.shape[1:], num_classes=10,
                    train_source=train, eval_source=test, **common)
+  if name in IMAGE_DATASETS:
+    from bigbatch.data import images  # pylint: disable=g-import-not-at-top  # imports TF (seconds)
+    return images.create(config, **common)
   if name == 'synthetic':
     d = config.data
     image_shape = (d.image_size, d.image_size, d.channels)
