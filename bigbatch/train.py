@@ -173,7 +173,9 @@ class Trainer:
 _STEP_CACHE: dict[str, tuple[Callable, Callable]] = {}
 _NOT_IN_STEP = ('seed', 'lr.base_lr', 'log_every_steps', 'eval_every_epochs', 'eval_every_steps',
                 'checkpoint_every_steps', 'keep_checkpoints', 'data.prefetch', 'data.data_dir',
-                'num_steps', 'num_epochs', 'nonfinite', 'max_nonfinite_steps')
+                'num_steps', 'num_epochs', 'nonfinite', 'max_nonfinite_steps', 'data.tfds_name',
+                'data.train_split', 'data.eval_split', 'data.file_format',
+                'data.num_parallel_calls', 'data.shuffle_buffer')
 
 
 def _step_key(config, mesh, derived: optim.Derived) -> str:
