@@ -227,9 +227,11 @@ def _kernel_grad(x, dy, k_shape, strides, pads):
       dw = chunk_grad(xs[0], gs[0])
     else:
       # Checkpointed body: differentiating the scan (Hessian-vector products) then saves the
-      # chunk inputs, which exist anyway, instead of every chunk's patch matrix.
+      # chunk inputs, which exist anyway, instead of every chunk's patch matrix. The first
+      # chunk starts the carry, so the carry has the inputs' type: under shard_map a zeros
+      # carry is device-invariant while the chunk products are device-varying.
       body = jax.checkpoint(lambda acc, xg: (acc + chunk_grad(*xg), None), prevent_cse=False)
-      dw, _ = lax.scan(body, dw, (xs, gs))
+      dw, _ = lax.scan(body, chunk_grad(xs[0], gs[0]), (xs[1:], gs[1:]))
   if rest:
     dw = dw + chunk_grad(x[full:].transpose(3, 0, 1, 2), dy[full:])
   return dw.reshape(kh, kw, c, o)
