@@ -5,7 +5,7 @@
 
 For k = 1 and 16 accumulated microbatches (global batch k x microbatch) and for sync BN
 (model.bn_group_size=None) vs ghost BN (bn_group_size=g), the train step is compiled for 8 CPU
-devices and its optimized HLO is read computation by computation (benchmarks/hlo.py): every
+devices and its optimized HLO is read computation by computation (bigbatch/hlo.py): every
 all-reduce, the shapes of its operands, and how many times it runs per update, i.e. the product
 of the trip counts of the while loops around it (XLA's known_trip_count; the accumulation scan
 runs k times). Bytes per update = sum over all-reduces of operand bytes x executions (the
@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 import jax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from benchmarks import hlo  # noqa: E402
+from bigbatch import hlo  # noqa: E402
 from benchmarks import report  # noqa: E402
 
 NUM_DEVICES = 8

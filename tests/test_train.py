@@ -2,7 +2,6 @@
 one gradient reduction per update, lr trials share one compilation."""
 from __future__ import annotations
 
-import re
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 from bigbatch import config_lib
+from bigbatch import hlo
 from bigbatch import sharding
 from bigbatch import train
 from bigbatch.models import layers
@@ -101,62 +101,21 @@ def test_accumulation_equals_one_large_batch_with_ghost_bn(optimizer):
   _assert_trees_close(accumulated.batch_stats, large.batch_stats, **tol)
 
 
-def _hlo_computations(text):
-  """{name: body text} for each computation of an HLO module's text."""
-  comps, name, lines = {}, None, []
-  for line in text.splitlines():
-    header = re.match(r'^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$', line)
-    if header and not line.startswith(' '):
-      name, lines = header.group(1), []
-      continue
-    if line.startswith('}') and name is not None:
-      comps[name] = '\n'.join(lines)
-      name = None
-      continue
-    if name is not None:
-      lines.append(line)
-  return comps
-
-
-def _reachable(comps, roots):
-  seen, todo = set(), list(roots)
-  while todo:
-    c = todo.pop()
-    if c in seen or c not in comps:
-      continue
-    seen.add(c)
-    todo += re.findall(
-        r'(?:to_apply|body|condition|calls|branch_computations)=\{?%?([\w.\-]+)', comps[c])
-  return seen
-
-
-def _all_reduce_elements(body):
-  """Element counts of each all-reduce result in a computation's text."""
-  sizes = []
-  for line in body.splitlines():
-    if re.search(r'\ball-reduce(-start)?\(', line):
-      result = line.split('=', 1)[1].split('all-reduce')[0]
-      n = 0
-      for dims in re.findall(r'[a-z]\d*\[([\d,]*)\]', result):
-        n += int(np.prod([int(d) for d in dims.split(',') if d])) if dims else 1
-      sizes.append(n)
-  return sizes
-
-
 def test_gradients_reduced_once_after_the_accumulation_loop():
   config = _config(accumulation_steps=4, global_batch=256, **{'model.bn_group_size': None})
   mesh = sharding.make_mesh(config)
   trainer = train.build(config, mesh, num_train=10_000, image_shape=IMAGE_SHAPE, num_classes=10)
   batch = jax.device_put(_batch(4, 64), trainer.batch_sharding)
   text = trainer.train_step.lower(trainer.state, batch).compile().as_text()
-  comps = _hlo_computations(text)
-  bodies = [b for c in comps.values() for b in re.findall(r'\bwhile\(.*?body=%?([\w.\-]+)', c)]
+  comps = hlo.computations(text)
+  bodies = [body for body, _ in hlo.while_bodies(comps)]
   assert bodies, 'the accumulation scan should compile to a while loop'
-  in_loop = _reachable(comps, bodies)
+  in_loop = hlo.reachable(comps, bodies)
   num_params = sum(x.size for x in jax.tree.leaves(trainer.state.params))
   largest_kernel = max(x.size for x in jax.tree.leaves(trainer.state.params))
-  loop_sizes = [n for c in in_loop for n in _all_reduce_elements(comps[c])]
-  outside = [n for c in set(comps) - in_loop for n in _all_reduce_elements(comps[c])]
+  elements = lambda r: sum(int(np.prod(shape)) for _, shape in r.operands)
+  loop_sizes = [elements(r) for r in hlo.all_reduces(comps) if r.computation in in_loop]
+  outside = [elements(r) for r in hlo.all_reduces(comps) if r.computation not in in_loop]
   # Inside the loop: only the sync-BN statistics (a few channels each), nothing gradient-sized.
   assert loop_sizes, 'sync BN should reduce its statistics inside the loop'
   assert max(loop_sizes) < largest_kernel

@@ -1,7 +1,7 @@
 """Reading compiled HLO text: computations, the call graph, how often each computation runs, and
 the all-reduces with their operand shapes.
 
-The same parsing idea as tests/test_train.py (computation by computation), extended with while
+Computation by computation (never by counting matches in the whole text), with while
 trip counts: XLA annotates a while whose trip count it knows with
 `backend_config={"known_trip_count":{"n":"K"}}`; a computation reached through a while body runs
 K times per execution of the while, and nested loops multiply.
