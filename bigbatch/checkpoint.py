@@ -14,6 +14,8 @@ recomputes it; a checkpoint that fails to read or to verify is reported and the 
 from __future__ import annotations
 
 import json
+import os
+import time
 from typing import Any
 
 from absl import logging
@@ -173,6 +175,23 @@ class Checkpointer:
           f'none of the checkpoints in {self.directory} (steps {steps}) is readable; see the '
           f'warnings above. Move the directory away to start over')
     return like, None
+
+  def set_aside(self, steps) -> list[str]:
+    """Renames the checkpoints of `steps` to 'unusable-<step>-<time>' (kept for inspection, never
+    listed again), so the steps can be saved anew: orbax skips a save whose step exists."""
+    moved = []
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    for step in steps:
+      source = os.path.join(self.directory, str(step))
+      if os.path.isdir(source):
+        target = os.path.join(self.directory, f'unusable-{step}-{stamp}')
+        os.rename(source, target)
+        moved.append(target)
+    self._manager.reload()
+    return moved
+
+  def reload(self) -> None:
+    self._manager.reload()
 
   def wait(self) -> None:
     _saving('finishing a checkpoint', self.directory, self._manager.wait_until_finished)

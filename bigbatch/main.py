@@ -1,6 +1,8 @@
 """Entry point: python -m bigbatch.main --config=configs/X.py[:arg] --workdir=DIR
 
-Intentionally short: parse flags, validate the config, hand over to train.train_and_evaluate.
+Intentionally short: parse flags, start jax.distributed when multi-host, validate the config,
+hand over to train.train_and_evaluate. Multi-host (docs/multihost.md): automatic on Cloud TPU
+VMs and inside SLURM steps; elsewhere --coordinator_address, --num_processes, --process_id.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from bigbatch import config_lib
+from bigbatch import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, e.g. configs/quickstart.py or configs/x.py:arg.',
@@ -20,9 +23,25 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metr
 _RESTART = flags.DEFINE_bool(
     'restart_from_scratch', False,
     'Move an existing workdir aside (to DIR.old-<time>) and start a new run in DIR.')
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', 'auto', list(distributed.MODES),
+    'Multi-host: "auto" initializes jax.distributed when the coordinator flags below are given, '
+    'inside a SLURM step of several tasks and on Cloud TPU VMs; "on" always (JAX detects what '
+    'the flags leave out); "off" never.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0, reachable from every process.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes in the job.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process: 0 .. num_processes - 1.')
+_HEARTBEAT = flags.DEFINE_integer(
+    'heartbeat_timeout_seconds', 100,
+    'A process silent this long is declared dead and the others abort (no hang).')
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    'initialization_timeout_seconds', 300,
+    'How long to wait for all processes to reach the coordinator at startup.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 # Exit codes (documented in README "Resuming and preemption" and docs/errors.md).
+EXIT_FLAG_ERROR = 1  # a bad flag; also jax.distributed failing to start (docs/multihost.md)
 EXIT_CONFIG_ERROR = 2  # invalid config, or a workdir holding another experiment
 EXIT_NONFINITE = 3  # loss/gradients non-finite for too many consecutive steps
 EXIT_CHECKPOINT_ERROR = 4  # no readable checkpoint, or one that does not fit the model
@@ -105,10 +124,28 @@ class _QuietLibraries:
     return record.levelno > logging.INFO or '/orbax/' not in record.pathname
 
 
+def _start_distributed():
+  """jax.distributed.initialize when multi-host, before anything asks jax for its devices (run
+  validates the config against the global device count)."""
+  try:
+    p = distributed.plan(
+        _DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+        heartbeat_timeout_seconds=_HEARTBEAT.value,
+        initialization_timeout_seconds=_INIT_TIMEOUT.value)
+  except ValueError as e:
+    _fail('flag error', e, EXIT_FLAG_ERROR)
+  try:
+    distributed.initialize(p)
+  except distributed.DistributedError as e:
+    _fail('distributed error', e, EXIT_FLAG_ERROR)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  _start_distributed()
   result = run(_CONFIG.value, _WORKDIR.value, restart_from_scratch=_RESTART.value)
   logging.info('Final evaluation: %s', result)
 

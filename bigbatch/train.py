@@ -32,6 +32,7 @@ import optax
 
 from bigbatch import checkpoint as checkpoint_lib
 from bigbatch import config_lib
+from bigbatch import distributed
 from bigbatch import input_pipeline
 from bigbatch import metrics as metrics_lib
 from bigbatch import models
@@ -49,6 +50,7 @@ class TrainState:
   rng: jax.Array  # uint32[2]; per-step keys are fold_in(rng, step)
   nonfinite_streak: jax.Array  # int32: consecutive steps whose update was not applied
   nonfinite_total: jax.Array  # int32: all such steps of the run
+  ema_params: Any  # moving average of params (config.ema_decay); {} when off
 
 
 # ----------------------------------------------------------------------------- pure step functions
@@ -73,7 +75,8 @@ def _varying(x, axis: str) -> bool:
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTransformation,
-               lr_fn: Callable, num_classes: int, label_smoothing: float):
+               lr_fn: Callable, num_classes: int, label_smoothing: float,
+               ema_decay: float | None = None):
   """One update; per-device code, run under shard_map over the 'data' axis.
 
   batch: {'image': [K, M, H, W, C], 'label': [K, M]}, this device's share of each microbatch.
@@ -121,6 +124,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
       batch_stats=keep(batch_stats, state.batch_stats),
       opt_state=keep(opt_state, state.opt_state), nonfinite_streak=streak,
       nonfinite_total=state.nonfinite_total + (1 - finite.astype(jnp.int32)))
+  if ema_decay is not None:
+    new_state = new_state.replace(ema_params=jax.tree.map(
+        lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, new_state.params))
   metrics = {
       'loss': loss,
       'accuracy': lax.pmean(accuracies.mean(), 'data'),
@@ -175,7 +181,8 @@ _NOT_IN_STEP = ('seed', 'lr.base_lr', 'log_every_steps', 'eval_every_epochs', 'e
                 'checkpoint_every_steps', 'keep_checkpoints', 'data.prefetch', 'data.data_dir',
                 'num_steps', 'num_epochs', 'nonfinite', 'max_nonfinite_steps', 'data.tfds_name',
                 'data.train_split', 'data.eval_split', 'data.file_format',
-                'data.num_parallel_calls', 'data.shuffle_buffer')
+                'data.num_parallel_calls', 'data.shuffle_buffer', 'profile_steps',
+                'compilation_cache_dir')
 
 
 def _step_key(config, mesh, derived: optim.Derived) -> str:
@@ -213,7 +220,8 @@ def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
                       batch_stats=variables.get('batch_stats', {}),
                       opt_state=optimizer.tx.init(params), rng=state_rng,
                       nonfinite_streak=jnp.zeros((), jnp.int32),
-                      nonfinite_total=jnp.zeros((), jnp.int32))
+                      nonfinite_total=jnp.zeros((), jnp.int32),
+                      ema_params=params if config.ema_decay is not None else {})
 
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init, rng)
@@ -232,7 +240,8 @@ def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
     step_model = models.build(config.model, num_classes, axis_name='data')
     per_device = functools.partial(
         train_step, model=step_model, tx=optimizer.tx, lr_fn=optimizer.lr_fn,
-        num_classes=num_classes, label_smoothing=config.label_smoothing)
+        num_classes=num_classes, label_smoothing=config.label_smoothing,
+        ema_decay=config.ema_decay)
     mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(specs, sharding.BATCH_SPEC),
                            out_specs=(specs, P()))
     step_fn = jax.jit(mapped, in_shardings=(state_shardings, batch_sharding),
@@ -253,15 +262,24 @@ def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
 
 
 def evaluate(trainer: Trainer, state: TrainState, dataset) -> dict[str, float]:
-  """Top-1, top-5 and loss over the whole eval split; every example counts once."""
+  """Top-1, top-5 and loss over the whole eval split (every example counts once), for the
+  parameters and, with config.ema_decay, their moving average (eval_ema/*)."""
+  out = _evaluate(trainer, state, dataset, 'eval')
+  if state.ema_params:
+    out.update(_evaluate(trainer, state.replace(params=state.ema_params), dataset, 'eval_ema'))
+  return out
+
+
+def _evaluate(trainer: Trainer, state: TrainState, dataset, prefix: str) -> dict[str, float]:
   totals = None
   for batch in input_pipeline.make_global_eval_batches(dataset, trainer.eval_sharding):
     sums = trainer.eval_step(state, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals['count'])
-  return {'eval/top1': float(totals['top1']) / count, 'eval/top5': float(totals['top5']) / count,
-          'eval/loss': float(totals['loss']) / count, 'eval/examples': count}
+  return {f'{prefix}/top1': float(totals['top1']) / count,
+          f'{prefix}/top5': float(totals['top5']) / count,
+          f'{prefix}/loss': float(totals['loss']) / count, f'{prefix}/examples': count}
 
 
 def model_flops_per_example(trainer: Trainer, image_shape, batch: int = 8) -> float:
@@ -379,7 +397,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   NonFiniteError, workdir.WorkdirError and checkpoint.CheckpointError with actionable messages.
   """
   config_lib.validate(config, jax.device_count())
+  if config.compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.expanduser(config.compilation_cache_dir))
   mesh = sharding.make_mesh(config)
+  distributed.log_topology(config, mesh)
   dataset = load_dataset(config)
   trainer = build(config, mesh, num_train=dataset.num_train, image_shape=dataset.image_shape,
                   num_classes=dataset.num_classes)
@@ -395,16 +417,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       workdir, moved)
   if is_main:
     workdir_lib.ensure_writable(workdir)
-  if os.path.isdir(ckpt_dir):
+  # Multi-host: nobody looks at the workdir before process 0 has set it aside or created it, and
+  # all act on process 0's view of it (a shared directory may lag on some hosts); acting on
+  # different views would run different collectives.
+  distributed.sync('workdir ready')
+  if distributed.from_process_0(os.path.isdir(ckpt_dir)):
     ckpt = checkpoint_lib.Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
-    steps = ckpt.all_steps()
+    steps = distributed.from_process_0(ckpt.all_steps())
   else:
     ckpt, steps = None, []
   workdir_lib.check_compatible(workdir, config, num_train=dataset.num_train,
                                resume_step=steps[-1] if steps else 0)
   if ckpt is None:
     ckpt = checkpoint_lib.Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
-  state, start = ckpt.restore_latest(trainer.state)
+  state, start = distributed.restore_latest(ckpt, trainer.state)
+  # Checkpoints newer than the one restored failed to read or verify: set them aside, or orbax
+  # would skip saving those steps again when the run gets there.
+  unusable = [s for s in distributed.from_process_0(ckpt.all_steps()) if s > (start or 0)]
+  if unusable:
+    if is_main:
+      for moved in ckpt.set_aside(unusable):
+        logging.warning('Set aside the unusable checkpoint as %s.', moved)
+    distributed.sync('unusable checkpoints set aside')
+    ckpt.reload()
   if start is not None:
     logging.info('Resumed from the checkpoint at step %d in %s.', start, ckpt_dir)
   start = int(start or 0)
@@ -434,6 +469,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info('Model FLOPs per step: %.3g (3x forward, %d examples).', flops_per_step,
                config.global_batch)
   throughput = _Throughput(flops_per_step, lambda: batches.wait_seconds, time.monotonic())
+  preempted = distributed.PreemptionSync()  # SIGTERM to any process stops all at one step
 
   def save(step):
     nonlocal last_good
@@ -443,6 +479,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt.save(step, state, config=config)
     last_good = step
 
+  profile = tuple(config.profile_steps) if config.profile_steps and is_main else None
   pending = None  # (step, device metrics) of the last logged step, read one step late
   previous = None  # (step, device metrics) of the previous step, for the non-finite check
   eval_metrics: dict[str, float] = {}
@@ -451,7 +488,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       for step, batch in batches:
         done = step + 1
         batch = faults.poison(batch, done)
+        if profile and done == profile[0]:
+          jax.profiler.start_trace(os.path.join(workdir, 'profile'))
         state, step_metrics = trainer.train_step(state, batch)
+        if profile and done == profile[1]:
+          jax.block_until_ready(step_metrics)
+          jax.profiler.stop_trace()
+          logging.info('Profile of updates %d-%d written to %s.', *profile,
+                       os.path.join(workdir, 'profile'))
         faults('kill_after_step', done, settle=ckpt.wait)
         faults('term_after_step', done)
         # The device is busy with this step: read what the previous one left behind.
@@ -476,7 +520,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           _check_finite(previous, limit, last_good, ckpt_dir)
           save(done)
           faults('kill_during_save', done)
-        if sigterm.received:
+        if preempted(sigterm.received):
           if pending is not None:
             _write_train_metrics(writer, progress, throughput, *pending)
             pending = None

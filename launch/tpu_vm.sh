@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# Cloud TPU VMs and pod slices: create, install, train on every worker, resubmit after
+# preemption, delete.
+#
+#   launch/tpu_vm.sh up --name=bb-64k --zone=us-central2-b --accelerator_type=v4-128 --spot \
+#       --config=configs/r50_64k.py --workdir=gs://BUCKET/r50_64k
+#
+# Commands:
+#   create  create the TPU VM (one host) or pod slice (several hosts, "workers")
+#   setup   copy this checkout to every worker and install it there (jax[tpu] + bigbatch)
+#   run     run `python3 -m bigbatch.main --distributed=on --config=... --workdir=...` on
+#           --worker=all, streaming every worker's output here (each worker also keeps it in
+#           ~/bigbatch-run.log). JAX finds the other workers itself (Cloud TPU metadata).
+#           When the run stops for a preemption (exit 75 after SIGTERM, or the VM was
+#           preempted), it recreates the VM if needed, sets it up again and reruns the same
+#           command, which resumes from the newest checkpoint in --workdir; at most
+#           --max_restarts times.
+#   up      create + setup + run
+#   logs    follow worker 0's ~/bigbatch-run.log (e.g. from another terminal)
+#   status  print the VM's state (READY, PREEMPTED, ...)
+#   delete  delete the VM
+#
+# Options:
+#   --name=NAME               TPU VM name (required)
+#   --zone=ZONE               e.g. us-central2-b (v4), us-west4-a (v5e) (required)
+#   --project=PROJECT         default: gcloud's configured project
+#   --accelerator_type=TYPE   e.g. v4-8 (one host), v4-128, v5litepod-256 (default v4-8)
+#   --runtime_version=VER     TPU VM software version (default tpu-ubuntu2204-base; v5e
+#                             and later: v2-alpha-tpuv5-lite or newer)
+#   --spot                    a Spot VM: cheaper, may be preempted (the run then resumes)
+#   --max_restarts=N          resubmissions after preemption (default 10)
+#   --config=... --workdir=...  and any other bigbatch flag, passed to bigbatch.main; the
+#                             workdir must be shared by all workers and survive the VM: gs://
+#   --dry-run                 print every command instead of running it
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(dirname "$here")"
+
+command="${1:-}"
+[[ $# -gt 0 ]] && shift
+name=''
+zone=''
+project=''
+accelerator_type='v4-8'
+runtime_version='tpu-ubuntu2204-base'
+spot=0
+max_restarts=10
+dry_run=0
+train_args=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --name=*) name="${1#*=}" ;;
+    --zone=*) zone="${1#*=}" ;;
+    --project=*) project="${1#*=}" ;;
+    --accelerator_type=*) accelerator_type="${1#*=}" ;;
+    --runtime_version=*) runtime_version="${1#*=}" ;;
+    --spot) spot=1 ;;
+    --max_restarts=*) max_restarts="${1#*=}" ;;
+    --dry-run|--dry_run) dry_run=1 ;;
+    --) shift; train_args+=("$@"); break ;;
+    *) train_args+=("$1") ;;
+  esac
+  shift
+done
+
+usage() {
+  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//' >&2
+  exit 1
+}
+case "$command" in
+  create|setup|run|up|logs|status|delete) ;;
+  *) usage ;;
+esac
+if [[ -z "$name" || -z "$zone" ]]; then
+  echo "tpu_vm.sh: --name and --zone are required" >&2
+  exit 1
+fi
+
+# Shell-quotes one word only where it needs it, so dry-run lines read naturally and paste back.
+quote() {
+  local plain='^[A-Za-z0-9_./:=,@%+-]+$' double_safe='^[^$`"\\!]*$'
+  if [[ "$1" =~ $plain ]]; then
+    printf '%s' "$1"
+  elif [[ "$1" == *\'* && "$1" =~ $double_safe ]]; then
+    printf '"%s"' "$1"
+  else
+    printf "'%s'" "${1//\'/\'\\\'\'}"
+  fi
+}
+quoted() {
+  local out='' word
+  for word in "$@"; do out+="${out:+ }$(quote "$word")"; done
+  printf '%s' "$out"
+}
+# Runs a command, or prints it with --dry-run.
+run_cmd() {
+  if [[ $dry_run -eq 1 ]]; then
+    quoted "$@"
+    echo
+  else
+    "$@"
+  fi
+}
+
+where=(--zone="$zone")
+[[ -n "$project" ]] && where+=(--project="$project")
+tpu=(gcloud compute tpus tpu-vm)
+archive="${TMPDIR:-/tmp}/bigbatch-$name.tar.gz"
+
+create() {
+  local extra=()
+  [[ $spot -eq 1 ]] && extra+=(--spot)
+  run_cmd "${tpu[@]}" create "$name" "${where[@]}" --accelerator-type="$accelerator_type" \
+      --version="$runtime_version" ${extra[@]+"${extra[@]}"}
+}
+
+setup() {
+  # The working tree as it is (uncommitted edits included), without caches or run outputs.
+  run_cmd tar -czf "$archive" -C "$root" --exclude=__pycache__ --exclude='*.egg-info' \
+      pyproject.toml README.md bigbatch configs launch
+  run_cmd "${tpu[@]}" scp "$archive" "$name:bigbatch.tar.gz" "${where[@]}" --worker=all
+  run_cmd "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="rm -rf ~/bigbatch && \
+mkdir -p ~/bigbatch && tar -xzf ~/bigbatch.tar.gz -C ~/bigbatch && \
+python3 -m pip install -q 'jax[tpu]==0.10.2' && python3 -m pip install -q -e ~/bigbatch"
+}
+
+train_once() {
+  local remote
+  remote="cd ~/bigbatch && TF_CPP_MIN_LOG_LEVEL=3 python3 -m bigbatch.main --distributed=on"
+  [[ ${#train_args[@]} -gt 0 ]] && remote+=" $(quoted "${train_args[@]}")"
+  # pipefail: the trainer's exit status (75 = preempted), not tee's.
+  remote="set -o pipefail; $remote 2>&1 | tee ~/bigbatch-run.log"
+  run_cmd "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="$remote"
+}
+
+state() {
+  "${tpu[@]}" describe "$name" "${where[@]}" --format='value(state)' 2>/dev/null || echo UNKNOWN
+}
+
+stopped_for_preemption() {
+  "${tpu[@]}" ssh "$name" "${where[@]}" --worker=0 \
+      --command="tail -n 20 ~/bigbatch-run.log | grep -q 'bigbatch: stopped: preempted'"
+}
+
+train() {
+  local restarts=0 status current
+  while :; do
+    status=0
+    train_once || status=$?
+    [[ $status -eq 0 ]] && return 0
+    current="$(state)"
+    # gcloud may report a worker's exit 75 as its own failure status: the log says for sure.
+    if [[ $status -ne 75 && "$current" == READY ]] && stopped_for_preemption; then
+      status=75
+    fi
+    if [[ $status -ne 75 && "$current" == READY ]]; then
+      echo "tpu_vm.sh: the run failed (exit $status) on a healthy VM; not resubmitting" >&2
+      return "$status"
+    fi
+    if [[ $restarts -ge $max_restarts ]]; then
+      echo "tpu_vm.sh: preempted again after $max_restarts restarts; giving up" >&2
+      return "$status"
+    fi
+    restarts=$((restarts + 1))
+    echo "tpu_vm.sh: preempted (exit $status, VM $current); restart $restarts of $max_restarts" >&2
+    if [[ "$current" != READY ]]; then
+      # A preempted Spot VM cannot be restarted; it is deleted and created anew.
+      run_cmd "${tpu[@]}" delete "$name" "${where[@]}" --quiet || true
+      create
+      setup
+    fi
+  done
+}
+
+case "$command" in
+  create) create ;;
+  setup) setup ;;
+  run) train ;;
+  up) create; setup; train ;;
+  logs) run_cmd "${tpu[@]}" ssh "$name" "${where[@]}" --worker=0 \
+            --command='tail -n +1 -F ~/bigbatch-run.log' ;;
+  status) run_cmd "${tpu[@]}" describe "$name" "${where[@]}" --format='value(state)' ;;
+  delete) run_cmd "${tpu[@]}" delete "$name" "${where[@]}" --quiet ;;
+esac
