@@ -302,3 +302,20 @@ def test_restart_from_scratch_sets_the_old_run_aside(tmp_path):
   assert len(aside) == 1
   assert json.load(open(tmp_path / aside[0] / 'config.json'))['global_batch'] == 128
   assert json.load(open(workdir / 'config.json'))['global_batch'] == 64
+
+
+def test_run_resumed_past_a_corrupt_checkpoint_saves_that_step_again(tmp_path):
+  """The corrupt latest checkpoint is set aside; the retrained step is checkpointed anew (orbax
+  would otherwise skip a save whose step directory exists) and verifies."""
+  config = _short(checkpoint_every_steps=2)
+  train.train_and_evaluate(config, str(tmp_path))
+  ckpt_dir = str(tmp_path / 'checkpoints')
+  _corrupt(ckpt_dir, 4, 'flipped')
+  train.train_and_evaluate(config, str(tmp_path))
+  ckpt = checkpoint.Checkpointer(ckpt_dir)
+  assert ckpt.all_steps()[-1] == 4
+  _, step = ckpt.restore_latest(train.build(
+      config, sharding.make_mesh(config), num_train=1437, image_shape=(8, 8, 1),
+      num_classes=10).state)
+  assert step == 4
+  assert any(name.startswith('unusable-4-') for name in os.listdir(ckpt_dir))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -81,3 +82,51 @@ def test_restart_resumes_and_equals_an_uninterrupted_run(tmp_path):
   drop = lambda r: {k: v for k, v in r.items() if 'per_sec' not in k and not k.startswith('perf/')}
   assert ([drop(r) for r in _records(straight) if 'train/loss' in r] ==
           [drop(r) for r in _records(restarted) if 'train/loss' in r])
+
+
+def _tiny(steps=4, **fields):
+  config = quickstart.get_config(f'steps={steps}')
+  config.model.width = 8
+  config.log_every_steps = 1
+  config.eval_every_epochs = None
+  for key, value in fields.items():
+    config[key] = value
+  return config
+
+
+def test_ema_of_parameters_is_updated_and_evaluated(tmp_path):
+  config = _tiny(ema_decay=0.75)
+  trainer = train.build(config, sharding.make_mesh(config), num_train=1437,
+                        image_shape=(8, 8, 1), num_classes=10)
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.normal(size=(1, 128, 8, 8, 1)).astype(np.float32),
+           'label': rng.integers(0, 10, size=(1, 128)).astype(np.int32)}
+  before = jax.device_get(trainer.state.params)
+  state, _ = trainer.train_step(trainer.state, jax.device_put(batch, trainer.batch_sharding))
+  after, ema = jax.device_get(state.params), jax.device_get(state.ema_params)
+  for p0, p1, e in zip(jax.tree.leaves(before), jax.tree.leaves(after), jax.tree.leaves(ema)):
+    np.testing.assert_allclose(e, 0.75 * p0 + 0.25 * p1, rtol=1e-6, atol=1e-7)
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert 0.0 <= result['eval_ema/top1'] <= 1.0 and result['eval_ema/examples'] == 360
+  assert result['eval_ema/loss'] != result['eval/loss']
+
+
+def test_profile_of_chosen_steps_is_written(tmp_path):
+  train.train_and_evaluate(_tiny(profile_steps=(2, 3)), str(tmp_path))
+  traces = [f for d, _, fs in os.walk(tmp_path / 'profile') for f in fs if 'xplane' in f]
+  assert traces
+
+
+@pytest.mark.slow
+def test_persistent_compilation_cache_is_written(tmp_path):
+  cache = tmp_path / 'cache'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu', JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'bigbatch.main', '--config=configs/quickstart.py:steps=2',
+       f'--workdir={tmp_path / "wd"}', f'--config.compilation_cache_dir={cache}',
+       '--config.model.width=8'],
+      cwd=os.path.join(os.path.dirname(__file__), '..'), env=env, capture_output=True,
+      text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert cache.is_dir() and any(cache.iterdir())
