@@ -138,6 +138,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.model = 1
 
   c.log_every_steps = 10
+  # 'train', or 'eval': evaluate the workdir's latest good checkpoint and stop (writes
+  # workdir/eval-<step>.json, changes nothing else).
+  c.mode = 'train'
   # Exponential moving average of the parameters, evaluated beside them (eval_ema/*); None: off.
   c.ema_decay = config_dict.placeholder(float)
   # Profiler trace of updates [first, last] (1-based) into workdir/profile (TensorBoard's
@@ -315,6 +318,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       len(config.profile_steps) != 2 or not 1 <= config.profile_steps[0] <= config.profile_steps[1]):
     raise ConfigError(f'config.profile_steps={config.profile_steps}: give (first, last) update '
                       f'numbers, 1 <= first <= last')
+  _choice(config, 'mode', ('train', 'eval'))
   _choice(config, 'nonfinite', ('skip', 'stop'))
   _positive(config, 'max_nonfinite_steps')
   if not 0.0 <= config.label_smoothing < 1.0:

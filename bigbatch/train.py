@@ -182,7 +182,7 @@ _NOT_IN_STEP = ('seed', 'lr.base_lr', 'log_every_steps', 'eval_every_epochs', 'e
                 'num_steps', 'num_epochs', 'nonfinite', 'max_nonfinite_steps', 'data.tfds_name',
                 'data.train_split', 'data.eval_split', 'data.file_format',
                 'data.num_parallel_calls', 'data.shuffle_buffer', 'profile_steps',
-                'compilation_cache_dir')
+                'compilation_cache_dir', 'mode')
 
 
 def _step_key(config, mesh, derived: optim.Derived) -> str:
@@ -431,6 +431,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if ckpt is None:
     ckpt = checkpoint_lib.Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
   state, start = distributed.restore_latest(ckpt, trainer.state)
+  if config.mode == 'eval':
+    return _evaluate_checkpoint(trainer, state, start, dataset, workdir, ckpt, is_main)
   # Checkpoints newer than the one restored failed to read or verify: set them aside, or orbax
   # would skip saving those steps again when the run gets there.
   unusable = [s for s in distributed.from_process_0(ckpt.all_steps()) if s > (start or 0)]
@@ -542,6 +544,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if not eval_metrics:  # resumed at the end: nothing ran
     eval_metrics = evaluate(trainer, state, dataset)
   return eval_metrics
+
+
+def _evaluate_checkpoint(trainer, state, step, dataset, workdir, ckpt, is_main):
+  """config.mode=eval: the latest good checkpoint, evaluated; results in workdir/eval-<step>.json.
+  Nothing else in the workdir changes."""
+  ckpt.close()
+  if step is None:
+    raise checkpoint_lib.CheckpointError(
+        f'no checkpoint in {ckpt.directory} to evaluate; train first, or point --workdir at a run')
+  result = evaluate(trainer, state, dataset)
+  logging.info('Evaluated the checkpoint at step %d: %s', step,
+               ', '.join(f'{k}={v:.4f}' for k, v in result.items()))
+  if is_main:
+    with open(os.path.join(workdir, f'eval-{step}.json'), 'w') as f:
+      json.dump({'step': step, **result}, f, indent=2)
+  return result
 
 
 def _check_finite(step_and_metrics, limit: int, last_good: int | None, ckpt_dir: str) -> None:

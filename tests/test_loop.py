@@ -130,3 +130,18 @@ def test_persistent_compilation_cache_is_written(tmp_path):
       text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert cache.is_dir() and any(cache.iterdir())
+
+
+def test_eval_mode_evaluates_the_latest_checkpoint_and_changes_nothing_else(tmp_path):
+  trained = train.train_and_evaluate(_tiny(), str(tmp_path))
+  metrics_before = (tmp_path / 'metrics.jsonl').read_text()
+  config = _tiny()
+  config.mode = 'eval'
+  config.eval_batch = 256  # an observing change: allowed in the same workdir
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result['eval/top1'] == trained['eval/top1']
+  assert result['eval/loss'] == pytest.approx(trained['eval/loss'], rel=1e-6)
+  assert json.load(open(tmp_path / 'eval-4.json'))['eval/top1'] == result['eval/top1']
+  assert (tmp_path / 'metrics.jsonl').read_text() == metrics_before
+  with pytest.raises(checkpoint.CheckpointError, match='no checkpoint'):
+    train.train_and_evaluate(config, str(tmp_path / 'empty'))
