@@ -141,6 +141,9 @@ def base_config() -> ml_collections.ConfigDict:
   # 'train', or 'eval': evaluate the workdir's latest good checkpoint and stop (writes
   # workdir/eval-<step>.json, changes nothing else).
   c.mode = 'train'
+  # Precise BN: before each evaluation, BN population statistics recomputed as the mean over
+  # this many training batches (running averages lag when parameters move fast); 0: off.
+  c.precise_bn_batches = 0
   # Exponential moving average of the parameters, evaluated beside them (eval_ema/*); None: off.
   c.ema_decay = config_dict.placeholder(float)
   # Profiler trace of updates [first, last] (1-based) into workdir/profile (TensorBoard's
@@ -319,6 +322,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError(f'config.profile_steps={config.profile_steps}: give (first, last) update '
                       f'numbers, 1 <= first <= last')
   _choice(config, 'mode', ('train', 'eval'))
+  if config.precise_bn_batches < 0:
+    raise ConfigError(f'config.precise_bn_batches={config.precise_bn_batches}: must be >= 0')
   _choice(config, 'nonfinite', ('skip', 'stop'))
   _positive(config, 'max_nonfinite_steps')
   if not 0.0 <= config.label_smoothing < 1.0:

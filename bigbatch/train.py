@@ -141,6 +141,21 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
   return new_state, metrics
 
 
+def bn_statistics_step(state: TrainState, batch: dict, *, model):
+  """Per-device code: the batch-norm statistics of one training batch, as the training step's
+  BN computes them (sync or ghost), averaged over its microbatches and devices. `model` has
+  bn_momentum 0, so the 'running' statistics it returns are the batch's own."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+
+  def microbatch(_, mb):
+    _, updates = model.apply(variables, mb['image'], train=True, mutable=['batch_stats'])
+    return None, updates['batch_stats']
+
+  _, stats = lax.scan(microbatch, None, batch)
+  stats = jax.tree.map(lambda s: s.mean(axis=0), stats)
+  return jax.tree.map(lambda s: lax.pmean(s, 'data') if _varying(s, 'data') else s, stats)
+
+
 def eval_step(state: TrainState, batch: dict, *, model, num_classes: int):
   """Sums over one (padded, masked) eval batch: loss, top-1 and top-5 hits, example count."""
   variables = {'params': state.params}
@@ -171,6 +186,7 @@ class Trainer:
   mesh: jax.sharding.Mesh
   batch_sharding: NamedSharding
   eval_sharding: NamedSharding
+  bn_statistics: Callable | None = None  # (state, batch) -> BN statistics; None without BN
 
 
 # Trials that differ only in values held in the optimizer state (the peak lr) reuse one jitted
@@ -182,7 +198,7 @@ _NOT_IN_STEP = ('seed', 'lr.base_lr', 'log_every_steps', 'eval_every_epochs', 'e
                 'num_steps', 'num_epochs', 'nonfinite', 'max_nonfinite_steps', 'data.tfds_name',
                 'data.train_split', 'data.eval_split', 'data.file_format',
                 'data.num_parallel_calls', 'data.shuffle_buffer', 'profile_steps',
-                'compilation_cache_dir', 'mode')
+                'compilation_cache_dir', 'mode', 'precise_bn_batches')
 
 
 def _step_key(config, mesh, derived: optim.Derived) -> str:
@@ -252,8 +268,17 @@ def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
         in_shardings=(state_shardings, eval_sharding), out_shardings=NamedSharding(mesh, P()))
     _STEP_CACHE[key] = (step_fn, eval_fn)
   step_fn, eval_fn = _STEP_CACHE[key]
+  bn_fn = None
+  if config.model.norm == 'batch':
+    # Precise BN (config.precise_bn_batches): the same BN code with momentum 0.
+    stats_config = ml_collections.ConfigDict(config.model.to_dict())
+    stats_config.bn_momentum = 0.0
+    stats_model = models.build(stats_config, num_classes, axis_name='data')
+    bn_fn = jax.jit(jax.shard_map(
+        functools.partial(bn_statistics_step, model=stats_model), mesh=mesh,
+        in_specs=(specs, sharding.BATCH_SPEC), out_specs=specs.batch_stats))
   return Trainer(state=state, state_specs=specs, train_step=step_fn, eval_step=eval_fn,
-                 model=init_model,
+                 model=init_model, bn_statistics=bn_fn,
                  optimizer=optimizer, mesh=mesh, batch_sharding=batch_sharding,
                  eval_sharding=eval_sharding)
 
@@ -261,9 +286,26 @@ def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
 # ----------------------------------------------------------------------------- the loop
 
 
-def evaluate(trainer: Trainer, state: TrainState, dataset) -> dict[str, float]:
+def precise_bn(trainer: Trainer, state: TrainState, dataset, num_batches: int,
+               first_step: int) -> TrainState:
+  """`state` with BN population statistics recomputed as the plain mean of the statistics of
+  `num_batches` training batches (those of steps first_step, first_step + 1, ...), instead of
+  the running averages, which lag when the parameters move fast (large lr, large batch)."""
+  total = None
+  for i in range(num_batches):
+    batch = input_pipeline.make_global_batches(dataset, first_step + i, trainer.batch_sharding)
+    stats = trainer.bn_statistics(state, batch)
+    total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+  return state.replace(batch_stats=jax.tree.map(lambda t: t / num_batches, total))
+
+
+def evaluate(trainer: Trainer, state: TrainState, dataset, *, precise_bn_batches: int = 0,
+             ) -> dict[str, float]:
   """Top-1, top-5 and loss over the whole eval split (every example counts once), for the
-  parameters and, with config.ema_decay, their moving average (eval_ema/*)."""
+  parameters and, with config.ema_decay, their moving average (eval_ema/*). With
+  precise_bn_batches, BN statistics are first recomputed over that many training batches."""
+  if precise_bn_batches and trainer.bn_statistics is not None:
+    state = precise_bn(trainer, state, dataset, precise_bn_batches, int(state.step))
   out = _evaluate(trainer, state, dataset, 'eval')
   if state.ema_params:
     out.update(_evaluate(trainer, state.replace(params=state.ema_params), dataset, 'eval_ema'))
@@ -432,7 +474,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt = checkpoint_lib.Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
   state, start = distributed.restore_latest(ckpt, trainer.state)
   if config.mode == 'eval':
-    return _evaluate_checkpoint(trainer, state, start, dataset, workdir, ckpt, is_main)
+    return _evaluate_checkpoint(trainer, state, start, dataset, workdir, ckpt, is_main,
+                                config.precise_bn_batches)
   # Checkpoints newer than the one restored failed to read or verify: set them aside, or orbax
   # would skip saving those steps again when the run gets there.
   unusable = [s for s in distributed.from_process_0(ckpt.all_steps()) if s > (start or 0)]
@@ -514,7 +557,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           if pending is not None:
             _write_train_metrics(writer, progress, throughput, *pending)
             pending = None
-          eval_metrics = evaluate(trainer, state, dataset)
+          eval_metrics = evaluate(trainer, state, dataset,
+                                  precise_bn_batches=config.precise_bn_batches)
           writer.write_scalars(done, eval_metrics)
           logging.info('eval at step %d: %s', done,
                        ', '.join(f'{k}={v:.4f}' for k, v in eval_metrics.items()))
@@ -542,18 +586,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer.flush()
     writer.close()
   if not eval_metrics:  # resumed at the end: nothing ran
-    eval_metrics = evaluate(trainer, state, dataset)
+    eval_metrics = evaluate(trainer, state, dataset,
+                            precise_bn_batches=config.precise_bn_batches)
   return eval_metrics
 
 
-def _evaluate_checkpoint(trainer, state, step, dataset, workdir, ckpt, is_main):
+def _evaluate_checkpoint(trainer, state, step, dataset, workdir, ckpt, is_main,
+                         precise_bn_batches: int):
   """config.mode=eval: the latest good checkpoint, evaluated; results in workdir/eval-<step>.json.
   Nothing else in the workdir changes."""
   ckpt.close()
   if step is None:
     raise checkpoint_lib.CheckpointError(
         f'no checkpoint in {ckpt.directory} to evaluate; train first, or point --workdir at a run')
-  result = evaluate(trainer, state, dataset)
+  result = evaluate(trainer, state, dataset, precise_bn_batches=precise_bn_batches)
   logging.info('Evaluated the checkpoint at step %d: %s', step,
                ', '.join(f'{k}={v:.4f}' for k, v in result.items()))
   if is_main:

@@ -22,7 +22,7 @@ CONFIG_FILE = 'config.json'
 OBSERVING = frozenset({
     'log_every_steps', 'eval_every_epochs', 'eval_every_steps', 'checkpoint_every_steps',
     'keep_checkpoints', 'data.prefetch', 'data.data_dir', 'eval_batch', 'profile_steps',
-    'compilation_cache_dir', 'mode',
+    'compilation_cache_dir', 'mode', 'precise_bn_batches',
 })
 # Fields that set the run's length; allowed to change if past learning rates do not.
 LENGTH = frozenset({'num_steps', 'num_epochs'})

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from bigbatch import checkpoint
+from bigbatch import input_pipeline
+from bigbatch import models
 from bigbatch import sharding
 from bigbatch import train
 
@@ -145,3 +147,37 @@ def test_eval_mode_evaluates_the_latest_checkpoint_and_changes_nothing_else(tmp_
   assert (tmp_path / 'metrics.jsonl').read_text() == metrics_before
   with pytest.raises(checkpoint.CheckpointError, match='no checkpoint'):
     train.train_and_evaluate(config, str(tmp_path / 'empty'))
+
+
+def test_precise_bn_is_the_mean_of_batch_statistics_and_is_evaluated(tmp_path):
+  config = _tiny(precise_bn_batches=3)
+  config.accumulation_steps = 2
+  dataset = input_pipeline.create(config)
+  trainer = train.build(config, sharding.make_mesh(config), num_train=dataset.num_train,
+                        image_shape=dataset.image_shape, num_classes=10)
+  state = train.precise_bn(trainer, trainer.state, dataset, 3, first_step=5)
+  # Reference: one device, no shard_map, each microbatch of each batch whole (sync BN over the
+  # microbatch = BN of the whole microbatch), momentum 0, plain mean over all 6 microbatches.
+  model = models.build(_with(config.model, bn_momentum=0.0), 10)
+  variables = jax.device_get({'params': trainer.state.params,
+                              'batch_stats': trainer.state.batch_stats})
+  stats = []
+  for step in range(5, 8):
+    for mb in dataset.train_batch(step)['image']:
+      _, new = model.apply(variables, mb, train=True, mutable=['batch_stats'])
+      stats.append(new['batch_stats'])
+  expected = jax.tree.map(lambda *s: np.mean(s, axis=0), *stats)
+  for x, y in zip(jax.tree.leaves(jax.device_get(state.batch_stats)), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+  assert not np.allclose(jax.device_get(state.batch_stats['norm0']['var']),
+                         jax.device_get(trainer.state.batch_stats['norm0']['var']))
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert 0.0 <= result['eval/top1'] <= 1.0
+
+
+def _with(model_config, **fields):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  out = ml_collections.ConfigDict(model_config.to_dict())
+  for k, v in fields.items():
+    out[k] = v
+  return out
