@@ -93,7 +93,7 @@ def fingerprints(tree) -> dict[str, str]:
           for p, s in flat}
 
 
-def _layout(tree) -> dict[str, list]:
+def layout(tree) -> dict[str, list]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {sharding.path_str(p): [list(x.shape), str(x.dtype)] for p, x in flat}
 
@@ -115,7 +115,7 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, *, config=None, extra: dict | None = None) -> None:
-    meta = {'step': int(step), 'layout': _layout(state), 'fingerprints': fingerprints(state),
+    meta = {'step': int(step), 'layout': layout(state), 'fingerprints': fingerprints(state),
             **(extra or {})}
     if config is not None:
       meta['config'] = json.loads(config.to_json_best_effort())
@@ -136,7 +136,7 @@ class Checkpointer:
       meta = self.metadata(step)
     except Exception as e:  # pylint: disable=broad-except  (any read failure means unusable)
       raise CorruptCheckpoint(f'its metadata cannot be read ({type(e).__name__}: {e})') from e
-    expected = _layout(like)
+    expected = layout(like)
     if meta.get('layout') != expected:
       saved = meta.get('layout') or {}
       diff = sorted((k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k)),

@@ -144,6 +144,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Precise BN: before each evaluation, BN population statistics recomputed as the mean over
   # this many training batches (running averages lag when parameters move fast); 0: off.
   c.precise_bn_batches = 0
+  # Another run's workdir: a new run starts from its latest good params and BN statistics
+  # (fine-tuning, or a new recipe), with a fresh optimizer; None: from scratch.
+  c.init_from = config_dict.placeholder(str)
   # Exponential moving average of the parameters, evaluated beside them (eval_ema/*); None: off.
   c.ema_decay = config_dict.placeholder(float)
   # Profiler trace of updates [first, last] (1-based) into workdir/profile (TensorBoard's

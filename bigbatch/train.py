@@ -198,7 +198,7 @@ _NOT_IN_STEP = ('seed', 'lr.base_lr', 'log_every_steps', 'eval_every_epochs', 'e
                 'num_steps', 'num_epochs', 'nonfinite', 'max_nonfinite_steps', 'data.tfds_name',
                 'data.train_split', 'data.eval_split', 'data.file_format',
                 'data.num_parallel_calls', 'data.shuffle_buffer', 'profile_steps',
-                'compilation_cache_dir', 'mode', 'precise_bn_batches')
+                'compilation_cache_dir', 'mode', 'precise_bn_batches', 'init_from')
 
 
 def _step_key(config, mesh, derived: optim.Derived) -> str:
@@ -473,6 +473,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if ckpt is None:
     ckpt = checkpoint_lib.Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
   state, start = distributed.restore_latest(ckpt, trainer.state)
+  if start is None and config.init_from and config.mode == 'train':
+    state = init_from_workdir(trainer, state, config.init_from, image_shape=dataset.image_shape,
+                              num_classes=dataset.num_classes)
   if config.mode == 'eval':
     return _evaluate_checkpoint(trainer, state, start, dataset, workdir, ckpt, is_main,
                                 config.precise_bn_batches)
@@ -589,6 +592,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     eval_metrics = evaluate(trainer, state, dataset,
                             precise_bn_batches=config.precise_bn_batches)
   return eval_metrics
+
+
+def init_from_workdir(trainer: Trainer, state: TrainState, source: str, *,
+                      image_shape: tuple[int, ...], num_classes: int) -> TrainState:
+  """`state` with params and BN statistics from the latest good checkpoint of the run in
+  `source` (another workdir): fine-tuning, or continuing with a new recipe. The optimizer state,
+  step and RNG stay fresh. The source's own config (its config.json) says what its checkpoint
+  holds, so its optimizer may differ; its model must give the same parameter shapes."""
+  recorded = workdir_lib.recorded_config(source)
+  ckpt_dir = os.path.join(source, 'checkpoints')
+  if recorded is None or not os.path.isdir(ckpt_dir):
+    raise checkpoint_lib.CheckpointError(
+        f'config.init_from={source}: not a bigbatch workdir (no config.json or checkpoints/); '
+        f'point it at the --workdir of a finished or running run')
+  source_config = ml_collections.ConfigDict(recorded)
+  source_trainer = build(source_config, trainer.mesh, num_train=trainer.optimizer.derived
+                         .num_train_examples, image_shape=image_shape,
+                         num_classes=num_classes, initialize=False)
+  ckpt = checkpoint_lib.Checkpointer(ckpt_dir)
+  try:
+    restored, step = distributed.restore_latest(ckpt, source_trainer.state)
+  finally:
+    ckpt.close()
+  if step is None:
+    raise checkpoint_lib.CheckpointError(f'config.init_from={source}: it has no checkpoint')
+  for name in ('params', 'batch_stats'):
+    ours, theirs = checkpoint_lib.layout(getattr(state, name)), checkpoint_lib.layout(
+        getattr(restored, name))
+    if ours != theirs:
+      diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+      raise checkpoint_lib.CheckpointError(
+          f'config.init_from={source}: its {name} do not fit this model: {len(diff)} arrays '
+          f'differ, e.g. {name}/{diff[0]}: source {theirs.get(diff[0])}, this model '
+          f'{ours.get(diff[0])}; use a source with the same model')
+  logging.info('Initialized params and BN statistics from step %d of %s.', step, source)
+  place = lambda new, old: jax.device_put(new, old.sharding)
+  return state.replace(params=jax.tree.map(place, restored.params, state.params),
+                       batch_stats=jax.tree.map(place, restored.batch_stats, state.batch_stats),
+                       ema_params=(jax.tree.map(place, restored.params, state.params)
+                                   if state.ema_params else state.ema_params))
 
 
 def _evaluate_checkpoint(trainer, state, step, dataset, workdir, ckpt, is_main,

@@ -181,3 +181,31 @@ def _with(model_config, **fields):
   for k, v in fields.items():
     out[k] = v
   return out
+
+
+def test_init_from_another_run_takes_its_params_with_a_fresh_optimizer(tmp_path):
+  source = str(tmp_path / 'source')
+  train.train_and_evaluate(_tiny(), source)  # SGD
+  config = _tiny(init_from=source)
+  config.optimizer.name = 'lamb'
+  trainer = train.build(config, sharding.make_mesh(config), num_train=1437,
+                        image_shape=(8, 8, 1), num_classes=10)
+  state = train.init_from_workdir(trainer, trainer.state, source, image_shape=(8, 8, 1),
+                                  num_classes=10)
+  src = checkpoint.Checkpointer(os.path.join(source, 'checkpoints'))
+  src_trainer = train.build(_tiny(), sharding.make_mesh(config), num_train=1437,
+                            image_shape=(8, 8, 1), num_classes=10)
+  expected = src.restore(src.latest_step(), src_trainer.state)
+  for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert int(state.step) == 0
+  train.train_and_evaluate(config, str(tmp_path / 'finetune'))
+  scratch = _tiny()
+  scratch.optimizer.name = 'lamb'
+  train.train_and_evaluate(scratch, str(tmp_path / 'scratch'))
+  first_loss = lambda d: _records(tmp_path / d)[0]['train/loss']
+  assert first_loss('finetune') < first_loss('scratch')  # it started from trained weights
+  wider = _tiny(init_from=source)
+  wider.model.width = 16
+  with pytest.raises(checkpoint.CheckpointError, match='do not fit this model.*conv0/kernel'):
+    train.train_and_evaluate(wider, str(tmp_path / 'wider'))
