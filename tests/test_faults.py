@@ -304,6 +304,7 @@ def test_restart_from_scratch_sets_the_old_run_aside(tmp_path):
   assert json.load(open(workdir / 'config.json'))['global_batch'] == 64
 
 
+@pytest.mark.slow
 def test_run_resumed_past_a_corrupt_checkpoint_saves_that_step_again(tmp_path):
   """The corrupt latest checkpoint is set aside; the retrained step is checkpointed anew (orbax
   would otherwise skip a save whose step directory exists) and verifies."""

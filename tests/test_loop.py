@@ -183,6 +183,7 @@ def _with(model_config, **fields):
   return out
 
 
+@pytest.mark.slow
 def test_init_from_another_run_takes_its_params_with_a_fresh_optimizer(tmp_path):
   source = str(tmp_path / 'source')
   train.train_and_evaluate(_tiny(), source)  # SGD
