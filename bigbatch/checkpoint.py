@@ -32,7 +32,7 @@ class CheckpointError(RuntimeError):
 
 
 class CorruptCheckpoint(RuntimeError):
-  pass
+  """A checkpoint that cannot be read or fails verification; the caller falls back."""
 
 
 class SaveError(RuntimeError):

@@ -222,6 +222,17 @@ def runlocal(c: ml_collections.ConfigDict, *, steps: int = 2) -> ml_collections.
   return c
 
 
+def override(config: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDict:
+  """Sets dotted fields, e.g. override(c, **{'optimizer.name': 'lars', 'global_batch': 64})."""
+  for key, value in fields.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses 'a=1,b=x,flag' (the part after ':' in --config=file.py:ARG) into typed values.
 

@@ -44,6 +44,7 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._file.write(json.dumps(record) + '\n')
     self._file.flush()
 
+  # metrics.jsonl holds scalars only; images, histograms etc. go to TensorBoard alone.
   def write_summaries(self, step, values, metadata=None):
     pass
 

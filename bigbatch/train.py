@@ -27,7 +27,6 @@ from jax import lax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
-import numpy as np
 import optax
 
 from bigbatch import checkpoint as checkpoint_lib

@@ -8,7 +8,6 @@ traceback.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import subprocess
@@ -17,6 +16,7 @@ import sys
 import pytest
 
 from bigbatch import checkpoint
+from bigbatch import config_lib
 from bigbatch import main
 from bigbatch import train
 
@@ -25,14 +25,7 @@ sys.path.insert(0, ROOT)
 from configs import quickstart  # noqa: E402
 
 
-def _set(config, **fields):
-  for key, value in fields.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+_set = config_lib.override
 
 
 # id: (config overrides, exit code, words the one line must contain)

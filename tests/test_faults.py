@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from bigbatch import checkpoint
+from bigbatch import config_lib
 from bigbatch import main
 from bigbatch import sharding
 from bigbatch import train
@@ -39,13 +40,7 @@ def _config(**overrides):
   c.checkpoint_every_steps = 4
   c.eval_every_epochs = None
   c.lr.warmup_steps = None
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return config_lib.override(c, **overrides)
 
 
 def _cli(workdir, fault=None, devices=2):

@@ -23,13 +23,7 @@ def _config(**overrides):
   c.model.width = 8
   c.num_steps = 10
   c.optimizer.weight_decay = 1e-4
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return config_lib.override(c, **overrides)
 
 
 def _batch(k, m, seed=0):
