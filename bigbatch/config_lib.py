@@ -158,6 +158,30 @@ def base_config() -> ml_collections.ConfigDict:
   # Evaluation: every N epochs or every N steps (at most one), and always at the end.
   c.eval_every_epochs = config_dict.placeholder(float)
   c.eval_every_steps = config_dict.placeholder(int)
+  # Stop at a target (batch-size studies, Shallue et al. 2018): after each evaluation, if
+  # `metric` (an eval metric name, e.g. eval/top1) is >= value (mode max) or <= value (mode min),
+  # the step is recorded in workdir/target.json (steps, examples and wall time to target) and,
+  # with stop, training ends there. value None: no target.
+  c.target = ml_collections.ConfigDict()
+  c.target.metric = 'eval/top1'
+  c.target.value = config_dict.placeholder(float)
+  c.target.mode = 'max'
+  c.target.stop = True
+  # Gradient noise scale B_simple = tr(Sigma)/|G|^2 (McCandlish et al. 2018), from the squared
+  # norms of each device's microbatch gradients (batch b) and of the update's gradient (batch B)
+  # in every step, smoothed by moving averages of numerator and denominator (bigbatch/study/
+  # noise_scale.py); logged as gns/*. Needs b < B: more than one device or accumulation_steps > 1.
+  c.noise_scale = ml_collections.ConfigDict()
+  c.noise_scale.enabled = False
+  c.noise_scale.ema_decay = 0.95
+  # Sharpness: the largest eigenvalue of the training-loss Hessian by Lanczos over Hessian-vector
+  # products, on the first `num_examples` examples of the training order with BN statistics frozen
+  # at those examples' statistics; every N steps and/or at the end, logged as sharpness/*.
+  c.sharpness = ml_collections.ConfigDict()
+  c.sharpness.every_steps = config_dict.placeholder(int)
+  c.sharpness.at_end = False
+  c.sharpness.num_examples = 512
+  c.sharpness.num_iters = 20
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
   return c
@@ -349,6 +373,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       raise ConfigError(f'config.{path}: not a valid regex ({e}); fix the pattern') from None
 
   data, _ = mesh_shape(config, num_devices)
+  if config.target.value is not None:
+    _choice(config, 'target.mode', ('max', 'min'))
+    if not config.target.metric.startswith(('eval/', 'eval_ema/', 'verify/')):
+      raise ConfigError(f'config.target.metric={config.target.metric!r}: name an evaluation '
+                        f'metric, e.g. eval/top1 or eval/loss')
+  if config.noise_scale.enabled and not 0 < config.noise_scale.ema_decay < 1:
+    raise ConfigError(f'config.noise_scale.ema_decay={config.noise_scale.ema_decay}: must be '
+                      f'in (0, 1)')
+  _positive(config, 'sharpness.every_steps', allow_none=True)
+  if config.sharpness.every_steps or config.sharpness.at_end:
+    _positive(config, 'sharpness.num_examples')
+    _positive(config, 'sharpness.num_iters')
   per_update = config.global_batch
   k = config.accumulation_steps
   if per_update % (data * k):
@@ -357,6 +393,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         f'accumulation_steps ({k}) = {data * k}; choose a global_batch that is a multiple of '
         f'{data * k} or change accumulation_steps')
   per_device = per_update // (data * k)
+  if config.noise_scale.enabled and data * k < 2:
+    raise ConfigError(
+        'config.noise_scale.enabled: the small batch (one device\'s microbatch) and the large '
+        'batch (the update) coincide with one data-parallel device and accumulation_steps=1; '
+        'use several devices or set --config.accumulation_steps=2 or more')
   g = config.model.bn_group_size
   if g is not None:
     if config.model.norm != 'batch':

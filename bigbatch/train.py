@@ -38,6 +38,7 @@ from bigbatch import models
 from bigbatch import optim
 from bigbatch import sharding
 from bigbatch import workdir as workdir_lib
+from bigbatch.study import noise_scale
 
 
 @flax.struct.dataclass
@@ -50,6 +51,9 @@ class TrainState:
   nonfinite_streak: jax.Array  # int32: consecutive steps whose update was not applied
   nonfinite_total: jax.Array  # int32: all such steps of the run
   ema_params: Any  # moving average of params (config.ema_decay); {} when off
+  # Moving averages of the noise-scale estimates |G|^2 and tr(Sigma) (config.noise_scale), not
+  # bias-corrected (the ratio B_simple needs no correction); {} when off.
+  noise_scale: Any
 
 
 # ----------------------------------------------------------------------------- pure step functions
@@ -75,10 +79,14 @@ def _varying(x, axis: str) -> bool:
 
 def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTransformation,
                lr_fn: Callable, num_classes: int, label_smoothing: float,
-               ema_decay: float | None = None):
+               ema_decay: float | None = None, noise_scale_decay: float | None = None):
   """One update; per-device code, run under shard_map over the 'data' axis.
 
   batch: {'image': [K, M, H, W, C], 'label': [K, M]}, this device's share of each microbatch.
+  With noise_scale_decay, the gradient noise scale is estimated from the K x devices microbatch
+  gradients of b = M examples each and their mean, the update's gradient of B examples
+  (bigbatch/study/noise_scale.py): the squared norm of each microbatch gradient costs one
+  reduction per microbatch, on the device, before any communication.
   """
   k = batch['label'].shape[0]
   # Differentiating w.r.t. replicated (invariant) parameters makes shard_map insert the
@@ -92,9 +100,10 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
 
   def microbatch(grad_sum, mb):
     (loss, (stats, accuracy)), grads = grad_fn(params, mb['image'], mb['label'])
-    return jax.tree.map(jnp.add, grad_sum, grads), (loss, accuracy, stats)
+    small_sq = noise_scale.per_shard_sq_norms(grads) if noise_scale_decay is not None else 0.0
+    return jax.tree.map(jnp.add, grad_sum, grads), (loss, accuracy, stats, small_sq)
 
-  grad_sum, (losses, accuracies, stats) = lax.scan(
+  grad_sum, (losses, accuracies, stats, small_sqs) = lax.scan(
       microbatch, jax.tree.map(jnp.zeros_like, params), batch)
   # The one gradient reduction of the update.
   grads = lax.pmean(jax.tree.map(lambda g: g / k, grad_sum), 'data')
@@ -126,6 +135,19 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
   if ema_decay is not None:
     new_state = new_state.replace(ema_params=jax.tree.map(
         lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, new_state.params))
+  gns_metrics = {}
+  if noise_scale_decay is not None:
+    b = batch['label'].shape[1]
+    big = b * k * lax.axis_size('data')
+    g2, trace = noise_scale.estimates(lax.pmean(small_sqs.mean(), 'data'),
+                                      noise_scale.per_shard_sq_norms(grads), b, big)
+    d = noise_scale_decay
+    ema = {'g2': d * state.noise_scale['g2'] + (1 - d) * g2,
+           'trace': d * state.noise_scale['trace'] + (1 - d) * trace}
+    new_state = new_state.replace(noise_scale=keep(ema, state.noise_scale))
+    correction = 1 - d ** new_state.step.astype(jnp.float32)  # Adam-style, for g2 and trace
+    gns_metrics = {'gns/b_simple': ema['trace'] / ema['g2'], 'gns/b_simple_step': trace / g2,
+                   'gns/g2': ema['g2'] / correction, 'gns/trace_sigma': ema['trace'] / correction}
   metrics = {
       'loss': loss,
       'accuracy': lax.pmean(accuracies.mean(), 'data'),
@@ -136,6 +158,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
       'nonfinite_streak': streak,
       'nonfinite_total': new_state.nonfinite_total,
       **optim.trust_ratio_stats(opt_state),
+      **gns_metrics,
   }
   return new_state, metrics
 
@@ -191,13 +214,15 @@ class Trainer:
 # Trials that differ only in values held in the optimizer state (the peak lr) reuse one jitted
 # step, and so one compilation: keyed on everything else that the step's code depends on. The
 # run's length enters only through the derived schedule (warmup, total steps, boundaries).
-_STEP_CACHE: dict[str, tuple[Callable, Callable]] = {}
+_STEP_CACHE: dict[str, tuple[Callable, Callable, Callable | None]] = {}
+_INIT_CACHE: dict[str, Callable] = {}
 _NOT_IN_STEP = ('seed', 'lr.base_lr', 'log_every_steps', 'eval_every_epochs', 'eval_every_steps',
                 'checkpoint_every_steps', 'keep_checkpoints', 'data.prefetch', 'data.data_dir',
                 'num_steps', 'num_epochs', 'nonfinite', 'max_nonfinite_steps', 'data.tfds_name',
                 'data.train_split', 'data.eval_split', 'data.file_format',
                 'data.num_parallel_calls', 'data.shuffle_buffer', 'profile_steps',
-                'compilation_cache_dir', 'mode', 'precise_bn_batches', 'init_from')
+                'compilation_cache_dir', 'mode', 'precise_bn_batches', 'init_from', 'target',
+                'sharpness')
 
 
 def _step_key(config, mesh, derived: optim.Derived) -> str:
@@ -236,14 +261,29 @@ def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
                       opt_state=optimizer.tx.init(params), rng=state_rng,
                       nonfinite_streak=jnp.zeros((), jnp.int32),
                       nonfinite_total=jnp.zeros((), jnp.int32),
-                      ema_params=params if config.ema_decay is not None else {})
+                      ema_params=params if config.ema_decay is not None else {},
+                      noise_scale=({'g2': jnp.zeros((), jnp.float32),
+                                    'trace': jnp.zeros((), jnp.float32)}
+                                   if config.noise_scale.enabled else {}))
 
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init, rng)
   specs = sharding.specs_for(abstract, param_rules)
   state_shardings = sharding.named(mesh, specs)
   if initialize:
-    state = jax.jit(init, out_shardings=state_shardings)(rng)
+    # The initial state's structure depends on the model and the optimizer's structure, not on
+    # the batch, the schedule or the peak lr: trials of a study share one compiled init (XLA
+    # takes seconds for it even for a small CNN), and the peak lr is set afterwards.
+    init_key = json.dumps([config.model.to_dict(), config.optimizer.to_dict(),
+                           config.ema_decay is not None, config.noise_scale.enabled,
+                           list(image_shape), num_classes, str(param_rules),
+                           [d.id for d in mesh.devices.flat], mesh.devices.shape],
+                          sort_keys=True, default=str)
+    if init_key not in _INIT_CACHE:
+      _INIT_CACHE[init_key] = jax.jit(init, out_shardings=state_shardings)
+    state = _INIT_CACHE[init_key](rng)
+    state = jax.device_put(state.replace(opt_state=optim.set_peak_lr(
+        state.opt_state, optimizer.derived.peak_lr)), state_shardings)
   else:
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          abstract, state_shardings)
@@ -256,7 +296,9 @@ def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
     per_device = functools.partial(
         train_step, model=step_model, tx=optimizer.tx, lr_fn=optimizer.lr_fn,
         num_classes=num_classes, label_smoothing=config.label_smoothing,
-        ema_decay=config.ema_decay)
+        ema_decay=config.ema_decay,
+        noise_scale_decay=(config.noise_scale.ema_decay if config.noise_scale.enabled
+                           else None))
     mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(specs, sharding.BATCH_SPEC),
                            out_specs=(specs, P()))
     step_fn = jax.jit(mapped, in_shardings=(state_shardings, batch_sharding),
@@ -265,17 +307,17 @@ def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
     eval_fn = jax.jit(
         functools.partial(eval_step, model=init_model, num_classes=num_classes),
         in_shardings=(state_shardings, eval_sharding), out_shardings=NamedSharding(mesh, P()))
-    _STEP_CACHE[key] = (step_fn, eval_fn)
-  step_fn, eval_fn = _STEP_CACHE[key]
-  bn_fn = None
-  if config.model.norm == 'batch':
-    # Precise BN (config.precise_bn_batches): the same BN code with momentum 0.
-    stats_config = ml_collections.ConfigDict(config.model.to_dict())
-    stats_config.bn_momentum = 0.0
-    stats_model = models.build(stats_config, num_classes, axis_name='data')
-    bn_fn = jax.jit(jax.shard_map(
-        functools.partial(bn_statistics_step, model=stats_model), mesh=mesh,
-        in_specs=(specs, sharding.BATCH_SPEC), out_specs=specs.batch_stats))
+    bn_fn = None
+    if config.model.norm == 'batch':
+      # Precise BN (config.precise_bn_batches) and sharpness: the same BN code, momentum 0.
+      stats_config = ml_collections.ConfigDict(config.model.to_dict())
+      stats_config.bn_momentum = 0.0
+      stats_model = models.build(stats_config, num_classes, axis_name='data')
+      bn_fn = jax.jit(jax.shard_map(
+          functools.partial(bn_statistics_step, model=stats_model), mesh=mesh,
+          in_specs=(specs, sharding.BATCH_SPEC), out_specs=specs.batch_stats))
+    _STEP_CACHE[key] = (step_fn, eval_fn, bn_fn)
+  step_fn, eval_fn, bn_fn = _STEP_CACHE[key]
   return Trainer(state=state, state_specs=specs, train_step=step_fn, eval_step=eval_fn,
                  model=init_model, bn_statistics=bn_fn,
                  optimizer=optimizer, mesh=mesh, batch_sharding=batch_sharding,
@@ -527,6 +569,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     last_good = step
 
   profile = tuple(config.profile_steps) if config.profile_steps and is_main else None
+  target = _Target(config, workdir, is_main)
+  if target.reached and config.target.stop and target.reached['step'] <= start:
+    logging.info('The target was reached at step %d (workdir/target.json); nothing to train.',
+                 target.reached['step'])
+    batches.close()
+    ckpt.close()
+    writer.close()
+    return evaluate(trainer, state, dataset, precise_bn_batches=config.precise_bn_batches)
+  sharpness_every = config.sharpness.every_steps
+  started = time.monotonic()
   pending = None  # (step, device metrics) of the last logged step, read one step late
   previous = None  # (step, device metrics) of the previous step, for the non-finite check
   eval_metrics: dict[str, float] = {}
@@ -564,10 +616,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           writer.write_scalars(done, eval_metrics)
           logging.info('eval at step %d: %s', done,
                        ', '.join(f'{k}={v:.4f}' for k, v in eval_metrics.items()))
-        if done % config.checkpoint_every_steps == 0 or done == total:
+          if target.check(done, config.global_batch, eval_metrics, time.monotonic() - started):
+            writer.write_scalars(done, {'target/steps': done,
+                                        'target/examples': done * config.global_batch})
+        stop = target.reached is not None and config.target.stop
+        if ((sharpness_every and done % sharpness_every == 0)
+            or (config.sharpness.at_end and (done == total or stop))):
+          value = measure_sharpness(trainer, state, dataset, config)
+          writer.write_scalars(done, {'sharpness/top_eigenvalue': value})
+          logging.info('sharpness at step %d: top Hessian eigenvalue %.4g', done, value)
+        if done % config.checkpoint_every_steps == 0 or done == total or stop:
           _check_finite(previous, limit, last_good, ckpt_dir)
           save(done)
           faults('kill_during_save', done)
+        if stop:
+          logging.info('Target %s %s %g reached at step %d; stopping (config.target.stop).',
+                       config.target.metric, '>=' if config.target.mode == 'max' else '<=',
+                       config.target.value, done)
+          break
         if preempted(sigterm.received):
           if pending is not None:
             _write_train_metrics(writer, progress, throughput, *pending)
@@ -648,6 +714,86 @@ def _evaluate_checkpoint(trainer, state, step, dataset, workdir, ckpt, is_main,
     with open(os.path.join(workdir, f'eval-{step}.json'), 'w') as f:
       json.dump({'step': step, **result}, f, indent=2)
   return result
+
+
+class _Target:
+  """config.target: the first evaluated step at which the target metric is met, recorded in
+  workdir/target.json ({step, examples, wall_s, metric, value, achieved}); read back on resume.
+  wall_s counts from the start of the training loop of the process that reached it."""
+
+  def __init__(self, config, workdir: str, is_main: bool):
+    self.config = config.target
+    self.path = os.path.join(workdir, 'target.json')
+    self.is_main = is_main
+    self.reached = None
+    if self.config.value is not None and os.path.exists(self.path):
+      with open(self.path) as f:
+        self.reached = json.load(f)
+
+  def check(self, step: int, global_batch: int, metrics: dict, wall_s: float) -> bool:
+    """Records `step` if it is the first to meet the target; True then."""
+    c = self.config
+    if c.value is None or self.reached is not None:
+      return False
+    if c.metric not in metrics:
+      raise config_lib.ConfigError(
+          f'config.target.metric={c.metric!r} is not an evaluation metric of this run; it has '
+          f'{", ".join(sorted(metrics))}')
+    achieved = metrics[c.metric]
+    if not (achieved >= c.value if c.mode == 'max' else achieved <= c.value):
+      return False
+    self.reached = {'step': step, 'examples': step * global_batch, 'wall_s': wall_s,
+                    'metric': c.metric, 'value': c.value, 'achieved': achieved}
+    if self.is_main:
+      with open(self.path, 'w') as f:
+        json.dump(self.reached, f, indent=2)
+    return True
+
+
+def measure_sharpness(trainer: Trainer, state: TrainState, dataset, config) -> float:
+  """The largest (algebraic) eigenvalue of the training-loss Hessian w.r.t. the parameters,
+  by Lanczos over reverse-over-reverse Hessian-vector products (bigbatch/study/sharpness.py).
+
+  The loss is the mean cross-entropy (with the run's label smoothing) over the first
+  config.sharpness.num_examples examples of the epoch-0 training order: the same examples for
+  every batch size of a study. BN is frozen: its statistics are those of these examples as the
+  training step's BN computes them (sync or ghost groups), held constant, so the Hessian is of a
+  fixed function of the parameters."""
+  from bigbatch.study import sharpness  # pylint: disable=g-import-not-at-top
+  n = config.sharpness.num_examples
+  num_batches = -(-n // config.global_batch)
+  batches = [input_pipeline.make_global_batches(dataset, i, trainer.batch_sharding)
+             for i in range(num_batches)]
+  if trainer.bn_statistics is not None:
+    state = precise_bn(trainer, state, dataset, num_batches, first_step=0)
+  images, labels = _first_examples(batches, n)
+  loss = _sharpness_loss(trainer.model, dataset.num_classes, config.label_smoothing)
+  key = jax.random.fold_in(state.rng, int(state.step))
+  value, _ = sharpness.top_eigenvalue(loss, state.params, state.batch_stats, images, labels,
+                                      num_iters=config.sharpness.num_iters, key=key)
+  return float(value)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _first_examples(batches: list[dict], n: int):
+  flat = lambda key: jnp.concatenate([b[key].reshape(-1, *b[key].shape[2:]) for b in batches])
+  return flat('image')[:n], flat('label')[:n]
+
+
+@functools.lru_cache(maxsize=8)
+def _sharpness_loss(model, num_classes: int, smoothing: float) -> Callable:
+  """The training loss with BN in inference mode (statistics given), one object per model so
+  that sharpness.top_eigenvalue compiles its Hessian-vector product once per run."""
+
+  def loss(params, batch_stats, images, labels):
+    variables = {'params': params}
+    if batch_stats:
+      variables['batch_stats'] = batch_stats
+    logits = model.apply(variables, images, train=False)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+
+  return loss
 
 
 def _check_finite(step_and_metrics, limit: int, last_good: int | None, ckpt_dir: str) -> None:

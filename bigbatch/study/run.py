@@ -1,0 +1,384 @@
+"""Batch-size studies: a sweep of trials through the one trainer, results, report.
+
+A study config (configs/study_*.py) names a base experiment config and what to sweep:
+
+  study.base          the experiment (any bigbatch config: digits, CIFAR-10, ImageNet, ...)
+  study.batch_sizes   global batch sizes
+  study.variants      name -> overrides of the base config (nested ConfigDicts), e.g. the
+                      optimizer, the lr scaling rule, warmup, BN groups; a variant may also
+                      override `lr_search` (e.g. a single untuned trial to test a scaling rule)
+  study.lr_search     per-batch-size learning-rate search (Shallue et al. 2018): mode 'grid'
+                      (log-spaced) or 'quasirandom' (a Halton sequence in log space) over
+                      `range`, `num_trials` values; relative_to 'rule' multiplies the peak lr
+                      that the config's scaling rule gives at that batch, 'absolute' sets the
+                      peak lr itself (the rule is then unused)
+  study.num_seeds     seeds per point: reported as mean and spread
+  study.target        metric, value, mode: a trial stops at the first evaluation that meets it
+  study.budget        epochs or steps: a trial that has not met the target by then is recorded
+                      as not reached
+  study.microbatch    examples per device per microbatch (None: the whole batch at once): the
+                      accumulation steps follow, which gives the noise scale a small batch on
+                      one device
+  study.noise_scale   log the gradient noise scale in every trial that can measure it
+  study.sharpness     measure the top Hessian eigenvalue at the end of every trial
+
+Each trial is one run of `train.train_and_evaluate` in DIR/trials/<trial id>, with the target
+stop and the budget set; its result (the schema of bigbatch/study/report.py) goes to
+DIR/trials/<id>/result.json and DIR/results.jsonl. Trials that differ only in the peak lr or
+the seed reuse one compiled step (the trainer's step cache). A rerun of the same command skips
+every trial with a result; an interrupted trial resumes from its own checkpoints.
+
+For a cluster, `--print_commands` prints one command per unfinished trial (`--trial=ID`, to run
+as a SLURM array or on several TPU slices, each writing only its result.json) and `--merge`
+gathers their result.json files into results.jsonl and writes the report.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Iterable
+
+from absl import logging
+import ml_collections
+
+from bigbatch import config_lib
+from bigbatch.config_lib import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+  trial_id: str
+  variant: str
+  batch_size: int
+  lr_index: int
+  seed: int
+  config: ml_collections.ConfigDict = dataclasses.field(compare=False, repr=False)
+
+
+def _merge(config: ml_collections.ConfigDict, overrides, where: str) -> None:
+  """Sets `overrides` (nested mappings) into `config`; unknown fields are a ConfigError."""
+  for key, value in overrides.items():
+    if key not in config:
+      raise ConfigError(f'{where}.{key}: the experiment config has no field {key!r}; check '
+                        f'the spelling against bigbatch/config_lib.base_config()')
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      _merge(config[key], value, f'{where}.{key}')
+    else:
+      config[key] = value
+
+
+def _halton(i: int, base: int = 2) -> float:
+  """The i-th (1-based) element of the van der Corput sequence in `base`: quasi-random in (0,1)."""
+  f, r = 1.0, 0.0
+  while i > 0:
+    f /= base
+    r += f * (i % base)
+    i //= base
+  return r
+
+
+def lr_values(search) -> list[float]:
+  """The lr values (factors or absolute) of one search, in trial order."""
+  lo, hi = search.range
+  n = search.num_trials
+  if not 0 < lo <= hi or n < 1:
+    raise ConfigError(f'study.lr_search: range={tuple(search.range)} num_trials={n}; give '
+                      f'0 < low <= high and num_trials >= 1')
+  if n == 1:
+    return [math.sqrt(lo * hi)]
+  if search.mode == 'grid':
+    return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
+  if search.mode == 'quasirandom':
+    return [lo * (hi / lo) ** _halton(i + 1) for i in range(n)]
+  raise ConfigError(f'study.lr_search.mode={search.mode!r}; choose grid or quasirandom')
+
+
+def _devices(config) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  data, _ = config_lib.mesh_shape(config, jax.device_count())
+  return data
+
+
+def trials(study: ml_collections.ConfigDict) -> list[Trial]:
+  """Every trial of the study, in a fixed order (variant, batch, lr, seed), each with a
+  validated config. A bad field raises ConfigError before anything runs."""
+  out = []
+  if not study.batch_sizes or not study.variants:
+    raise ConfigError('study.batch_sizes and study.variants must be non-empty')
+  for variant, overrides in study.variants.items():
+    overrides = ml_collections.ConfigDict(overrides.to_dict() if hasattr(overrides, 'to_dict')
+                                          else overrides)
+    search = ml_collections.ConfigDict(study.lr_search.to_dict())
+    if 'lr_search' in overrides:
+      _merge(search, overrides.lr_search, f'study.variants.{variant}.lr_search')
+      del overrides['lr_search']
+    for batch in study.batch_sizes:
+      for lr_index, value in enumerate(lr_values(search)):
+        for seed in range(study.num_seeds):
+          c = copy.deepcopy(study.base)
+          _merge(c, overrides, f'study.variants.{variant}')
+          _trial_fields(study, c, batch, search, value, seed)
+          trial_id = f'{variant}-b{batch}-lr{lr_index}-s{seed}'
+          try:
+            config_lib.validate(c, _world(c))
+          except ConfigError as e:
+            raise ConfigError(f'study trial {trial_id}: {e}') from None
+          out.append(Trial(trial_id, variant, batch, lr_index, seed, c))
+  return out
+
+
+def _world(config) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.device_count()
+
+
+def _trial_fields(study, c, batch: int, search, value: float, seed: int) -> None:
+  c.global_batch = batch
+  c.seed = seed
+  if search.relative_to == 'rule':
+    c.lr.base_lr = c.lr.base_lr * value
+  elif search.relative_to == 'absolute':
+    c.lr.scaling = 'none'
+    c.lr.base_lr = value
+  else:
+    raise ConfigError(f'study.lr_search.relative_to={search.relative_to!r}; choose rule or '
+                      f'absolute')
+  data = _devices(c)
+  k = 1
+  if study.microbatch:
+    per_step = study.microbatch * data
+    k = batch // per_step if batch % per_step == 0 and batch > per_step else 1
+  c.accumulation_steps = k
+  per_device = batch // (data * k) if batch % (data * k) == 0 else None
+  g = c.model.bn_group_size
+  if g is not None and per_device is not None and per_device < g:
+    c.model.bn_group_size = per_device  # a small batch is one ghost group
+  c.num_epochs, c.num_steps = study.budget.epochs, study.budget.steps
+  c.target.metric, c.target.value, c.target.mode = (study.target.metric, study.target.value,
+                                                    study.target.mode)
+  c.target.stop = True
+  c.eval_every_epochs, c.eval_every_steps = study.eval_every_epochs, None
+  c.noise_scale.enabled = bool(study.noise_scale) and data * k >= 2
+  c.sharpness.at_end = bool(study.sharpness)
+  c.checkpoint_every_steps = 1 << 30  # trials are short: a checkpoint at the end (or stop)
+  c.log_every_steps = study.log_every_steps
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def _read_metrics(path: str) -> list[dict]:
+  rows = []
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError:
+          break
+  return rows
+
+
+def _float(v) -> float:
+  return float(v)  # JSON holds non-finite values as strings ('nan', 'inf')
+
+
+def collect(trial: Trial, trial_dir: str, wall_s: float, diverged: bool = False) -> dict:
+  """The result row of a finished trial, from its workdir (metrics.jsonl, target.json)."""
+  from bigbatch import optim  # pylint: disable=g-import-not-at-top
+  c = trial.config
+  rows = _read_metrics(os.path.join(trial_dir, 'metrics.jsonl'))
+  metric = c.target.metric
+  curve = [[r['step'], _float(r[metric])] for r in rows if metric in r]
+  values = [v for _, v in curve if math.isfinite(v)]
+  losses = [_float(r['train/loss']) for r in rows if 'train/loss' in r]
+  target_path = os.path.join(trial_dir, 'target.json')
+  reached = None
+  if os.path.exists(target_path):
+    with open(target_path) as f:
+      reached = json.load(f)
+  better = max if c.target.mode == 'max' else min
+  num_train = _num_train(c)
+  derived = optim.derive(c, num_train)
+  return {
+      'trial_id': trial.trial_id, 'variant': trial.variant, 'data': c.data.name,
+      'batch_size': trial.batch_size, 'lr': derived.peak_lr, 'lr_index': trial.lr_index,
+      'seed': trial.seed,
+      'target': {'metric': metric, 'value': c.target.value, 'mode': c.target.mode},
+      'reached': reached is not None,
+      'steps_to_target': reached['step'] if reached else None,
+      'examples_to_target': reached['examples'] if reached else None,
+      'wall_to_target_s': reached['wall_s'] if reached else None,
+      'best_metric': better(values) if values else None,
+      'final_metric': values[-1] if values else None,
+      'final_train_loss': losses[-1] if losses else None,
+      'steps_run': max((r['step'] for r in rows), default=0),
+      'budget_steps': derived.total_steps,
+      'wall_s': wall_s,
+      'eval_curve': curve,
+      'noise_scale': [[r['step'], _float(r['train/gns/b_simple'])] for r in rows
+                      if 'train/gns/b_simple' in r],
+      'sharpness': [[r['step'], _float(r['sharpness/top_eigenvalue'])] for r in rows
+                    if 'sharpness/top_eigenvalue' in r],
+      'diverged': diverged,
+      'accumulation_steps': c.accumulation_steps,
+  }
+
+
+_NUM_TRAIN: dict[str, int] = {}
+
+
+def _num_train(c) -> int:
+  key = json.dumps([c.data.name, c.data.num_train, c.data.train_split, c.data.tfds_name])
+  if key not in _NUM_TRAIN:
+    from bigbatch import input_pipeline  # pylint: disable=g-import-not-at-top
+    _NUM_TRAIN[key] = input_pipeline.create(c).num_train
+  return _NUM_TRAIN[key]
+
+
+def read_results(workdir: str) -> dict[str, dict]:
+  """Finished trials by id: results.jsonl, plus result.json files not merged into it yet."""
+  out = {}
+  for row in _read_metrics(os.path.join(workdir, 'results.jsonl')):
+    out[row['trial_id']] = row
+  trials_dir = os.path.join(workdir, 'trials')
+  if os.path.isdir(trials_dir):
+    for name in sorted(os.listdir(trials_dir)):
+      path = os.path.join(trials_dir, name, 'result.json')
+      if name not in out and os.path.exists(path):
+        with open(path) as f:
+          try:
+            out[name] = json.load(f)
+          except json.JSONDecodeError:
+            logging.warning('Ignoring the unreadable %s: the trial will run again.', path)
+  return out
+
+
+def _append_result(workdir: str, row: dict) -> None:
+  with open(os.path.join(workdir, 'results.jsonl'), 'a') as f:
+    f.write(json.dumps(row) + '\n')
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)  # a killed write never leaves a torn result.json
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_trial(trial: Trial, workdir: str) -> dict:
+  """Runs (or resumes) one trial through the trainer and writes its result.json."""
+  from bigbatch import train  # pylint: disable=g-import-not-at-top
+  trial_dir = os.path.join(workdir, 'trials', trial.trial_id)
+  os.makedirs(trial_dir, exist_ok=True)
+  start = time.monotonic()
+  diverged = False
+  try:
+    train.train_and_evaluate(trial.config, trial_dir)
+  except train.NonFiniteError as e:
+    logging.warning('Trial %s diverged: %s', trial.trial_id, e)
+    diverged = True
+  row = collect(trial, trial_dir, time.monotonic() - start, diverged=diverged)
+  _write_json(os.path.join(trial_dir, 'result.json'), row)
+  return row
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+def run(study: ml_collections.ConfigDict, workdir: str, *, only: Iterable[str] = (),
+        echo=print) -> list[dict]:
+  """Runs every unfinished trial (or those named in `only`), then writes the report (not for
+  `only`). Returns all results known in the workdir."""
+  all_trials = trials(study)
+  by_id = {t.trial_id: t for t in all_trials}
+  unknown = sorted(set(only) - set(by_id))
+  if unknown:
+    raise ConfigError(f'--trial {", ".join(unknown)}: not a trial of this study; '
+                      f'--print_commands lists them')
+  os.makedirs(workdir, exist_ok=True)
+  _write_json(os.path.join(workdir, 'study_config.json'), json.loads(study.to_json_best_effort()))
+  done = read_results(workdir)
+  todo = [t for t in all_trials if t.trial_id not in done and (not only or t.trial_id in only)]
+  if done and not only:
+    echo(f'[study] {len(done)} of {len(all_trials)} trials already have results in {workdir}; '
+         f'running the other {len(todo)}')
+  started = time.monotonic()
+  for i, trial in enumerate(todo):
+    row = run_trial(trial, workdir)
+    done[trial.trial_id] = row
+    if not only:
+      _append_result(workdir, row)
+    elapsed = time.monotonic() - started
+    eta = elapsed / (i + 1) * (len(todo) - i - 1)
+    outcome = (f'target at step {row["steps_to_target"]}' if row['reached'] else
+               'diverged' if row['diverged'] else 'target not reached')
+    echo(f'[study] trial {i + 1}/{len(todo)} {trial.trial_id}: {outcome}, best '
+         f'{row["target"]["metric"]} {row["best_metric"]}, {row["wall_s"]:.1f} s | elapsed '
+         f'{_duration(elapsed)}, ETA {_duration(eta)}')
+  if only:
+    return list(done.values())
+  return finish(study, workdir, all_trials, done, echo=echo)
+
+
+def finish(study, workdir: str, all_trials: list[Trial], done: dict[str, dict],
+           echo=print) -> list[dict]:
+  from bigbatch.study import report  # pylint: disable=g-import-not-at-top
+  results = [done[t.trial_id] for t in all_trials if t.trial_id in done]
+  missing = [t.trial_id for t in all_trials if t.trial_id not in done]
+  notes = study.notes
+  if missing:
+    notes += (f'\n\n**Incomplete**: {len(missing)} of {len(all_trials)} trials have no result '
+              f'yet: {", ".join(missing[:20])}{" ..." if len(missing) > 20 else ""}.')
+  path = report.write_report(results, workdir, title=study.title, notes=notes)
+  echo(f'[study] {len(results)} trials; report: {path}')
+  return results
+
+
+def merge(study: ml_collections.ConfigDict, workdir: str, echo=print) -> list[dict]:
+  """Gathers the result.json files of trials run separately (--trial) into results.jsonl and
+  writes the report."""
+  all_trials = trials(study)
+  in_jsonl = {r['trial_id'] for r in _read_metrics(os.path.join(workdir, 'results.jsonl'))}
+  done = read_results(workdir)
+  for t in all_trials:
+    if t.trial_id in done and t.trial_id not in in_jsonl:
+      _append_result(workdir, done[t.trial_id])
+  return finish(study, workdir, all_trials, done, echo=echo)
+
+
+def commands(study: ml_collections.ConfigDict, workdir: str, config_arg: str) -> list[str]:
+  """One command per unfinished trial, for a SLURM array or several TPU slices."""
+  done = read_results(workdir)
+  return [f'python -m bigbatch.study --config={config_arg} --workdir={workdir} '
+          f'--trial={t.trial_id}' for t in trials(study) if t.trial_id not in done]
+
+
+def base_study() -> ml_collections.ConfigDict:
+  """Defaults of a study config; configs/study_*.py start from this."""
+  s = ml_collections.ConfigDict()
+  s.title = 'Batch-size study'
+  s.notes = ''
+  s.base = config_lib.base_config()
+  s.batch_sizes = (32, 128)
+  s.variants = ml_collections.ConfigDict({'default': {}})
+  s.lr_search = ml_collections.ConfigDict(
+      {'mode': 'grid', 'num_trials': 3, 'range': (0.5, 2.0), 'relative_to': 'rule'})
+  s.num_seeds = 1
+  s.target = ml_collections.ConfigDict({'metric': 'eval/top1', 'value': 0.9, 'mode': 'max'})
+  s.budget = ml_collections.ConfigDict({'epochs': None, 'steps': None})
+  s.eval_every_epochs = 1.0
+  s.log_every_steps = 5
+  s.microbatch = ml_collections.config_dict.placeholder(int)
+  s.noise_scale = True
+  s.sharpness = True
+  return s
