@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bigbatch import sharding
+from bigbatch import workdir as workdir_lib
 
 
 class CheckpointError(RuntimeError):
@@ -183,9 +184,9 @@ class Checkpointer:
     stamp = time.strftime('%Y%m%d-%H%M%S')
     for step in steps:
       source = os.path.join(self.directory, str(step))
-      if os.path.isdir(source):
+      if workdir_lib.isdir(source):
         target = os.path.join(self.directory, f'unusable-{step}-{stamp}')
-        os.rename(source, target)
+        workdir_lib.move(source, target)  # a rename locally; copy + delete on object stores
         moved.append(target)
     self._manager.reload()
     return moved

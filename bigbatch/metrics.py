@@ -7,42 +7,66 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any, Mapping
 
 from clu import metric_writers
+from etils import epath
+
+from bigbatch import workdir as workdir_lib
 
 
 class JsonlWriter(metric_writers.MetricWriter):
   """One JSON object per write: {"step": s, "train/loss": ..., ...}.
 
   On resume from step s, lines past s (and a torn last line) are dropped, so each step is
-  recorded once.
+  recorded once. Each write is durable when write_scalars returns.
+
+  `path` may be local or on an object store (gs://...). Locally the file is appended to and
+  flushed per line. An object store has no append, so there the lines since the file was opened
+  (those kept from before, then this run's) are held in memory and the whole object is rewritten
+  at each write. Rewriting rather than numbered part files keeps one metrics.jsonl for every
+  reader and the same resume truncation; each rewrite replaces the object whole, so a reader never
+  sees a torn line. It costs a re-upload of the file per logged step: one line of a few hundred
+  bytes per log_every_steps, so well under a few MB even for long runs.
   """
 
-  def __init__(self, path: str, resume_step: int = 0):
-    self._path = path
-    if os.path.exists(path):
-      kept = []
-      with open(path) as f:
-        for line in f:
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError:
-            break  # a torn last line from a killed run
-          if record.get('step', 0) <= resume_step:
-            kept.append(line if line.endswith('\n') else line + '\n')
-      with open(path, 'w') as f:
-        f.writelines(kept)
-    self._file = open(path, 'a')
+  def __init__(self, path: epath.PathLike, resume_step: int = 0):
+    self._path = epath.Path(path)
+    self._rewrite = workdir_lib.is_object_store(path)
+    kept = []
+    if self._path.exists():
+      for line in self._path.read_text().splitlines(keepends=True):
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          break  # a torn last line from a killed run
+        if record.get('step', 0) <= resume_step:
+          kept.append(line if line.endswith('\n') else line + '\n')
+      if not self._rewrite:
+        with self._path.open('w') as f:
+          f.writelines(kept)
+    if self._rewrite:
+      self._lines = kept
+      self._write_all()
+    else:
+      self._file = self._path.open('a')
+
+  def _write_all(self):
+    with self._path.open('w') as f:
+      f.write(''.join(self._lines))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     record = {'step': int(step)}
     for k, v in scalars.items():
       v = float(v)
       record[k] = v if math.isfinite(v) else str(v)  # JSON has no NaN/inf
-    self._file.write(json.dumps(record) + '\n')
-    self._file.flush()
+    line = json.dumps(record) + '\n'
+    if self._rewrite:
+      self._lines.append(line)
+      self._write_all()
+    else:
+      self._file.write(line)
+      self._file.flush()
 
   # metrics.jsonl holds scalars only; images, histograms etc. go to TensorBoard alone.
   def write_summaries(self, step, values, metadata=None):
@@ -67,10 +91,12 @@ class JsonlWriter(metric_writers.MetricWriter):
     pass
 
   def flush(self):
-    self._file.flush()
+    if not self._rewrite:  # an object store's object is complete after each write
+      self._file.flush()
 
   def close(self):
-    self._file.close()
+    if not self._rewrite:
+      self._file.close()
 
 
 class _NullWriter(JsonlWriter):
@@ -89,13 +115,16 @@ class _NullWriter(JsonlWriter):
     pass
 
 
-def create_writer(workdir: str, *, is_main: bool, resume_step: int = 0):
+def create_writer(workdir: epath.PathLike, *, is_main: bool, resume_step: int = 0):
+  """TensorBoard events in workdir/tensorboard (tf.summary writes gs:// itself) and
+  workdir/metrics.jsonl, on process 0; a writer that drops everything elsewhere."""
   if not is_main:
     return _NullWriter()
-  os.makedirs(workdir, exist_ok=True)
+  path = epath.Path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
   return metric_writers.MultiWriter([
-      metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard')),
-      JsonlWriter(os.path.join(workdir, 'metrics.jsonl'), resume_step=resume_step),
+      metric_writers.SummaryWriter(str(path / 'tensorboard')),
+      JsonlWriter(path / 'metrics.jsonl', resume_step=resume_step),
   ])
 
 

@@ -4,13 +4,21 @@ A workdir records the config it was started with (config.json). Restarting in it
 that changes the experiment is refused, listing the fields; changes that only observe or extend
 the run are allowed: logging/eval/checkpoint intervals, and a longer (or shorter) run as long as
 every step already taken would have had the same learning rate.
+
+A workdir may be a local directory or an object-store URL (gs://bucket/run, s3://...): every file
+operation on it goes through etils.epath, and the helpers here (exists, isdir, read_json,
+write_json, move) are what the rest of bigbatch uses for the workdir's small files. Object stores
+have no append and no atomic rename of a directory; `is_object_store` says which kind a path is,
+and `move` (used by set_aside) copies, then deletes, where it cannot rename.
 """
 from __future__ import annotations
 
 import json
-import os
+import re
 import time
+from typing import Any
 
+from etils import epath
 import ml_collections
 import numpy as np
 
@@ -43,12 +51,71 @@ def _flatten(d, prefix=''):
   return out
 
 
-def recorded_config(workdir: str) -> dict | None:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+def is_object_store(path: epath.PathLike) -> bool:
+  """True for a URL with a scheme (gs://, s3://, az://, hf://...): an object store, where a file
+  cannot be appended to and a directory is only a name prefix (no atomic rename). False for a
+  local (or mounted) path, including file:// ones."""
+  scheme = re.match(r'([a-zA-Z][a-zA-Z0-9+.-]*)://', str(path))
+  return scheme is not None and scheme.group(1).lower() != 'file'
+
+
+def exists(path: epath.PathLike) -> bool:
+  return epath.Path(path).exists()
+
+
+def isdir(path: epath.PathLike) -> bool:
+  return epath.Path(path).is_dir()
+
+
+def read_json(path: epath.PathLike) -> Any:
+  return json.loads(epath.Path(path).read_text())
+
+
+def write_json(path: epath.PathLike, obj: Any, *, indent: int | None = 2) -> None:
+  """Writes `obj` as JSON, replacing the file (on an object store the new object appears whole,
+  never half-written)."""
+  with epath.Path(path).open('w') as f:
+    json.dump(obj, f, indent=indent)
+
+
+def move(source: epath.PathLike, target: epath.PathLike) -> None:
+  """Moves the file or directory `source` to `target` (which must not exist).
+
+  Locally: one os.rename, atomic. On an object store a rename is a copy and a delete of each
+  object, so a move stopped half-way could leave objects in both places with neither complete.
+  Here every object is copied first and the sources are deleted only after all copies succeeded:
+  stopped while copying, `source` is intact (and a partial `target` is left to delete); stopped
+  while deleting, `target` is complete. A workdir's config.json is deleted last, so a half-deleted
+  workdir still names its experiment and check_compatible keeps guarding it.
+  """
+  source, target = epath.Path(source), epath.Path(target)
+  if not (is_object_store(source) or is_object_store(target)):
+    source.rename(target)
+    return
+  if target.exists():
+    raise FileExistsError(f'cannot move {source} to {target}: the target exists')
+  if not source.is_dir():
+    source.copy(target)
+    source.unlink()
+    return
+  files = []
+  for root, _, names in source.walk():
+    target_root = target / root.relative_to(source)
+    target_root.mkdir(parents=True, exist_ok=True)
+    files += [(root / n, target_root / n) for n in names]
+  for src, dst in files:
+    src.copy(dst)
+  config = source / CONFIG_FILE
+  for src, _ in sorted(files, key=lambda f: f[0] == config):
+    src.unlink()
+  source.rmtree()  # what remains: directory markers
+
+
+def recorded_config(workdir: epath.PathLike) -> dict | None:
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
     return None
-  with open(path) as f:
-    return json.load(f)
+  return read_json(path)
 
 
 def check_compatible(workdir: str, config, *, num_train: int, resume_step: int) -> None:
@@ -82,28 +149,39 @@ def _same_past_lr(old_config, new_config, num_train: int, resume_step: int) -> b
   return bool(np.array_equal(lr_old, lr_new))
 
 
-def set_aside(workdir: str) -> str | None:
-  """Moves an existing workdir to '<workdir>.old-<time>' (nothing is deleted); returns it."""
-  if not os.path.exists(workdir):
+def set_aside(workdir: epath.PathLike) -> str | None:
+  """Moves an existing workdir to '<workdir>.old-<time>' (nothing is deleted); returns it.
+
+  On an object store this copies every object, then deletes the originals (see `move`): it takes
+  time in proportion to the checkpoints held, and if stopped, rerunning with
+  --restart_from_scratch finishes the job into another '.old-<time>' without losing anything.
+  """
+  path = epath.Path(workdir)
+  if not path.exists():
     return None
-  target = f'{workdir.rstrip(os.sep)}.old-{time.strftime("%Y%m%d-%H%M%S")}'
-  os.rename(workdir, target)
+  target = stem = f'{path}.old-{time.strftime("%Y%m%d-%H%M%S")}'
+  n = 0
+  while epath.Path(target).exists():  # a second set_aside within the second, or a partial copy
+    n += 1
+    target = f'{stem}-{n}'
+  move(path, target)
   return target
 
 
-def ensure_writable(workdir: str) -> None:
+def ensure_writable(workdir: epath.PathLike) -> None:
   """Creates the workdir, or raises WorkdirError saying why it cannot be written."""
+  path = epath.Path(workdir)
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.bigbatch-write-test')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise WorkdirError(f'cannot write to the workdir {workdir}: {e.strerror or e}; choose a '
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / '.bigbatch-write-test'
+    probe.write_text('ok')
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except
+    # Locally an OSError; tf.io.gfile's errors for gs:// (PermissionDenied...) are not OSErrors.
+    reason = ((e.strerror or e) if isinstance(e, OSError) else f'{type(e).__name__}: {e}')
+    raise WorkdirError(f'cannot write to the workdir {workdir}: {reason}; choose a '
                        f'writable --workdir') from None
 
 
-def record(workdir: str, config) -> None:
-  with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+def record(workdir: epath.PathLike, config) -> None:
+  (epath.Path(workdir) / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
