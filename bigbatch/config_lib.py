@@ -85,6 +85,12 @@ def base_config() -> ml_collections.ConfigDict:
   # global_batch = accumulation_steps * microbatch, and the microbatch is split over 'data'.
   c.global_batch = 128
   c.accumulation_steps = 1
+  # Batch-size schedule (Smith et al. 2017, "Don't decay the learning rate, increase the batch
+  # size"): ((epoch, multiplier), ...) multiplies global_batch (and accumulation_steps, so the
+  # microbatch stays) from those whole epochs on. The lr schedule is then a function of the
+  # epochs seen (counted in steps of the initial batch); one compilation per batch size; the
+  # data order stays that of each epoch's permutation. None: a fixed batch.
+  c.batch_schedule = config_dict.placeholder(tuple)
   c.eval_batch = 512  # global; the eval split is padded to a multiple and masked
 
   # Training length: exactly one of the two.
@@ -372,6 +378,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     except re.error as e:
       raise ConfigError(f'config.{path}: not a valid regex ({e}); fix the pattern') from None
 
+  if config.batch_schedule:
+    from bigbatch import optim  # pylint: disable=g-import-not-at-top  (optim imports this module)
+    optim.batch_phases(config, 1 << 62)  # the schedule's form; batch vs data size comes later
   data, _ = mesh_shape(config, num_devices)
   if config.target.value is not None:
     _choice(config, 'target.mode', ('max', 'min'))

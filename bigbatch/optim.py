@@ -43,11 +43,83 @@ class Derived:
   warmup_steps: int
   peak_lr: float
   boundaries_steps: tuple[int, ...]  # step decay only, absolute steps from step 0; () otherwise
+  # config.batch_schedule: the phases of the run, () without one. The lr schedule (warmup,
+  # decay, boundaries above) is then counted in steps of the initial batch, and each update's
+  # position in it is the epochs it has seen times steps_per_epoch: a function of the data seen,
+  # not of the update count. total_steps counts the updates actually made.
+  phases: tuple['Phase', ...] = ()
+  schedule_steps: int = 0  # the lr schedule's length in initial-batch steps (phases only)
 
   def as_dict(self) -> dict:
     d = dataclasses.asdict(self)
     d['boundaries_steps'] = list(self.boundaries_steps)
+    d['phases'] = [dataclasses.asdict(p) for p in self.phases]
     return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """A stretch of a batch-size schedule (Smith et al. 2017): from `start_epoch`, updates
+  [start_step, end_step) use `global_batch` examples in `accumulation_steps` microbatches (the
+  microbatch, and so memory and BN groups, stay as configured)."""
+  start_epoch: int
+  global_batch: int
+  accumulation_steps: int
+  steps_per_epoch: int
+  start_step: int
+  end_step: int
+
+
+def batch_phases(config, num_train_examples: int) -> tuple[Phase, ...]:
+  """The phases of config.batch_schedule ((epoch, multiplier), ...); () without one."""
+  schedule = config.get('batch_schedule') or ()
+  if not schedule:
+    return ()
+  field = 'config.batch_schedule'
+  if config.num_epochs is None:
+    raise ConfigError(f'{field} needs the run length in epochs: set config.num_epochs (not '
+                      f'num_steps)')
+  rows = [(0, 1)]
+  for row in schedule:
+    if (len(row) != 2 or int(row[0]) != row[0] or int(row[1]) != row[1]
+        or not rows[-1][0] < row[0] < config.num_epochs or not row[1] > rows[-1][1]):
+      raise ConfigError(
+          f'{field}={tuple(schedule)}: expected ((epoch, multiplier), ...) with whole epochs '
+          f'increasing inside (0, num_epochs={config.num_epochs}) and whole multipliers of '
+          f'global_batch increasing above 1, e.g. ((30, 5), (60, 25))')
+    rows.append((int(row[0]), int(row[1])))
+  n = int(num_train_examples)
+  phases, step = [], 0
+  for i, (epoch, mult) in enumerate(rows):
+    batch = config.global_batch * mult
+    per_epoch = n // batch
+    if per_epoch == 0:
+      raise ConfigError(f'{field}: the batch {batch} from epoch {epoch} is larger than the {n} '
+                        f'training examples; lower the multiplier {mult}')
+    end_epoch = rows[i + 1][0] if i + 1 < len(rows) else config.num_epochs
+    steps = round((end_epoch - epoch) * per_epoch)
+    phases.append(Phase(epoch, batch, config.accumulation_steps * mult, per_epoch, step,
+                        step + steps))
+    step += steps
+  return tuple(phases)
+
+
+def epochs_seen(step, phases: tuple[Phase, ...]) -> jax.Array:
+  """Epochs of data consumed after `step` updates under a batch schedule (jnp; traceable)."""
+  step = jnp.asarray(step, jnp.float32)
+  value = jnp.zeros_like(step)
+  for p in phases:  # later phases overwrite earlier ones
+    value = jnp.where(step >= p.start_step,
+                      p.start_epoch + (step - p.start_step) / p.steps_per_epoch, value)
+  return value
+
+
+def phase_at(step: int, phases: tuple[Phase, ...]) -> Phase:
+  """The phase that update `step` (0-based) belongs to."""
+  for p in reversed(phases):
+    if step >= p.start_step:
+      return p
+  raise ValueError(step)
 
 
 def _scaling(rule: str, ratio: float) -> float:
@@ -149,14 +221,17 @@ def derive(config, num_train_examples: int) -> Derived:
     peak_lr = float(row[1])
   else:
     peak_lr = float(lr.base_lr) * _scaling(lr.scaling, batch / lr.base_batch)
+  phases = batch_phases(config, n)
   return Derived(
       num_train_examples=n,
       global_batch=batch,
       steps_per_epoch=steps_per_epoch,
-      total_steps=total_steps,
+      total_steps=phases[-1].end_step if phases else total_steps,
       warmup_steps=warmup_steps,
       peak_lr=peak_lr,
       boundaries_steps=_boundaries(config, steps_per_epoch, total_steps),
+      phases=phases,
+      schedule_steps=total_steps if phases else 0,
   )
 
 
@@ -172,7 +247,8 @@ def lr_schedule(config, derived: Derived) -> LrFn:
     raise ConfigError(f'config.lr.decay={decay!r} is unknown; choose one of cosine, polynomial, '
                       f'step, linear, constant')
   warmup = derived.warmup_steps
-  decay_steps = derived.total_steps - warmup
+  phases = derived.phases
+  decay_steps = (derived.schedule_steps if phases else derived.total_steps) - warmup
   init_lr, end_lr, power = float(lr.warmup_init_lr), float(lr.end_lr), float(lr.power)
   # Step boundaries count from step 0, so the factor multiplies the whole schedule at the
   # absolute step (as in Goyal et al.: lr = warmup factor x step schedule); a boundary inside the
@@ -195,6 +271,8 @@ def lr_schedule(config, derived: Derived) -> LrFn:
     return optax.linear_schedule(peak, end_lr, decay_steps)
 
   def lr_fn(step, peak_lr):
+    if phases:  # the schedule is a function of the data seen, in initial-batch steps
+      step = epochs_seen(step, phases) * derived.steps_per_epoch
     peak = jnp.asarray(peak_lr, jnp.float32)
     schedule = decay_schedule(peak)
     if warmup:

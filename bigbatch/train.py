@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import signal
 import threading
@@ -234,7 +235,8 @@ def _step_key(config, mesh, derived: optim.Derived) -> str:
       node = node[p]
     node.pop(leaf, None)
   schedule = [derived.warmup_steps, list(derived.boundaries_steps),
-              derived.total_steps if config.lr.decay in ('cosine', 'polynomial', 'linear') else 0]
+              derived.total_steps if config.lr.decay in ('cosine', 'polynomial', 'linear') else 0,
+              [dataclasses.astuple(p) for p in derived.phases], derived.schedule_steps]
   devices = [d.id for d in mesh.devices.flat]
   return json.dumps([flat, schedule, devices, mesh.axis_names, mesh.devices.shape],
                     sort_keys=True)
@@ -386,6 +388,62 @@ def _every(config, derived: optim.Derived, steps_field: str, epochs_field: str) 
   return steps
 
 
+def _host_epochs(step: int, phases) -> float:
+  p = optim.phase_at(max(step - 1, 0), phases) if step else phases[0]
+  return p.start_epoch + (step - p.start_step) / p.steps_per_epoch
+
+
+def _epoch_crossed(done: int, phases, every: float) -> bool:
+  """Under a batch schedule: whether update `done` crossed a multiple of `every` epochs."""
+  now, before = _host_epochs(done, phases), _host_epochs(done - 1, phases)
+  return math.floor(now / every + 1e-9) > math.floor(before / every + 1e-9)
+
+
+class _PhasedBatches:
+  """The global batches of updates [start, end) under a batch-size schedule. Each phase reads
+  a Dataset of its own batch size at the step that holds the same (epoch, offset), so the data
+  position is exact across phases and on resume: update s of a phase starting at epoch e and
+  update S is that Dataset's step e * steps_per_epoch + (s - S)."""
+
+  def __init__(self, config, dataset, phases, sharding_, start: int, end: int):
+    self.config, self.dataset, self.phases = config, dataset, phases
+    self.sharding, self.start, self.end = sharding_, start, end
+    self._current = None
+    self._waited = 0.0
+
+  @property
+  def wait_seconds(self) -> float:
+    return self._waited + (self._current.wait_seconds if self._current else 0.0)
+
+  def __iter__(self):
+    for p in self.phases:
+      lo, hi = max(self.start, p.start_step), min(p.end_step, self.end)
+      if lo >= hi:
+        continue
+      ds = self.dataset
+      if p.global_batch != ds.global_batch:
+        ds = load_dataset(config_lib.override(
+            ml_collections.ConfigDict(self.config.to_dict()),
+            global_batch=p.global_batch, accumulation_steps=p.accumulation_steps))
+      shift = p.start_epoch * p.steps_per_epoch - p.start_step
+      logging.info('Batch schedule: updates %d-%d at batch %d (%d microbatches), from epoch %d.',
+                   lo + 1, hi, p.global_batch, p.accumulation_steps, p.start_epoch)
+      self._current = input_pipeline.Prefetcher(
+          functools.partial(input_pipeline.make_global_batches, ds, sharding=self.sharding),
+          lo + shift, hi + shift, ds.prefetch)
+      try:
+        for local, batch in self._current:
+          yield local - shift, batch
+      finally:
+        self._waited += self._current.wait_seconds
+        self._current.close()
+        self._current = None
+
+  def close(self):
+    if self._current is not None:
+      self._current.close()
+
+
 class Preempted(Exception):
   """SIGTERM arrived; a checkpoint of `step` was written. main exits with EXIT_PREEMPTED."""
 
@@ -504,7 +562,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # all act on process 0's view of it (a shared directory may lag on some hosts); acting on
   # different views would run different collectives.
   distributed.sync('workdir ready')
-  if distributed.from_process_0(os.path.isdir(ckpt_dir)):
+  if distributed.from_process_0(workdir_lib.isdir(ckpt_dir)):
     ckpt = checkpoint_lib.Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
     steps = distributed.from_process_0(ckpt.all_steps())
   else:
@@ -540,16 +598,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info('Derived hyperparameters: %s', json.dumps(info))
   if is_main:
     workdir_lib.record(workdir, config)
-    with open(os.path.join(workdir, 'derived.json'), 'w') as f:
-      json.dump(info, f, indent=2)
+    workdir_lib.write_json(os.path.join(workdir, 'derived.json'), info)
   writer = metrics_lib.create_writer(workdir, is_main=is_main, resume_step=start)
 
   total = derived.total_steps
   eval_every = _every(config, derived, 'eval_every_steps', 'eval_every_epochs')
-  batches = input_pipeline.Prefetcher(
-      functools.partial(input_pipeline.make_global_batches, dataset,
-                        sharding=trainer.batch_sharding),
-      start, total, dataset.prefetch)
+  if derived.phases:
+    batches = _PhasedBatches(config, dataset, derived.phases, trainer.batch_sharding, start,
+                             total)
+    if config.eval_every_epochs:
+      eval_every = None  # epochs of varying length: _epoch_crossed below
+  else:
+    batches = input_pipeline.Prefetcher(
+        functools.partial(input_pipeline.make_global_batches, dataset,
+                          sharding=trainer.batch_sharding),
+        start, total, dataset.prefetch)
   progress = metrics_lib.Progress(total_steps=total, global_batch=config.global_batch,
                                   start_step=start, now=time.monotonic())
   faults = _Faults()
@@ -606,7 +669,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           pending = None
         if done % config.log_every_steps == 0 or done == total:
           pending = (done, step_metrics)
-        if (eval_every and done % eval_every == 0) or done == total:
+        if ((eval_every and done % eval_every == 0) or done == total
+            or (derived.phases and config.eval_every_epochs
+                and _epoch_crossed(done, derived.phases, config.eval_every_epochs))):
           _check_finite(previous, limit, last_good, ckpt_dir)
           if pending is not None:
             _write_train_metrics(writer, progress, throughput, *pending)
@@ -667,7 +732,7 @@ def init_from_workdir(trainer: Trainer, state: TrainState, source: str, *,
   holds, so its optimizer may differ; its model must give the same parameter shapes."""
   recorded = workdir_lib.recorded_config(source)
   ckpt_dir = os.path.join(source, 'checkpoints')
-  if recorded is None or not os.path.isdir(ckpt_dir):
+  if recorded is None or not workdir_lib.isdir(ckpt_dir):
     raise checkpoint_lib.CheckpointError(
         f'config.init_from={source}: not a bigbatch workdir (no config.json or checkpoints/); '
         f'point it at the --workdir of a finished or running run')
@@ -711,8 +776,7 @@ def _evaluate_checkpoint(trainer, state, step, dataset, workdir, ckpt, is_main,
   logging.info('Evaluated the checkpoint at step %d: %s', step,
                ', '.join(f'{k}={v:.4f}' for k, v in result.items()))
   if is_main:
-    with open(os.path.join(workdir, f'eval-{step}.json'), 'w') as f:
-      json.dump({'step': step, **result}, f, indent=2)
+    workdir_lib.write_json(os.path.join(workdir, f'eval-{step}.json'), {'step': step, **result})
   return result
 
 
@@ -726,9 +790,8 @@ class _Target:
     self.path = os.path.join(workdir, 'target.json')
     self.is_main = is_main
     self.reached = None
-    if self.config.value is not None and os.path.exists(self.path):
-      with open(self.path) as f:
-        self.reached = json.load(f)
+    if self.config.value is not None and workdir_lib.exists(self.path):
+      self.reached = workdir_lib.read_json(self.path)
 
   def check(self, step: int, global_batch: int, metrics: dict, wall_s: float) -> bool:
     """Records `step` if it is the first to meet the target; True then."""
@@ -745,8 +808,7 @@ class _Target:
     self.reached = {'step': step, 'examples': step * global_batch, 'wall_s': wall_s,
                     'metric': c.metric, 'value': c.value, 'achieved': achieved}
     if self.is_main:
-      with open(self.path, 'w') as f:
-        json.dump(self.reached, f, indent=2)
+      workdir_lib.write_json(self.path, self.reached)
     return True
 
 
