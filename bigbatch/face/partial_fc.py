@@ -1,0 +1,312 @@
+"""Partial FC (An et al. 2022; InsightFace arcface_torch partial_fc_v2.py): a margin softmax over
+millions of identities, its class centers split over devices, each device using only a sample
+of its own.
+
+Layout. The class centers W [C_pad, D] are one parameter, sharded in contiguous row blocks over
+every device: PartitionSpec(('data', 'model'), None) (`centers_spec`). C_pad is C rounded up to a
+multiple of the device count N; shard j holds classes [j * Cs, (j + 1) * Cs), Cs = C_pad / N, in
+the linear device order of ('data', 'model') (data-major), the order in which shard_map hands
+out the row blocks and `lax.all_gather` concatenates. Padded rows (class id >= C) are never
+sampled as positives, are masked out of the softmax (logit -inf) and get a zero gradient.
+
+Per-device computation (`loss`, called inside `jax.shard_map` over the axes in
+`Config.axis_names`):
+  1. The local embeddings [m, D] are L2-normalized and all-gathered (tiled) with the labels
+     over all device axes: every device sees the global batch [B = N * m, D].
+  2. Shard j keeps the positive classes of the global batch that it holds, plus random
+     negatives, S rows in all (`sample_size`, static): S = min(Cs, max(ceil(rate * Cs),
+     min(B, Cs))). A shard holds at most min(B, Cs) distinct positives, so positives are never
+     dropped; the rest of the S rows are negatives. Rows are chosen by top_k of (uniform score,
+     + 2 for positives, -1 for padding), i.e. positives first, then a uniformly random subset of
+     the other real classes; keys are fold_in(key, shard index). At S = Cs (rate 1, or a batch
+     at least as large as a shard) every row is taken, in order, without sampling.
+  3. Logits [B, S] = margin_logits(cos) with each row's target remapped to its sampled column
+     (-1 where another shard holds it). Cross-entropy across shards: row max by pmax
+     (stop_gradient: the max cancels out of the value), exp-sums by psum, the target logit by
+     psum from its owner; loss = mean over the global batch, the same value on every device.
+
+Gradient contract (what the trainer must do; tested in tests/test_partial_fc.py). The trainer
+calls `jax.value_and_grad` of this per-device loss w.r.t.
+  * the backbone's replicated parameters, after `lax.pcast(p, axis_names, to='varying')`, and
+    then reduces their gradients with ONE `lax.pmean` over axis_names (after accumulation);
+  * its local block of centers [Cs, D], whose gradient it does NOT reduce.
+Then the backbone gradient is exactly d(global mean loss)/d(params) and each device's centers
+gradient is exactly d(global mean loss)/d(its rows). How: the loss value is device-invariant
+(a psum result), and differentiating an invariant value in shard_map gives every device the
+full derivative w.r.t. its own varying inputs (the backward of psum is pvary, no
+communication); the backward of all_gather is a reduce-scatter, so the embeddings' cotangent
+sums every shard's contribution. That is the true gradient w.r.t. the centers. For the local
+embeddings it is d L / d e_i, which a pmean would divide by N, so the embeddings pass through an
+identity whose backward multiplies by N: the per-device gradient w.r.t. the local embeddings is
+N * dL/de_i = the gradient of this device's own mean loss (1/m) sum_i CE, the data-parallel
+convention, and pmean over devices then yields the true backbone gradient. Consequently the
+per-device loss must not also be pmean'd/psum'd before differentiation, and gradients of
+anything upstream of the embeddings on one device (e.g. the input images) are N x dL/d(them).
+The pcast is required: differentiating w.r.t. parameters left invariant makes the vma type
+system insert a psum of their gradient (the transpose of the implicit pcast) inside every
+microbatch, which with the x N above would give N x the true gradient. Under accumulation the
+centers' gradient is summed over the K microbatches and divided by K like every other gradient;
+only the pmean is skipped for it.
+
+Batch layout required: the embeddings' batch axis is sharded over all of axis_names jointly
+(device i holds examples [i * m, (i + 1) * m) of the global batch, i the linear device index).
+With a 'model' axis of size 1 this is the trainer's P(None, 'data') microbatch layout. With
+model > 1 the batch must be split over ('data', 'model'), not replicated over 'model' (a
+replicated batch would be gathered N_model times). Inputs not yet varying over an axis are
+pcast to varying over it.
+
+Gradient accumulation: each microbatch samples its own negatives; the trainer passes the key
+`fold_in(step_key, microbatch_index)` (`microbatch_key`), so the accumulated centers gradient
+is nonzero on the union of the microbatches' samples.
+
+Optimizer state: the centers' momentum / Adam moments are sharded like the centers (the
+optimizer runs elementwise, so jit keeps the sharding). Rows not sampled get an exactly zero
+gradient. By default (as arcface_torch's partial_fc_v2) the optimizer still applies momentum and
+weight decay to them; `sampled_rows_update(inner)` instead restricts `inner` to rows with a
+nonzero gradient (zero update, state rows unchanged elsewhere), as partial_fc v1 did with its
+per-sample momentum.
+
+Shapes: B global batch, m per-device batch, D embedding dim, C classes, Cs rows per shard,
+S sampled rows per shard.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Sequence
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import optax
+
+from bigbatch.face import losses
+
+AXES = ('data', 'model')
+_POSITIVE_BONUS = 2.0  # uniform scores are in [0, 1): positives sort first
+_PADDING_SCORE = -1.0  # below every real class
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Partial FC and its margin. Defaults: ArcFace (s=64, m=0.5), sample rate 0.1.
+
+  sample_rate: fraction of each shard's classes in the softmax (1.0: all, model parallel).
+  """
+  num_classes: int
+  sample_rate: float = 0.1
+  s: float = 64.0
+  m1: float = 1.0
+  m2: float = 0.5
+  m3: float = 0.0
+  straight_through: bool = False
+  axis_names: Sequence[str] = AXES
+
+  def __post_init__(self):
+    if not 0.0 < self.sample_rate <= 1.0:
+      raise ValueError(f'sample_rate must be in (0, 1], got {self.sample_rate}')
+    if self.num_classes < 1:
+      raise ValueError(f'num_classes must be positive, got {self.num_classes}')
+
+
+def padded_num_classes(num_classes: int, num_shards: int) -> int:
+  """C rounded up to a multiple of the device count: the rows of the centers parameter."""
+  return -(-num_classes // num_shards) * num_shards
+
+
+def sample_size(num_classes: int, num_shards: int, global_batch: int, sample_rate: float) -> int:
+  """S = min(Cs, max(ceil(rate * Cs), min(B, Cs))): rows per shard in the softmax (module doc)."""
+  cs = padded_num_classes(num_classes, num_shards) // num_shards
+  # The small tolerance keeps e.g. 0.1 * 30 = 3.0000000000000004 from rounding up to 4.
+  by_rate = math.ceil(sample_rate * cs - 1e-9)
+  return min(cs, max(by_rate, min(global_batch, cs)))
+
+
+def centers_spec(axis_names: Sequence[str] = AXES) -> P:
+  """Row blocks over all devices, in their linear (data-major) order."""
+  return P(tuple(axis_names), None)
+
+
+def init_centers(key, num_classes: int, embedding_dim: int, num_shards: int,
+                 std: float = 0.01, dtype=jnp.float32):
+  """[C_pad, D] centers ~ N(0, std^2) (arcface_torch's init), padded rows zero. Run it under
+  jit with out_shardings=NamedSharding(mesh, centers_spec()) to create it sharded."""
+  c_pad = padded_num_classes(num_classes, num_shards)
+  w = std * jax.random.normal(key, (c_pad, embedding_dim), dtype)
+  real = (jnp.arange(c_pad) < num_classes)[:, None]
+  return jnp.where(real, w, jnp.zeros((), dtype))
+
+
+def microbatch_key(step_key, microbatch_index):
+  """The sampling key of one accumulated microbatch: fold_in(step_key, index)."""
+  return jax.random.fold_in(step_key, microbatch_index)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _scale_gradient(x, factor: float):
+  return x
+
+
+def _scale_gradient_fwd(x, factor):
+  return x, None
+
+
+def _scale_gradient_bwd(factor, _, g):
+  return (g * factor,)
+
+
+_scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
+
+
+def _varying(x, axes: Sequence[str]):
+  """x pcast to device-varying over those of `axes` it is not varying over yet."""
+  mat = getattr(jax.typeof(x), 'manual_axis_type', None)
+  varying = mat.varying if mat is not None else frozenset()
+  missing = tuple(a for a in axes if a not in varying)
+  return lax.pcast(x, missing, to='varying') if missing else x
+
+
+def sample_rows(key, labels_B, *, offset, shard_rows: int, num_classes: int, num_sampled: int):
+  """The rows of one shard in its softmax: (rows_S local indices, positives first; valid_S
+  (row holds a real class); column_B: each label's column in rows_S, -1 if not in this shard).
+
+  offset: the shard's first class id (may be traced). Positives are never dropped when
+  num_sampled >= min(B, shard_rows), which `sample_size` guarantees.
+  """
+  local_B = labels_B.astype(jnp.int32) - offset
+  in_shard_B = (local_B >= 0) & (local_B < shard_rows)
+  local_B = jnp.where(in_shard_B, local_B, 0)
+  row_ids = jnp.arange(shard_rows, dtype=jnp.int32)
+  valid_rows = offset + row_ids < num_classes
+  if num_sampled == shard_rows:
+    rows_S = row_ids
+  else:
+    positive = jnp.zeros((shard_rows,), jnp.int32).at[local_B].max(in_shard_B.astype(jnp.int32))
+    score = jax.random.uniform(key, (shard_rows,)) + _POSITIVE_BONUS * positive
+    _, rows_S = lax.top_k(jnp.where(valid_rows, score, _PADDING_SCORE), num_sampled)
+  column_of_row = jnp.full((shard_rows,), -1, jnp.int32).at[rows_S].set(
+      jnp.arange(num_sampled, dtype=jnp.int32))
+  column_B = jnp.where(in_shard_B, column_of_row[local_B], -1)
+  return rows_S, valid_rows[rows_S], column_B
+
+
+def loss(centers_CsxD, embeddings_MxD, labels_M, key, *, config: Config):
+  """Partial FC margin softmax; per-device code under shard_map over config.axis_names.
+
+  centers_CsxD: this device's row block of the centers (spec `centers_spec`).
+  embeddings_MxD: this device's (unnormalized) embeddings; labels_M: their class ids in [0, C).
+  key: the step's (or microbatch's) sampling key, the same on every device.
+  Returns (loss, aux): loss is the mean over the global batch (device-invariant); aux holds
+    'accuracy' (top-1 among the sampled classes, exact at rate 1; no gradient),
+    'sampled_classes' [S] int32 global class ids of this shard's softmax columns, -1 for padding.
+  Gradients follow the contract in the module doc.
+  """
+  axes = tuple(config.axis_names)
+  num_shards = lax.axis_size(axes)
+  shard_rows, _ = centers_CsxD.shape
+  global_batch = num_shards * embeddings_MxD.shape[0]
+  num_sampled = sample_size(config.num_classes, num_shards, global_batch, config.sample_rate)
+  want_rows = padded_num_classes(config.num_classes, num_shards) // num_shards
+  if shard_rows != want_rows:
+    raise ValueError(f'centers shard has {shard_rows} rows; {config.num_classes} classes over '
+                     f'{num_shards} devices need {want_rows}')
+
+  embeddings_MxD = _varying(embeddings_MxD, axes)
+  labels_M = _varying(labels_M, axes)
+  # Backward: x N, so that the trainer's pmean over devices gives the true backbone gradient.
+  e_MxD = losses.normalize(_scale_gradient(embeddings_MxD, float(num_shards)))
+  e_BxD = lax.all_gather(e_MxD, axes, tiled=True)
+  labels_B = lax.all_gather(labels_M, axes, tiled=True)
+
+  shard = lax.axis_index(axes)
+  offset = shard * shard_rows
+  rows_S, valid_S, column_B = sample_rows(
+      jax.random.fold_in(key, shard), labels_B, offset=offset, shard_rows=shard_rows,
+      num_classes=config.num_classes, num_sampled=num_sampled)
+  # The gather's backward scatters into zeros: unsampled rows get an exactly zero gradient.
+  w_SxD = centers_CsxD if num_sampled == shard_rows else centers_CsxD[rows_S]
+  cos_BxS = e_BxD @ losses.normalize(w_SxD).T
+  logits_BxS = losses.margin_logits(cos_BxS, column_B, s=config.s, m1=config.m1, m2=config.m2,
+                                    m3=config.m3, straight_through=config.straight_through)
+  logits_BxS = jnp.where(valid_S[None, :], logits_BxS, -jnp.inf)
+
+  # Distributed log-softmax. Every row has its target among the valid columns of some shard,
+  # so the global max is finite even where a shard is all padding.
+  max_B = lax.pmax(lax.stop_gradient(jnp.max(logits_BxS, axis=1)), axes)
+  sumexp_B = lax.psum(jnp.sum(jnp.exp(logits_BxS - max_B[:, None]), axis=1), axes)
+  has_target_B = column_B >= 0
+  target_col_B = jnp.maximum(column_B, 0)[:, None]
+  target_B = lax.psum(jnp.where(
+      has_target_B, jnp.take_along_axis(logits_BxS, target_col_B, axis=1)[:, 0], 0.0), axes)
+  loss_value = jnp.mean(jnp.log(sumexp_B) + max_B - target_B)
+
+  cos_BxS = lax.stop_gradient(cos_BxS)
+  best_B = lax.pmax(jnp.max(jnp.where(valid_S[None, :], cos_BxS, -jnp.inf), axis=1), axes)
+  target_cos_B = lax.psum(jnp.where(
+      has_target_B, jnp.take_along_axis(cos_BxS, target_col_B, axis=1)[:, 0], 0.0), axes)
+  aux = {'accuracy': jnp.mean((target_cos_B >= best_B).astype(jnp.float32)),
+         'sampled_classes': jnp.where(valid_S, offset + rows_S, -1).astype(jnp.int32)}
+  return loss_value, aux
+
+
+# ------------------------------------------------------------------------------ optimizer
+
+
+def rows_with_gradient(g) -> jax.Array:
+  """bool [rows]: rows of g (axis 0) with any nonzero entry, i.e. rows sampled this step."""
+  return jnp.any(g != 0, axis=tuple(range(1, g.ndim)))
+
+
+def sampled_rows_update(inner: optax.GradientTransformation,
+                        mask: Any = None) -> optax.GradientTransformation:
+  """`inner`, restricted to the rows of the masked leaves that have a nonzero gradient.
+
+  For each leaf selected by `mask` (a pytree of bools like params, or a callable params ->
+  such a tree; None: every leaf of rank >= 1), rows whose incoming gradient is all zero (not
+  sampled by any microbatch of this step, or padding) get a zero update (so no momentum and no
+  weight decay is applied to them) and keep their optimizer state: every state leaf in a subtree
+  shaped like the params (e.g. optax.trace's momentum, Adam's mu / nu) with the leaf's shape
+  keeps its old rows there. Scalar state (counts, schedules) advances as usual. Sampled rows
+  get exactly inner's update. The row mask is computed from the gradient before `inner` adds
+  weight decay, and elementwise, so sharded rows need no communication.
+  """
+  def leaf_mask(params):
+    if mask is None:
+      return jax.tree.map(lambda p: getattr(p, 'ndim', 0) >= 1, params)
+    return mask(params) if callable(mask) else mask
+
+  def update_fn(updates, state, params=None):
+    selected = leaf_mask(updates if params is None else params)
+    treedef = jax.tree.structure(updates)
+    rows = treedef.unflatten([
+        rows_with_gradient(g) if sel else None
+        for g, sel in zip(treedef.flatten_up_to(updates), treedef.flatten_up_to(selected))])
+    new_updates, new_state = inner.update(updates, state, params)
+
+    def keep_rows(row_mask, new, old, like):
+      if row_mask is None or new.shape != like.shape:
+        return new
+      m = row_mask.reshape(row_mask.shape + (1,) * (new.ndim - 1))
+      return jnp.where(m, new, jnp.zeros((), new.dtype) if old is None else old)
+
+    flat_rows = treedef.flatten_up_to(rows)
+    flat_like = treedef.flatten_up_to(updates)
+    new_updates = treedef.unflatten([
+        keep_rows(r, u, None, g)
+        for r, u, g in zip(flat_rows, treedef.flatten_up_to(new_updates), flat_like)])
+
+    def restrict(new_sub, old_sub):
+      if jax.tree.structure(new_sub) != treedef:
+        return new_sub  # not per-parameter state: leave inner's
+      return treedef.unflatten([
+          keep_rows(r, n, o, g) for r, n, o, g in zip(
+              flat_rows, treedef.flatten_up_to(new_sub), treedef.flatten_up_to(old_sub),
+              flat_like)])
+
+    is_per_param = lambda x: jax.tree.structure(x) == treedef
+    new_state = jax.tree.map(restrict, new_state, state, is_leaf=is_per_param)
+    return new_updates, new_state
+
+  return optax.GradientTransformation(inner.init, update_fn)
