@@ -16,8 +16,10 @@ from typing import Sequence
 import ml_collections
 from ml_collections import config_dict
 
-MODELS = ('cnn', 'mlp', 'resnet', 'cifar_resnet')
-DATASETS = ('digits', 'synthetic', 'imagenet2012', 'cifar10', 'mnist')
+MODELS = ('cnn', 'mlp', 'resnet', 'cifar_resnet', 'iresnet')
+DATASETS = ('digits', 'synthetic', 'imagenet2012', 'cifar10', 'mnist', 'face_synthetic',
+            'face_folder', 'face_recordio')
+TASKS = ('classification', 'face')
 OPTIMIZERS = ('sgd', 'adamw', 'lars', 'lamb')
 SCALING_RULES = ('linear', 'sqrt', 'none', 'table')
 DECAYS = ('cosine', 'polynomial', 'step', 'linear', 'constant')
@@ -59,6 +61,29 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_parallel_calls = -1  # tf.data decode/augment parallelism; -1: AUTOTUNE
   c.data.shuffle_buffer = 10_000  # TFRecord only: examples per process (~1 GB of ImageNet JPEGs)
 
+  # Face data (bigbatch/data/faces.py): face_synthetic | face_folder | face_recordio.
+  from bigbatch.data import faces  # pylint: disable=g-import-not-at-top  (numpy only)
+  for key, value in faces.defaults().items():
+    c.data[key] = (config_dict.placeholder(str) if value is None else value)
+
+  # classification: softmax over num_classes. face: the model gives embeddings and the
+  # classifier is a margin softmax over class centers sharded across every device (Partial FC,
+  # bigbatch/face/partial_fc.py); evaluation is pair verification (bigbatch/face/verification.py).
+  c.task = 'classification'
+  c.face = ml_collections.ConfigDict()
+  # Target logit s * (cos(m1 * theta + m2) - m3): ArcFace (1, 0.5, 0), CosFace (1, 0, 0.4).
+  c.face.s = 64.0
+  c.face.m1 = 1.0
+  c.face.m2 = 0.5
+  c.face.m3 = 0.0
+  # The reference's no_grad margin (gradient as if there were no margin); False: true gradient.
+  c.face.straight_through = False
+  c.face.sample_rate = 0.1  # Partial FC: fraction of each device's centers in the softmax
+  # Momentum and weight decay only on the rows sampled in the step (partial_fc v1); False: all
+  # rows (arcface_torch's partial_fc_v2).
+  c.face.sampled_rows_only = False
+  c.face.verify_batch = 256  # global batch of the verification embedding pass
+
   c.model = ml_collections.ConfigDict()
   c.model.name = 'cnn'  # module bigbatch.models.<name>
   c.model.width = 32
@@ -80,6 +105,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.zero_init_last_gamma = True
   # Conv backward: auto (matmul weight gradients on CPU, XLA elsewhere) | xla | matmul.
   c.model.conv_impl = 'auto'
+  c.model.embedding_dim = 512  # task=face: the embedding size (iresnet's head)
+  c.model.dropout = 0.0  # iresnet head dropout
 
   # The global batch is a number, not a property of the hardware:
   # global_batch = accumulation_steps * microbatch, and the microbatch is split over 'data'.
@@ -223,7 +250,17 @@ def runlocal(c: ml_collections.ConfigDict, *, steps: int = 2) -> ml_collections.
   c.data.num_train = 4096
   c.data.num_eval = 64
   c.data.file_format = None
-  if c.model.name == 'resnet':
+  if c.task == 'face':  # synthetic identities; verification on held-out ones
+    c.data.name = 'face_synthetic'
+    c.data.num_identities = 100
+    c.data.images_per_identity = 41
+    c.data.verification_pairs = 64
+    c.data.verification_identities = 20
+    c.data.verification_bins = ()
+    c.model.embedding_dim = 16
+    c.face.verify_batch = 64
+    c.target.metric = 'verify/synthetic/accuracy'
+  if c.model.name in ('resnet', 'iresnet'):
     c.model.stage_depths = (1, 1, 1, 1)
     c.model.width = 8
   elif c.model.name == 'cifar_resnet':
@@ -310,6 +347,42 @@ def _choice(config, path: str, choices: Sequence[str]):
     raise ConfigError(f'config.{path}={value!r} is unknown; choose one of {", ".join(choices)}')
 
 
+def _validate_face(config) -> None:
+  face_data = config.data.name.startswith('face_')
+  if config.task != 'face':
+    if face_data:
+      raise ConfigError(f'config.data.name={config.data.name!r} is a face data set; set '
+                        f'--config.task=face')
+    return
+  if not face_data:
+    raise ConfigError(f'config.task=face needs a face data set (face_synthetic, face_folder, '
+                      f'face_recordio); config.data.name is {config.data.name!r}')
+  if config.mesh.model != 1:
+    raise ConfigError(f'config.mesh.model={config.mesh.model}: task=face runs the backbone '
+                      f'data-parallel over every device and splits the class centers over all of '
+                      f'them; set --config.mesh.model=1')
+  if not 0.0 < config.face.sample_rate <= 1.0:
+    raise ConfigError(f'config.face.sample_rate={config.face.sample_rate}: must be in (0, 1]')
+  _positive(config, 'face.s')
+  _positive(config, 'model.embedding_dim')
+  _positive(config, 'face.verify_batch')
+  if config.optimizer.clip_grad_norm is not None:
+    raise ConfigError('config.optimizer.clip_grad_norm with task=face: global-norm clipping is '
+                      'not supported (the class centers are sharded); unset it')
+  if config.optimizer.name in ('lars', 'lamb') and not re.search(
+      config.optimizer.trust_ratio_exclude or '$^', 'centers'):
+    raise ConfigError(
+        f'config.optimizer.name={config.optimizer.name} with task=face: the class centers are '
+        f'split over devices, and a trust ratio over one device\'s rows would depend on the '
+        f'device count; exclude them, e.g. --config.optimizer.trust_ratio_exclude='
+        f'"(^|/)(bias|scale|centers)$"')
+  if config.sharpness.every_steps or config.sharpness.at_end:
+    raise ConfigError('config.sharpness with task=face is not supported; unset '
+                      'sharpness.every_steps and sharpness.at_end')
+  if not 0.0 <= config.model.dropout < 1.0:
+    raise ConfigError(f'config.model.dropout={config.model.dropout}: must be in [0, 1)')
+
+
 def mesh_shape(config, num_devices: int) -> tuple[int, int]:
   """Resolves the ('data', 'model') mesh shape, or raises ConfigError."""
   data, model = config.mesh.data, config.mesh.model
@@ -331,6 +404,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Checks everything that can be checked without data or compilation. Raises ConfigError."""
   _choice(config, 'model.name', MODELS)
   _choice(config, 'data.name', DATASETS)
+  _choice(config, 'task', TASKS)
+  _validate_face(config)
   _choice(config, 'optimizer.name', OPTIMIZERS)
   _choice(config, 'lr.scaling', SCALING_RULES)
   _choice(config, 'lr.decay', DECAYS)
@@ -445,10 +520,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError(f'config.model.depth={config.model.depth} for cifar_resnet; '
                       f'choose 6n+2: 8, 14, 20, 32, 44, 56 or 110')
   if config.model.stage_depths is not None and (
-      len(config.model.stage_depths) != {'resnet': 4, 'cifar_resnet': 3}.get(config.model.name)
+      len(config.model.stage_depths) != {'resnet': 4, 'cifar_resnet': 3,
+                                         'iresnet': 4}.get(config.model.name)
       or min(config.model.stage_depths) < 1):
     raise ConfigError(f'config.model.stage_depths={config.model.stage_depths}: set 4 positive '
-                      f'block counts for resnet, 3 for cifar_resnet, or leave it None')
+                      f'block counts for resnet and iresnet, 3 for cifar_resnet, or leave it '
+                      f'None')
+  if config.model.name == 'iresnet' and config.model.depth not in (18, 34, 50, 100, 200):
+    raise ConfigError(f'config.model.depth={config.model.depth} for iresnet; '
+                      f'choose 18, 34, 50, 100 or 200')
   if config.model.conv_impl not in ('auto', 'xla', 'matmul'):
     raise ConfigError(f'config.model.conv_impl={config.model.conv_impl!r}; '
                       f'choose auto, xla or matmul')

@@ -272,6 +272,9 @@ def create(config, *, process_index: int | None = None,
   if name in IMAGE_DATASETS:
     from bigbatch.data import images  # pylint: disable=g-import-not-at-top  # imports TF (seconds)
     return images.create(config, **common)
+  if name.startswith('face_'):
+    from bigbatch.data import faces  # pylint: disable=g-import-not-at-top
+    return faces.create(config, **common)
   if name == 'synthetic':
     d = config.data
     image_shape = (d.image_size, d.image_size, d.channels)

@@ -28,6 +28,7 @@ from jax import lax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
+import numpy as np
 import optax
 
 from bigbatch import checkpoint as checkpoint_lib
@@ -39,6 +40,7 @@ from bigbatch import models
 from bigbatch import optim
 from bigbatch import sharding
 from bigbatch import workdir as workdir_lib
+from bigbatch.face import partial_fc
 from bigbatch.study import noise_scale
 
 
@@ -73,6 +75,22 @@ def loss_fn(params, batch_stats, image_MxHxWxC, label_M, *, model, num_classes: 
   return loss, (updates.get('batch_stats', {}), accuracy)
 
 
+def face_loss_fn(params, batch_stats, image_MxHxWxC, label_M, key, *, model,
+                 face: partial_fc.Config, dropout: bool):
+  """Partial FC margin softmax of one microbatch (per-device code; the gradient contract is in
+  bigbatch/face/partial_fc.py). params: {'backbone': ..., 'centers': this device's rows}."""
+  variables = {'params': params['backbone']}
+  if batch_stats:
+    variables['batch_stats'] = batch_stats
+  # Dropout masks differ per device: the key is folded with the device's index.
+  rngs = ({'dropout': jax.random.fold_in(jax.random.fold_in(key, 1), lax.axis_index('data'))}
+          if dropout else None)
+  embeddings, updates = model.apply(variables, image_MxHxWxC, train=True,
+                                    mutable=['batch_stats'], rngs=rngs)
+  loss, aux = partial_fc.loss(params['centers'], embeddings, label_M, key, config=face)
+  return loss, (updates.get('batch_stats', {}), aux['accuracy'])
+
+
 def _varying(x, axis: str) -> bool:
   mat = getattr(jax.typeof(x), 'manual_axis_type', None)
   return mat is not None and axis in mat.varying
@@ -80,7 +98,8 @@ def _varying(x, axis: str) -> bool:
 
 def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTransformation,
                lr_fn: Callable, num_classes: int, label_smoothing: float,
-               ema_decay: float | None = None, noise_scale_decay: float | None = None):
+               ema_decay: float | None = None, noise_scale_decay: float | None = None,
+               face: partial_fc.Config | None = None, dropout: bool = False):
   """One update; per-device code, run under shard_map over the 'data' axis.
 
   batch: {'image': [K, M, H, W, C], 'label': [K, M]}, this device's share of each microbatch.
@@ -88,37 +107,62 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
   gradients of b = M examples each and their mean, the update's gradient of B examples
   (bigbatch/study/noise_scale.py): the squared norm of each microbatch gradient costs one
   reduction per microbatch, on the device, before any communication.
+
+  Parameters that arrive sharded (device-varying: the face-recognition class centers) are
+  this device's rows; their gradient is complete on the device and is not reduced
+  (face=Partial FC config; the contract is in bigbatch/face/partial_fc.py).
   """
   k = batch['label'].shape[0]
+  axes = ('data', 'model') if face is not None else 'data'
+  if face is not None:
+    # Partial FC runs over every device (both axes; 'model' has size 1 for faces): the batch
+    # and the backbone are device-varying over both, so gradients stay local until the pmean.
+    batch = jax.tree.map(lambda x: lax.pcast(x, 'model', to='varying'), batch)
+  sharded = jax.tree.map(lambda p: _varying(p, 'data'), state.params)
   # Differentiating w.r.t. replicated (invariant) parameters makes shard_map insert the
   # cross-device psum of the gradient inside the scan body. Casting them to device-varying
   # keeps the gradients local until the single pmean below.
-  params = jax.tree.map(lambda p: lax.pcast(p, 'data', to='varying'), state.params)
-  grad_fn = jax.value_and_grad(
-      lambda p, x, y: loss_fn(p, state.batch_stats, x, y, model=model, num_classes=num_classes,
-                              label_smoothing=label_smoothing),
-      has_aux=True)
+  params = jax.tree.map(lambda p, sh: p if sh else lax.pcast(p, axes, to='varying'),
+                        state.params, sharded)
+  if face is None:
+    grad_fn = jax.value_and_grad(
+        lambda p, x, y, key: loss_fn(p, state.batch_stats, x, y, model=model,
+                                     num_classes=num_classes, label_smoothing=label_smoothing),
+        has_aux=True)
+  else:
+    grad_fn = jax.value_and_grad(
+        lambda p, x, y, key: face_loss_fn(p, state.batch_stats, x, y, key, model=model,
+                                          face=face, dropout=dropout),
+        has_aux=True)
+  step_key = jax.random.fold_in(state.rng, state.step)
+  replicated = lambda tree: [g for g, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(sharded))
+                             if not sh]
 
-  def microbatch(grad_sum, mb):
-    (loss, (stats, accuracy)), grads = grad_fn(params, mb['image'], mb['label'])
-    small_sq = noise_scale.per_shard_sq_norms(grads) if noise_scale_decay is not None else 0.0
+  def microbatch(grad_sum, mb_and_index):
+    mb, i = mb_and_index
+    (loss, (stats, accuracy)), grads = grad_fn(params, mb['image'], mb['label'],
+                                               partial_fc.microbatch_key(step_key, i))
+    # The noise scale's small batch: this device's gradient of replicated parameters (sharded
+    # ones have no per-device gradient of their own).
+    small_sq = (noise_scale.per_shard_sq_norms(replicated(grads))
+                if noise_scale_decay is not None else 0.0)
     return jax.tree.map(jnp.add, grad_sum, grads), (loss, accuracy, stats, small_sq)
 
   grad_sum, (losses, accuracies, stats, small_sqs) = lax.scan(
-      microbatch, jax.tree.map(jnp.zeros_like, params), batch)
-  # The one gradient reduction of the update.
-  grads = lax.pmean(jax.tree.map(lambda g: g / k, grad_sum), 'data')
+      microbatch, jax.tree.map(jnp.zeros_like, params), (batch, jnp.arange(k)))
+  # The one gradient reduction of the update (replicated parameters only).
+  grads = jax.tree.map(lambda g, sh: g / k if sh else lax.pmean(g / k, axes), grad_sum, sharded)
 
   # BN running statistics: each microbatch updated them from the same starting point; their
   # mean applies m * running + (1 - m) * mean_k(batch statistic) once per update. Ghost-BN
   # statistics differ per device and are averaged over 'data' (sync-BN ones already agree).
   batch_stats = jax.tree.map(lambda s: s.mean(axis=0), stats)
-  batch_stats = jax.tree.map(
-      lambda s: lax.pmean(s, 'data') if _varying(s, 'data') else s, batch_stats)
+  batch_stats = jax.tree.map(_mean_over, batch_stats)
 
   lr = optim.learning_rate(state.opt_state, lr_fn)
-  loss = lax.pmean(losses.mean(), 'data')
-  grad_norm = optax.tree.norm(grads)
+  loss = _mean_over(losses.mean())
+  norm = functools.partial(_norm, sharded=sharded, axes=axes)
+  grad_norm = norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
@@ -140,8 +184,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
   if noise_scale_decay is not None:
     b = batch['label'].shape[1]
     big = b * k * lax.axis_size('data')
-    g2, trace = noise_scale.estimates(lax.pmean(small_sqs.mean(), 'data'),
-                                      noise_scale.per_shard_sq_norms(grads), b, big)
+    g2, trace = noise_scale.estimates(_mean_over(small_sqs.mean()),
+                                      noise_scale.per_shard_sq_norms(replicated(grads)), b, big)
     d = noise_scale_decay
     ema = {'g2': d * state.noise_scale['g2'] + (1 - d) * g2,
            'trace': d * state.noise_scale['trace'] + (1 - d) * trace}
@@ -151,11 +195,11 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
                    'gns/g2': ema['g2'] / correction, 'gns/trace_sigma': ema['trace'] / correction}
   metrics = {
       'loss': loss,
-      'accuracy': lax.pmean(accuracies.mean(), 'data'),
+      'accuracy': _mean_over(accuracies.mean()),
       'lr': lr,
       'grad_norm': grad_norm,
-      'param_norm': optax.tree.norm(new_state.params),
-      'update_norm': optax.tree.norm(updates),
+      'param_norm': norm(new_state.params),
+      'update_norm': norm(updates),
       'nonfinite_streak': streak,
       'nonfinite_total': new_state.nonfinite_total,
       **optim.trust_ratio_stats(opt_state),
@@ -164,11 +208,34 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
   return new_state, metrics
 
 
-def bn_statistics_step(state: TrainState, batch: dict, *, model):
+def _mean_over(x, axes=('data', 'model')):
+  """pmean over the mesh axes `x` varies over; a device-invariant value (Partial FC's loss) is
+  returned as it is."""
+  varying = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if _varying(x, a))
+  return lax.pmean(x, varying) if varying else x
+
+
+def _norm(tree, *, sharded, axes) -> jax.Array:
+  """Global L2 norm of a tree whose `sharded` leaves hold this device's rows only."""
+  sq = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)]
+  flags = jax.tree.leaves(sharded)
+  local = sum((q for q, sh in zip(sq, flags) if sh), jnp.zeros((), jnp.float32))
+  total = sum((q for q, sh in zip(sq, flags) if not sh), jnp.zeros((), jnp.float32))
+  if any(flags):
+    total = total + lax.psum(local, axes)
+  return jnp.sqrt(total)
+
+
+def backbone(params, face: bool):
+  """The parameters the model applies: all of them, or for faces all but the centers."""
+  return params['backbone'] if face else params
+
+
+def bn_statistics_step(state: TrainState, batch: dict, *, model, face: bool = False):
   """Per-device code: the batch-norm statistics of one training batch, as the training step's
   BN computes them (sync or ghost), averaged over its microbatches and devices. `model` has
   bn_momentum 0, so the 'running' statistics it returns are the batch's own."""
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  variables = {'params': backbone(state.params, face), 'batch_stats': state.batch_stats}
 
   def microbatch(_, mb):
     _, updates = model.apply(variables, mb['image'], train=True, mutable=['batch_stats'])
@@ -210,6 +277,14 @@ class Trainer:
   batch_sharding: NamedSharding
   eval_sharding: NamedSharding
   bn_statistics: Callable | None = None  # (state, batch) -> BN statistics; None without BN
+  config: ml_collections.ConfigDict | None = None
+  # task=face: eval_step is embed(state, images [n, H, W, C]) -> embeddings; the verification
+  # pairs are loaded at the first evaluation.
+  verification: dict | None = None
+
+  @property
+  def face(self) -> bool:
+    return self.config is not None and self.config.task == 'face'
 
 
 # Trials that differ only in values held in the optimizer state (the peak lr) reuse one jitted
@@ -251,13 +326,33 @@ def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
   lowering a full-size step on a machine that could not hold or compile it.
   """
   optimizer = optim.make(config, num_train)
-  init_model = models.build(config.model, num_classes, axis_name=None)
+  face = config.task == 'face'
+  face_config = None
+  # A face model's outputs are the embedding (iresnet's head; any other model's last layer).
+  outputs = config.model.embedding_dim if face else num_classes
+  init_model = models.build(config.model, outputs, axis_name=None)
+  if face:
+    face_config = partial_fc.Config(
+        num_classes=num_classes, sample_rate=config.face.sample_rate, s=config.face.s,
+        m1=config.face.m1, m2=config.face.m2, m3=config.face.m3,
+        straight_through=config.face.straight_through)
+    # The class centers: contiguous row blocks over every device, their optimizer state too.
+    param_rules = (*param_rules, (r'(^|/)centers$', partial_fc.centers_spec()))
+    if config.face.sampled_rows_only:
+      only_centers = lambda p: {'backbone': jax.tree.map(lambda _: False, p['backbone']),
+                                'centers': True}
+      optimizer = dataclasses.replace(
+          optimizer, tx=partial_fc.sampled_rows_update(optimizer.tx, mask=only_centers))
 
   def init(rng):
     params_rng, state_rng = jax.random.split(rng)
     variables = init_model.init(params_rng, jnp.zeros((1, *image_shape), jnp.float32),
                                 train=False)
     params = variables['params']
+    if face:
+      params = {'backbone': params, 'centers': partial_fc.init_centers(
+          jax.random.fold_in(params_rng, 1), num_classes, config.model.embedding_dim,
+          mesh.devices.size)}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}),
                       opt_state=optimizer.tx.init(params), rng=state_rng,
@@ -278,6 +373,7 @@ def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
     # takes seconds for it even for a small CNN), and the peak lr is set afterwards.
     init_key = json.dumps([config.model.to_dict(), config.optimizer.to_dict(),
                            config.ema_decay is not None, config.noise_scale.enabled,
+                           config.task, config.face.to_dict(),
                            list(image_shape), num_classes, str(param_rules),
                            [d.id for d in mesh.devices.flat], mesh.devices.shape],
                           sort_keys=True, default=str)
@@ -294,36 +390,45 @@ def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
   eval_sharding = NamedSharding(mesh, sharding.EVAL_SPEC)
   key = _step_key(config, mesh, optimizer.derived)
   if key not in _STEP_CACHE:
-    step_model = models.build(config.model, num_classes, axis_name='data')
+    step_model = models.build(config.model, outputs, axis_name='data')
     per_device = functools.partial(
         train_step, model=step_model, tx=optimizer.tx, lr_fn=optimizer.lr_fn,
         num_classes=num_classes, label_smoothing=config.label_smoothing,
         ema_decay=config.ema_decay,
         noise_scale_decay=(config.noise_scale.ema_decay if config.noise_scale.enabled
-                           else None))
+                           else None),
+        face=face_config, dropout=face and config.model.dropout > 0)
     mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(specs, sharding.BATCH_SPEC),
                            out_specs=(specs, P()))
     step_fn = jax.jit(mapped, in_shardings=(state_shardings, batch_sharding),
                       out_shardings=(state_shardings, NamedSharding(mesh, P())),
                       donate_argnums=0)
-    eval_fn = jax.jit(
-        functools.partial(eval_step, model=init_model, num_classes=num_classes),
-        in_shardings=(state_shardings, eval_sharding), out_shardings=NamedSharding(mesh, P()))
+    if face:
+      eval_fn = jax.jit(
+          lambda state, images: init_model.apply(
+              {'params': state.params['backbone'], **(
+                  {'batch_stats': state.batch_stats} if state.batch_stats else {})},
+              images, train=False),
+          in_shardings=(state_shardings, eval_sharding), out_shardings=NamedSharding(mesh, P()))
+    else:
+      eval_fn = jax.jit(
+          functools.partial(eval_step, model=init_model, num_classes=num_classes),
+          in_shardings=(state_shardings, eval_sharding), out_shardings=NamedSharding(mesh, P()))
     bn_fn = None
     if config.model.norm == 'batch':
       # Precise BN (config.precise_bn_batches) and sharpness: the same BN code, momentum 0.
       stats_config = ml_collections.ConfigDict(config.model.to_dict())
       stats_config.bn_momentum = 0.0
-      stats_model = models.build(stats_config, num_classes, axis_name='data')
+      stats_model = models.build(stats_config, outputs, axis_name='data')
       bn_fn = jax.jit(jax.shard_map(
-          functools.partial(bn_statistics_step, model=stats_model), mesh=mesh,
+          functools.partial(bn_statistics_step, model=stats_model, face=face), mesh=mesh,
           in_specs=(specs, sharding.BATCH_SPEC), out_specs=specs.batch_stats))
     _STEP_CACHE[key] = (step_fn, eval_fn, bn_fn)
   step_fn, eval_fn, bn_fn = _STEP_CACHE[key]
   return Trainer(state=state, state_specs=specs, train_step=step_fn, eval_step=eval_fn,
                  model=init_model, bn_statistics=bn_fn,
                  optimizer=optimizer, mesh=mesh, batch_sharding=batch_sharding,
-                 eval_sharding=eval_sharding)
+                 eval_sharding=eval_sharding, config=config)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -349,9 +454,34 @@ def evaluate(trainer: Trainer, state: TrainState, dataset, *, precise_bn_batches
   precise_bn_batches, BN statistics are first recomputed over that many training batches."""
   if precise_bn_batches and trainer.bn_statistics is not None:
     state = precise_bn(trainer, state, dataset, precise_bn_batches, int(state.step))
-  out = _evaluate(trainer, state, dataset, 'eval')
+  run = _verify if trainer.face else _evaluate
+  out = run(trainer, state, dataset, 'verify' if trainer.face else 'eval')
   if state.ema_params:
-    out.update(_evaluate(trainer, state.replace(params=state.ema_params), dataset, 'eval_ema'))
+    out.update(run(trainer, state.replace(params=state.ema_params), dataset,
+                   'verify_ema' if trainer.face else 'eval_ema'))
+  return out
+
+
+def _verify(trainer: Trainer, state: TrainState, dataset, prefix: str) -> dict[str, float]:
+  """task=face: the verification protocol (10 folds, flip test, TAR at FAR 1e-3) on each pair
+  set of the config (held-out synthetic identities, or the .bin files), with the embeddings of
+  the current backbone."""
+  from bigbatch.data import faces  # pylint: disable=g-import-not-at-top
+  from bigbatch.face import verification  # pylint: disable=g-import-not-at-top
+  del dataset
+  if trainer.verification is None:
+    trainer.verification = faces.verification_sets(trainer.config, as_uint8=True)
+  batch = trainer.config.face.verify_batch
+  embed = lambda x: trainer.eval_step(state, jax.device_put(x, trainer.eval_sharding))
+  out = {}
+  for name, (images, issame) in trainer.verification.items():
+    preprocess = faces.normalize if images.dtype == np.uint8 else None
+    emb = verification.embed_pairs(embed, images, batch, preprocess=preprocess)
+    result = verification.evaluate(emb, issame)
+    out[f'{prefix}/{name}/accuracy'] = result['accuracy_mean']
+    out[f'{prefix}/{name}/accuracy_std'] = result['accuracy_std']
+    out[f'{prefix}/{name}/tar_at_far_1e-3'] = result['tar_at_far_1e-3']
+    out[f'{prefix}/{name}/pairs'] = float(len(issame))
   return out
 
 
@@ -371,7 +501,7 @@ def model_flops_per_example(trainer: Trainer, image_shape, batch: int = 8) -> fl
   """Training FLOPs per example: 3x the forward pass (forward + two backward products), from
   XLA's cost analysis of the eval-mode forward. Analytic rather than from the compiled step:
   its cost analysis counts a loop body once, and the CPU convolution backward runs in loops."""
-  variables = {'params': trainer.state.params}
+  variables = {'params': backbone(trainer.state.params, trainer.face)}
   if trainer.state.batch_stats:
     variables['batch_stats'] = trainer.state.batch_stats
   forward = jax.jit(lambda v, x: trainer.model.apply(v, x, train=False))

@@ -7,7 +7,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 import numpy as np
 import pytest

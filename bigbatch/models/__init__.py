@@ -13,7 +13,8 @@ from bigbatch.models import layers
 
 # config.model fields a Model receives only if it declares a field of that name: an MLP has no
 # depth and no convolution, and should not carry fields that do nothing.
-OPTIONAL_FIELDS = ('depth', 'stage_depths', 'zero_init_last_gamma', 'conv_impl')
+OPTIONAL_FIELDS = ('depth', 'stage_depths', 'zero_init_last_gamma', 'conv_impl', 'embedding_dim',
+                   'dropout')
 
 
 def build(model_config, num_classes: int, axis_name: str | None = None):

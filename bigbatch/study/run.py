@@ -40,7 +40,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Iterable
+from typing import Iterable
 
 from absl import logging
 import ml_collections
