@@ -20,10 +20,13 @@ from bigbatch import train
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
                  if not os.path.basename(p).startswith('_'))
-FULL_SIZE = [c for c in CONFIGS if c.startswith(('r50_', 'cifar10_'))]
-NUM_TRAIN = {'imagenet2012': config_lib.IMAGENET_TRAIN_EXAMPLES, 'cifar10': 50_000}
-IMAGE_SHAPE = {'imagenet2012': (224, 224, 3), 'cifar10': (32, 32, 3)}
-NUM_CLASSES = {'imagenet2012': 1000, 'cifar10': 10}
+FULL_SIZE = [c for c in CONFIGS if c.startswith(('r50_', 'cifar10_', 'face_r100', 'face_64k'))]
+# face_recordio: WebFace42M's published size (the face configs' data).
+NUM_TRAIN = {'imagenet2012': config_lib.IMAGENET_TRAIN_EXAMPLES, 'cifar10': 50_000,
+             'face_recordio': 42_474_558}
+IMAGE_SHAPE = {'imagenet2012': (224, 224, 3), 'cifar10': (32, 32, 3),
+               'face_recordio': (112, 112, 3)}
+NUM_CLASSES = {'imagenet2012': 1000, 'cifar10': 10, 'face_recordio': 2_059_906}
 
 
 def load(name, arg=None):
@@ -45,6 +48,9 @@ def test_runlocal_trains_two_steps(name, tmp_path):
   config = load(name, 'runlocal')
   config.model.conv_impl = 'xla'  # compiles faster; the matmul path has its own tests
   result = train.train_and_evaluate(config, str(tmp_path))
+  if config.task == 'face':
+    assert 0.0 <= result['verify/synthetic/accuracy'] <= 1.0
+    return
   assert np.isfinite(result['eval/loss'])
   assert result['eval/examples'] == config.data.num_eval
 
@@ -71,6 +77,13 @@ def test_full_size_step_lowers(name):
   params = sum(np.prod(x.shape) for x in jax.tree.leaves(trainer.state.params))
   if data == 'imagenet2012':
     assert params == 25_557_032  # ResNet-50, torchvision's count
+  if data == 'face_recordio':  # iResNet-100 (65.2M) and 2.06M x 512 class centers over 8 devices
+    from bigbatch.face import partial_fc  # pylint: disable=g-import-not-at-top
+    centers = trainer.state.params['centers']
+    assert centers.shape == (partial_fc.padded_num_classes(NUM_CLASSES[data], 8), 512)
+    assert centers.sharding.shard_shape(centers.shape)[0] == centers.shape[0] // 8
+    backbone = sum(np.prod(x.shape) for x in jax.tree.leaves(trainer.state.params['backbone']))
+    assert backbone == 65_156_160
 
 
 def _lr_at_epochs(config, epochs):
@@ -127,3 +140,19 @@ def _assert_no_decay_on_bn_or_bias(config):
   for path, on in flat:
     name = sharding.path_str(path)
     assert on == name.endswith('kernel'), name
+
+
+def test_face_baseline_is_the_public_recipe():
+  """REFERENCES.md: iResNet-100, CosFace s=64 m=0.4, Partial FC 0.2, SGD 0.9, lr 0.1 per 1k
+  images (0.4 at 4k), weight decay 5e-4 on every parameter, 20 epochs, polynomial decay."""
+  config = load('face_r100_cosface_4k')
+  derived = optim.derive(config, NUM_TRAIN['face_recordio'])
+  assert derived.peak_lr == pytest.approx(0.4) and config.global_batch == 4096
+  assert (config.face.s, config.face.m1, config.face.m2, config.face.m3) == (64.0, 1.0, 0.0, 0.4)
+  assert config.face.sample_rate == 0.2 and config.model.depth == 100
+  assert config.optimizer.name == 'sgd' and config.optimizer.momentum == 0.9
+  assert config.optimizer.weight_decay == 5e-4 and config.optimizer.weight_decay_exclude is None
+  assert config.num_epochs == 20 and config.lr.decay == 'polynomial'
+  big = load('face_64k_lamb')
+  assert big.global_batch == 65536 and big.optimizer.name == 'lamb'
+  assert optim.derive(big, NUM_TRAIN['face_recordio']).peak_lr == pytest.approx(2e-3 * 4)
