@@ -43,7 +43,7 @@ NOT_DRAWN = 'Figure not drawn:'  # the start of the line that replaces a missing
 _REQUIRED = ('trial_id', 'variant', 'batch_size', 'lr', 'seed')
 _DPI = 110
 # With more variants than this, the noise-scale figure shows the first variant only.
-_MAX_NOISE_PANELS = 3
+_MAX_NOISE_PANELS = 4
 
 
 def _num(x) -> float | None:
@@ -346,12 +346,12 @@ def _variant_table(rows: Sequence[dict]) -> list[str]:
 # nothing needs a display.
 
 
-def _new_figure(ncols: int = 1):
+def _new_figure(ncols: int = 1, nrows: int = 1):
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
-  fig = Figure(figsize=(6.4 * ncols, 4.6), dpi=_DPI, layout='constrained')
+  fig = Figure(figsize=(6.4 * ncols, 4.6 * nrows), dpi=_DPI, layout='constrained')
   FigureCanvasAgg(fig)
-  axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+  axes = [fig.add_subplot(nrows, ncols, i + 1) for i in range(ncols * nrows)]
   return fig, axes
 
 
@@ -532,7 +532,9 @@ def _fig_noise(by_variant, fits, trials_by_id, path) -> str:
   variants = list(curves)
   if len(variants) > _MAX_NOISE_PANELS:
     variants = variants[:1]
-  fig, axes = _new_figure(len(variants))
+  fig, axes = _new_figure(min(2, len(variants)), nrows=-(-len(variants) // 2))
+  for ax in axes[len(variants):]:
+    ax.set_visible(False)
   for ax, variant in zip(axes, variants):
     values_all = []
     for (batch, seed, series), color in zip(curves[variant], _colors(len(curves[variant]))):
@@ -544,6 +546,13 @@ def _fig_noise(by_variant, fits, trials_by_id, path) -> str:
       ax.axhline(fit['B_crit'], color='black', ls='--', lw=1,
                  label=f'B_crit from the fit = {fit["B_crit"]:.3g}')
     _pad_degenerate(ax)
+    finite = np.asarray([v for v in values_all if math.isfinite(v)])
+    if len(finite) > 20 and not _wide(values_all):
+      # Single-step estimates at small batches spike (the estimator divides by a small
+      # |G|^2): show the 2nd-98th percentile band; the table has the values at the end.
+      lo, hi = np.percentile(finite, [2, 98])
+      pad = 0.15 * (hi - lo)
+      ax.set_ylim(min(0.0, lo - pad), hi + pad)
     ax.set(yscale='log' if _wide(values_all) else 'linear', xlabel='training step (steps)',
            ylabel='B_simple (examples)', title=f'{variant}: noise scale, best-lr trial')
     ax.legend(fontsize='x-small')
