@@ -50,6 +50,16 @@ CONFIG_ROWS = {
     'warmup-too-long': ({'lr.warmup_epochs': 50.0}, 2, ['warmup', 'train longer']),
     'step-decay-no-boundaries': ({'lr.decay': 'step'}, 2, ['boundaries']),
     'nonfinite-policy': ({'nonfinite': 'ignore'}, 2, ['config.nonfinite', 'skip']),
+    'noise-scale-one-batch': ({'noise_scale.enabled': True, 'mesh.data': 1, 'mesh.model': 8},
+                              2, ['config.noise_scale.enabled', 'accumulation_steps=2']),
+    'target-not-eval-metric': ({'target.value': 0.5, 'target.metric': 'train/loss'}, 2,
+                               ['config.target.metric', 'eval/top1']),
+    'batch-schedule': ({'batch_schedule': ((50, 2),)}, 2,
+                       ['config.batch_schedule', 'whole epochs']),
+    'face-task-data': ({'task': 'face'}, 2, ['config.task=face', 'face_synthetic']),
+    'face-data-task': ({'data.name': 'face_synthetic'}, 2, ['face data set', 'task=face']),
+    'face-trust-ratio': ({'task': 'face', 'data.name': 'face_synthetic', 'optimizer.name': 'lars'},
+                         2, ['task=face', 'trust_ratio_exclude']),
 }
 
 
