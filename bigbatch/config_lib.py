@@ -492,6 +492,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
           f'config.model.bn_group_size={g} does not divide the per-device microbatch '
           f'{per_device} (= global_batch {per_update} / (data {data} x accumulation {k})); '
           f'choose a divisor of {per_device}')
+  if config.task == 'face' and config.face.verify_batch % data:
+    raise ConfigError(f'config.face.verify_batch={config.face.verify_batch} is not divisible by '
+                      f'mesh.data ({data}); choose a multiple of {data}')
   if config.eval_batch % data:
     raise ConfigError(f'config.eval_batch={config.eval_batch} is not divisible by mesh.data '
                       f'({data}); choose a multiple of {data}')

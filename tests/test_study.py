@@ -169,3 +169,17 @@ def test_quick_sweep_end_to_end_compiles_once_per_batch_size_and_resumes(tmp_pat
   # Cluster mode: no command is left to run; merge rewrites the report.
   assert run.commands(study, str(tmp_path), 'configs/study_digits.py:quick') == []
   run.merge(study, str(tmp_path), echo=lines.append)
+
+
+@pytest.mark.parametrize('name', ['study_digits', 'study_synthetic'])
+def test_every_trial_of_the_shipped_studies_validates(name):
+  import importlib  # pylint: disable=g-import-not-at-top
+  study = importlib.import_module(f'configs.{name}').get_config()
+  trials = run.trials(study)
+  per_point = {(t.variant, t.batch_size) for t in trials}
+  assert len(per_point) == len(study.variants) * len(study.batch_sizes)
+  assert len({t.trial_id for t in trials}) == len(trials)
+  for t in trials:  # one device's microbatch is at most the study's microbatch, or the batch
+    per_device = t.batch_size // (t.config.accumulation_steps * jax.device_count())
+    assert per_device <= max(study.microbatch, t.batch_size // jax.device_count())
+    assert t.config.target.value == study.target.value and t.config.target.stop

@@ -258,12 +258,21 @@ def read_results(workdir: str) -> dict[str, dict]:
   return out
 
 
+def _is_main() -> bool:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0  # multi-host trials: every process trains, one writes
+
+
 def _append_result(workdir: str, row: dict) -> None:
+  if not _is_main():
+    return
   with open(os.path.join(workdir, 'results.jsonl'), 'a') as f:
     f.write(json.dumps(row) + '\n')
 
 
 def _write_json(path: str, obj) -> None:
+  if not _is_main():
+    return
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=1)
@@ -339,6 +348,8 @@ def finish(study, workdir: str, all_trials: list[Trial], done: dict[str, dict],
   if missing:
     notes += (f'\n\n**Incomplete**: {len(missing)} of {len(all_trials)} trials have no result '
               f'yet: {", ".join(missing[:20])}{" ..." if len(missing) > 20 else ""}.')
+  if not _is_main():
+    return results
   path = report.write_report(results, workdir, title=study.title, notes=notes)
   echo(f'[study] {len(results)} trials; report: {path}')
   return results
