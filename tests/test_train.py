@@ -152,6 +152,6 @@ def test_lr_trials_share_one_compiled_step():
     _, metrics = _run(config, jax.devices(), [_batch(1, 64)])
     lrs.append(float(metrics['lr']))
   assert len(train._STEP_CACHE) == 1
-  ((step_fn, _),) = train._STEP_CACHE.values()
+  ((step_fn, _, _),) = train._STEP_CACHE.values()
   assert step_fn._cache_size() == 1  # one trace, one compilation for the three trials
   np.testing.assert_allclose(lrs, [0.05 / 4, 0.1 / 4, 0.2 / 4], rtol=1e-5)  # 64/256 linear rule
