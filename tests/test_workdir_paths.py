@@ -266,3 +266,33 @@ def test_ensure_writable_reports_an_object_store_error(bucket, monkeypatch):
                      match='cannot write to the workdir gs://bucket/run: PermissionDeniedError: '
                            '403.*choose a writable --workdir'):
     workdir_lib.ensure_writable('gs://bucket/run')
+
+
+def test_study_results_and_report_on_an_object_store(bucket):
+  """The study tool's own files: results.jsonl rewritten (never appended), result.json files
+  read back, report.md and its figures written through epath."""
+  from bigbatch.study import report  # pylint: disable=g-import-not-at-top
+  from bigbatch.study import run  # pylint: disable=g-import-not-at-top
+  workdir = 'gs://bucket/study'
+  epath.Path(workdir).mkdir(parents=True)
+  rows = [{'trial_id': f'v-b{b}-lr0-s0', 'variant': 'v', 'data': 'digits', 'batch_size': b,
+           'lr': 0.1 * b / 32, 'lr_index': 0, 'seed': 0,
+           'target': {'metric': 'eval/top1', 'value': 0.9, 'mode': 'max'}, 'reached': True,
+           'steps_to_target': s, 'examples_to_target': s * b, 'wall_to_target_s': 1.0,
+           'best_metric': 0.95, 'final_metric': 0.95, 'final_train_loss': 0.1, 'steps_run': s,
+           'wall_s': 1.0, 'eval_curve': [[s, 0.95]], 'noise_scale': [[1, 50.0], [s, 90.0]],
+           'sharpness': [[s, 10.0]], 'diverged': False}
+          for b, s in ((32, 100), (64, 55), (128, 35))]
+  for row in rows[:2]:
+    run._append_result(workdir, row)
+  trial_dir = f'{workdir}/trials/{rows[2]["trial_id"]}'  # a trial run separately (--trial)
+  epath.Path(trial_dir).mkdir(parents=True)
+  run._write_json(f'{trial_dir}/result.json', rows[2])
+  assert sorted(run.read_results(workdir)) == sorted(r['trial_id'] for r in rows)
+  assert len(epath.Path(f'{workdir}/results.jsonl').read_text().splitlines()) == 2
+  assert bucket.modes and all('a' not in m for _, m in bucket.modes)
+  path = report.write_report(rows, workdir, title='t')
+  text = epath.Path(path).read_text()
+  for stem, _ in report.FIGURES:
+    assert f'figures/{stem}.png' in text
+    assert epath.Path(f'{workdir}/figures/{stem}.png').read_bytes()[:4] == b'\x89PNG'

@@ -27,6 +27,7 @@ import math
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
+from etils import epath
 import numpy as np
 
 # (file stem, title) of each figure, in the order of the report. A figure whose data are missing
@@ -346,6 +347,12 @@ def _variant_table(rows: Sequence[dict]) -> list[str]:
 # nothing needs a display.
 
 
+def _save(fig, path: str) -> None:
+  """PNG to a local path or an object-store URL (etils.epath)."""
+  with epath.Path(path).open('wb') as f:
+    fig.savefig(f, format='png')
+
+
 def _new_figure(ncols: int = 1, nrows: int = 1):
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
@@ -428,7 +435,7 @@ def _fig_steps(by_variant, path) -> str:
   ax.set(xscale='log', yscale='log', xlabel='batch size (examples)', ylabel='steps to target',
          title=f'Steps to {_target_text(all_rows[0]["target"])}\n({_spread_note(all_rows)})')
   ax.legend(fontsize='small')
-  fig.savefig(path)
+  _save(fig, path)
   return ''
 
 
@@ -458,7 +465,7 @@ def _fig_best_lr(by_variant, path) -> str:
   ax.set(xscale='log', yscale='log', xlabel='batch size (examples)',
          ylabel='best learning rate (peak)', title='Learning rate with fewest steps to target')
   ax.legend(fontsize='small')
-  fig.savefig(path)
+  _save(fig, path)
   return ''
 
 
@@ -478,7 +485,7 @@ def _fig_final(by_variant, path) -> str:
   ax.set(xscale='log', xlabel='batch size (examples)', ylabel=f'final {metric}',
          title=f'Final {metric}, best lr per seed\n({_spread_note(all_rows)})')
   ax.legend(fontsize='small')
-  fig.savefig(path)
+  _save(fig, path)
   return ''
 
 
@@ -513,7 +520,7 @@ def _fig_steps_examples(by_variant, fits, path) -> str:
          title='Steps vs examples: (S/S_min − 1)(E/E_min − 1) = 1\n'
                '(★ at S = 2·S_min, E = 2·E_min, i.e. B = B_crit)')
   ax.legend(fontsize='x-small')
-  fig.savefig(path)
+  _save(fig, path)
   return ''
 
 
@@ -556,7 +563,7 @@ def _fig_noise(by_variant, fits, trials_by_id, path) -> str:
     ax.set(yscale='log' if _wide(values_all) else 'linear', xlabel='training step (steps)',
            ylabel='B_simple (examples)', title=f'{variant}: noise scale, best-lr trial')
     ax.legend(fontsize='x-small')
-  fig.savefig(path)
+  _save(fig, path)
   return ''
 
 
@@ -574,7 +581,7 @@ def _fig_sharpness(by_variant, path) -> str:
          ylabel='top Hessian eigenvalue of the training loss',
          title='Sharpness at the end of training, best-lr trial per seed')
   ax.legend(fontsize='small')
-  fig.savefig(path)
+  _save(fig, path)
   return ''
 
 
@@ -596,11 +603,11 @@ def write_report(results: Sequence[Mapping[str, Any]], workdir: str, *, title: s
   fits = {v: _fit_variant(vrows) for v, vrows in by_variant.items()}
 
   fig_dir = os.path.join(workdir, 'figures')
-  os.makedirs(fig_dir, exist_ok=True)
+  epath.Path(fig_dir).mkdir(parents=True, exist_ok=True)
   paths = {stem: os.path.join(fig_dir, f'{stem}.png') for stem, _ in FIGURES}
   for p in paths.values():
-    if os.path.exists(p):
-      os.remove(p)
+    if epath.Path(p).exists():
+      epath.Path(p).unlink()
   why_not = {
       'steps_to_target': _fig_steps(by_variant, paths['steps_to_target']),
       'best_lr': _fig_best_lr(by_variant, paths['best_lr']),
@@ -673,6 +680,5 @@ def write_report(results: Sequence[Mapping[str, Any]], workdir: str, *, title: s
     md.append('')
 
   path = os.path.join(workdir, 'report.md')
-  with open(path, 'w') as f:
-    f.write('\n'.join(md))
+  epath.Path(path).write_text('\n'.join(md))
   return path

@@ -43,9 +43,11 @@ import time
 from typing import Iterable
 
 from absl import logging
+from etils import epath
 import ml_collections
 
 from bigbatch import config_lib
+from bigbatch import workdir as workdir_lib
 from bigbatch.config_lib import ConfigError
 
 
@@ -173,13 +175,12 @@ def _trial_fields(study, c, batch: int, search, value: float, seed: int) -> None
 
 def _read_metrics(path: str) -> list[dict]:
   rows = []
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError:
-          break
+  if workdir_lib.exists(path):
+    for line in epath.Path(path).read_text().splitlines():
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        break
   return rows
 
 
@@ -197,10 +198,7 @@ def collect(trial: Trial, trial_dir: str, wall_s: float, diverged: bool = False)
   values = [v for _, v in curve if math.isfinite(v)]
   losses = [_float(r['train/loss']) for r in rows if 'train/loss' in r]
   target_path = os.path.join(trial_dir, 'target.json')
-  reached = None
-  if os.path.exists(target_path):
-    with open(target_path) as f:
-      reached = json.load(f)
+  reached = workdir_lib.read_json(target_path) if workdir_lib.exists(target_path) else None
   better = max if c.target.mode == 'max' else min
   num_train = _num_train(c)
   derived = optim.derive(c, num_train)
@@ -245,16 +243,15 @@ def read_results(workdir: str) -> dict[str, dict]:
   out = {}
   for row in _read_metrics(os.path.join(workdir, 'results.jsonl')):
     out[row['trial_id']] = row
-  trials_dir = os.path.join(workdir, 'trials')
-  if os.path.isdir(trials_dir):
-    for name in sorted(os.listdir(trials_dir)):
-      path = os.path.join(trials_dir, name, 'result.json')
-      if name not in out and os.path.exists(path):
-        with open(path) as f:
-          try:
-            out[name] = json.load(f)
-          except json.JSONDecodeError:
-            logging.warning('Ignoring the unreadable %s: the trial will run again.', path)
+  trials_dir = epath.Path(workdir) / 'trials'
+  if trials_dir.is_dir():
+    for name in sorted(p.name for p in trials_dir.iterdir()):
+      path = trials_dir / name / 'result.json'
+      if name not in out and path.exists():
+        try:
+          out[name] = json.loads(path.read_text())
+        except json.JSONDecodeError:
+          logging.warning('Ignoring the unreadable %s: the trial will run again.', path)
   return out
 
 
@@ -266,12 +263,20 @@ def _is_main() -> bool:
 def _append_result(workdir: str, row: dict) -> None:
   if not _is_main():
     return
-  with open(os.path.join(workdir, 'results.jsonl'), 'a') as f:
-    f.write(json.dumps(row) + '\n')
+  path = epath.Path(workdir) / 'results.jsonl'
+  line = json.dumps(row) + '\n'
+  if workdir_lib.is_object_store(workdir):  # no append there: rewrite the object
+    path.write_text((path.read_text() if path.exists() else '') + line)
+  else:
+    with path.open('a') as f:
+      f.write(line)
 
 
 def _write_json(path: str, obj) -> None:
   if not _is_main():
+    return
+  if workdir_lib.is_object_store(path):  # objects appear whole
+    workdir_lib.write_json(path, obj, indent=1)
     return
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
@@ -286,7 +291,7 @@ def run_trial(trial: Trial, workdir: str) -> dict:
   """Runs (or resumes) one trial through the trainer and writes its result.json."""
   from bigbatch import train  # pylint: disable=g-import-not-at-top
   trial_dir = os.path.join(workdir, 'trials', trial.trial_id)
-  os.makedirs(trial_dir, exist_ok=True)
+  epath.Path(trial_dir).mkdir(parents=True, exist_ok=True)
   start = time.monotonic()
   diverged = False
   try:
@@ -314,7 +319,7 @@ def run(study: ml_collections.ConfigDict, workdir: str, *, only: Iterable[str] =
   if unknown:
     raise ConfigError(f'--trial {", ".join(unknown)}: not a trial of this study; '
                       f'--print_commands lists them')
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   _write_json(os.path.join(workdir, 'study_config.json'), json.loads(study.to_json_best_effort()))
   done = read_results(workdir)
   todo = [t for t in all_trials if t.trial_id not in done and (not only or t.trial_id in only)]
