@@ -29,6 +29,7 @@ the digits are loaded, because configs are validated before either is needed.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import math
@@ -37,6 +38,7 @@ import queue
 import threading
 import time
 from typing import Any, Callable, Iterator
+import weakref
 
 import numpy as np
 
@@ -243,6 +245,22 @@ def _rows_key(rows) -> Any:
 
 
 IMAGE_DATASETS = ('imagenet2012', 'cifar10', 'mnist')  # bigbatch/data/images.py
+
+# tf.data iterators over Python generators that are still open when the interpreter shuts down
+# log an error each ("Python interpreter state is not initialized"): the readers that hold them
+# register their Dataset here, and it is closed before that.
+_OPEN_DATASETS = weakref.WeakSet()
+
+
+def close_at_exit(dataset: 'Dataset') -> 'Dataset':
+  _OPEN_DATASETS.add(dataset)
+  return dataset
+
+
+@atexit.register
+def _close_open_datasets():
+  for dataset in list(_OPEN_DATASETS):
+    dataset.close()
 
 
 def create(config, *, process_index: int | None = None,

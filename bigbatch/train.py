@@ -186,13 +186,11 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
     big = b * k * lax.axis_size('data')
     g2, trace = noise_scale.estimates(_mean_over(small_sqs.mean()),
                                       noise_scale.per_shard_sq_norms(replicated(grads)), b, big)
-    d = noise_scale_decay
-    ema = {'g2': d * state.noise_scale['g2'] + (1 - d) * g2,
-           'trace': d * state.noise_scale['trace'] + (1 - d) * trace}
+    ema = noise_scale.update_ema(state.noise_scale, g2, trace, noise_scale_decay)
     new_state = new_state.replace(noise_scale=keep(ema, state.noise_scale))
-    correction = 1 - d ** new_state.step.astype(jnp.float32)  # Adam-style, for g2 and trace
-    gns_metrics = {'gns/b_simple': ema['trace'] / ema['g2'], 'gns/b_simple_step': trace / g2,
-                   'gns/g2': ema['g2'] / correction, 'gns/trace_sigma': ema['trace'] / correction}
+    gns_metrics = {f'gns/{k}': v for k, v in noise_scale.ema_metrics(
+        ema, new_state.step, noise_scale_decay).items()}
+    gns_metrics['gns/b_simple_step'] = trace / g2
   metrics = {
       'loss': loss,
       'accuracy': _mean_over(accuracies.mean()),
@@ -359,9 +357,8 @@ def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
                       nonfinite_streak=jnp.zeros((), jnp.int32),
                       nonfinite_total=jnp.zeros((), jnp.int32),
                       ema_params=params if config.ema_decay is not None else {},
-                      noise_scale=({'g2': jnp.zeros((), jnp.float32),
-                                    'trace': jnp.zeros((), jnp.float32)}
-                                   if config.noise_scale.enabled else {}))
+                      noise_scale=(noise_scale.init_ema() if config.noise_scale.enabled
+                                   else {}))
 
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init, rng)

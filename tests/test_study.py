@@ -179,7 +179,9 @@ def test_every_trial_of_the_shipped_studies_validates(name):
   per_point = {(t.variant, t.batch_size) for t in trials}
   assert len(per_point) == len(study.variants) * len(study.batch_sizes)
   assert len({t.trial_id for t in trials}) == len(trials)
-  for t in trials:  # one device's microbatch is at most the study's microbatch, or the batch
+  per_step = study.microbatch * jax.device_count()
+  for t in trials:  # a device's microbatch is the study's, where the batch splits into them
     per_device = t.batch_size // (t.config.accumulation_steps * jax.device_count())
-    assert per_device <= max(study.microbatch, t.batch_size // jax.device_count())
+    splits = t.batch_size > per_step and t.batch_size % per_step == 0
+    assert per_device == (study.microbatch if splits else t.batch_size // jax.device_count())
     assert t.config.target.value == study.target.value and t.config.target.stop

@@ -42,7 +42,6 @@ Shape letters: N examples, H W C image, L latent dimension.
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
 import fcntl
@@ -51,7 +50,6 @@ import itertools
 import json
 import math
 import os
-import weakref
 import zlib
 from typing import Any, Callable, Iterator
 
@@ -642,19 +640,7 @@ def create(config, *, process_index: int, process_count: int,
       image_shape=(d.image_size, d.image_size, 3), num_classes=images.num_identities,
       train_reader=reader.train, eval_reader=reader.eval, process_index=process_index,
       process_count=process_count, **common)
-  _OPEN_DATASETS.add(dataset)
-  return dataset
-
-
-# tf.data iterators over Python generators still open at interpreter shutdown log an error each:
-# close them before that (as bigbatch/data/images.py does).
-_OPEN_DATASETS = weakref.WeakSet()
-
-
-@atexit.register
-def _close_open_datasets():
-  for dataset in list(_OPEN_DATASETS):
-    dataset.close()
+  return input_pipeline.close_at_exit(dataset)
 
 
 def decode_images(bins: list[bytes], image_size: int, parallel: int = -1) -> np.ndarray:

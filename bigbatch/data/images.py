@@ -41,14 +41,12 @@ This module imports TensorFlow and TFDS (seconds): import it lazily, not from co
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
 import fcntl
 import functools
 import itertools
 import math
 import os
-import weakref
 from typing import Any, Callable, Iterator
 
 from absl import logging
@@ -545,19 +543,7 @@ def create(config, *, process_index: int, process_count: int,
       num_classes=preprocess.num_classes, train_reader=reader.train, eval_reader=reader.eval,
       global_order=isinstance(reader, ArrayRecordReader), process_index=process_index,
       process_count=process_count, **common)
-  _OPEN_DATASETS.add(dataset)
-  return dataset
-
-
-# tf.data iterators over Python generators that are still open when the interpreter shuts down
-# log an error each ("Python interpreter state is not initialized"): close them before that.
-_OPEN_DATASETS = weakref.WeakSet()
-
-
-@atexit.register
-def _close_open_datasets():
-  for dataset in list(_OPEN_DATASETS):
-    dataset.close()
+  return input_pipeline.close_at_exit(dataset)
 
 
 # ---------------------------------------------------------------------------------------------

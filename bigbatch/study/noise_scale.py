@@ -106,6 +106,25 @@ def _ratio(trace_sigma: float, g2: float) -> float:
   return trace_sigma / g2
 
 
+def init_ema() -> dict[str, jax.Array]:
+  """Device-side moving averages (the trainer's state): {'g2', 'trace'}, starting at 0."""
+  return {'g2': jnp.zeros((), jnp.float32), 'trace': jnp.zeros((), jnp.float32)}
+
+
+def update_ema(ema: dict, g2, trace_sigma, decay: float) -> dict:
+  """One step of NoiseScaleEMA's recurrence, on device (jnp; inside the step)."""
+  return {'g2': decay * ema['g2'] + (1 - decay) * g2,
+          'trace': decay * ema['trace'] + (1 - decay) * trace_sigma}
+
+
+def ema_metrics(ema: dict, num_updates, decay: float) -> dict[str, jax.Array]:
+  """b_simple (the ratio needs no bias correction) and the bias-corrected g2 and trace_sigma
+  after `num_updates` updates, as NoiseScaleEMA reports them."""
+  correction = 1 - decay ** jnp.asarray(num_updates, jnp.float32)
+  return {'b_simple': ema['trace'] / ema['g2'], 'g2': ema['g2'] / correction,
+          'trace_sigma': ema['trace'] / correction}
+
+
 @dataclasses.dataclass
 class NoiseScaleEMA:
   """Bias-corrected moving averages of |G|^2 and tr(Sigma), smoothed separately.

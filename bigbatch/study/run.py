@@ -99,10 +99,14 @@ def lr_values(search) -> list[float]:
   raise ConfigError(f'study.lr_search.mode={search.mode!r}; choose grid or quasirandom')
 
 
-def _devices(config) -> int:
+def _data_devices(config) -> int:
+  """The size of the config's 'data' mesh axis on this machine's devices."""
+  return config_lib.mesh_shape(config, _num_devices())[0]
+
+
+def _num_devices() -> int:
   import jax  # pylint: disable=g-import-not-at-top
-  data, _ = config_lib.mesh_shape(config, jax.device_count())
-  return data
+  return jax.device_count()
 
 
 def trials(study: ml_collections.ConfigDict) -> list[Trial]:
@@ -126,16 +130,11 @@ def trials(study: ml_collections.ConfigDict) -> list[Trial]:
           _trial_fields(study, c, batch, search, value, seed)
           trial_id = f'{variant}-b{batch}-lr{lr_index}-s{seed}'
           try:
-            config_lib.validate(c, _world(c))
+            config_lib.validate(c, _num_devices())
           except ConfigError as e:
             raise ConfigError(f'study trial {trial_id}: {e}') from None
           out.append(Trial(trial_id, variant, batch, lr_index, seed, c))
   return out
-
-
-def _world(config) -> int:
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.device_count()
 
 
 def _trial_fields(study, c, batch: int, search, value: float, seed: int) -> None:
@@ -149,7 +148,7 @@ def _trial_fields(study, c, batch: int, search, value: float, seed: int) -> None
   else:
     raise ConfigError(f'study.lr_search.relative_to={search.relative_to!r}; choose rule or '
                       f'absolute')
-  data = _devices(c)
+  data = _data_devices(c)
   k = 1
   if study.microbatch:
     per_step = study.microbatch * data
