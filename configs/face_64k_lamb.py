@@ -11,8 +11,8 @@ Expected: no published result at this batch for faces; this is the experiment. W
           (trust ratio per layer; class centers and BN/bias excluded, as the centers are split
           over devices) with lr 2e-3 at batch 4,096 scaled by sqrt(B/4096) (x4 here, You et al.
           2019's rule for LAMB), 2 warmup epochs from 0, polynomial decay; Partial FC 0.1
-          (the rate at which Partial FC loses nothing, REFERENCES.md); `--config.optimizer.name=
-          lars` with `--config.lr.base_lr=...` for the LARS variant.
+          (the rate at which Partial FC loses nothing, docs/references.md);
+          `--config.optimizer.name=lars` with `--config.lr.base_lr=...` for the LARS variant.
 """
 from bigbatch import config_lib
 

@@ -2,12 +2,12 @@
 
 Command:  python -m bigbatch.main --config=configs/r50_32k_lamb.py --workdir=gs://BUCKET/r50_lamb
 Hardware: a TPU v3-256/512 or 256+ GPUs; bf16 compute.
-Expected: 76.3% top-1 at 32k (the LAMB authors' repository README; REFERENCES.md).
+Expected: 76.3% top-1 at 32k (the LAMB authors' repository README; docs/references.md).
 CPU smoke run: configs/r50_32k_lamb.py:runlocal
 
 LAMB: Adam moments with bias correction, r = m / (sqrt(v) + eps), update
 lr * ||w|| / ||r + wd w|| * (r + wd w), biases and BN parameters without weight decay and with
-ratio 1. The peak lr and weight decay are NOT given in REFERENCES.md: the values below (sqrt
+ratio 1. The peak lr and weight decay are NOT taken from that source: the values below (sqrt
 scaling from 0.004 at batch 256 -> 0.045 at 32k, wd 0.01, 5 warmup epochs, polynomial decay)
 are our starting point, to be swept with the study tool before trusting a number.
 """

@@ -4,10 +4,10 @@ Nado et al.'s point: LARS/LAMB are not required at this batch size; tuned Nester
 reaches 75.9% top-1 in 2,512 steps (~64 epochs at 39 steps per epoch).
 Command:  python -m bigbatch.main --config=configs/r50_32k_nesterov.py --workdir=gs://BUCKET/r50_nag
 Hardware: a TPU v3-256/512 or 256+ GPUs; bf16 compute.
-Expected: 75.9% top-1 at 2,512 steps (Nado et al. 2021, REFERENCES.md).
+Expected: 75.9% top-1 at 2,512 steps (Nado et al. 2021; docs/references.md).
 CPU smoke run: configs/r50_32k_nesterov.py:runlocal
 
-The paper's tuned lr, warmup and decay values are not in REFERENCES.md. The schedule here
+The paper's tuned lr, warmup and decay values are not reproduced here. The schedule here
 (linear warmup then polynomial decay of power 2, label smoothing 0.1, no decay on BN/bias) has
 the paper's shape; the peak lr (linear rule from 0.1 at 256, 12.8 at 32k, scaled down by 0.5)
 and the 5-epoch warmup are our starting point, to be swept with the study tool.

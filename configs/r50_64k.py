@@ -4,14 +4,14 @@ Command:  python -m bigbatch.main --config=configs/r50_64k.py --workdir=gs://BUC
 Hardware: a TPU v3-1024 pod slice or 512+ GPUs (64-128 examples per device); with fewer devices
   add --config.accumulation_steps=K. bf16 compute, float32 parameters.
 Expected: about 75% top-1 (Ying et al. 2018 report ~75.2% at 64k with LARS, label smoothing and
-  distributed BN; unverified, REFERENCES.md). LARS alone: 72.5% at 32k (You et al. 2017).
+  distributed BN; unverified, docs/references.md). LARS alone: 72.5% at 32k (You et al. 2017).
   Goyal et al.'s SGD recipe at 64k: 66.04% (33.96% error). Variants: configs/r50_64k.py:batch=32768.
 CPU smoke run: configs/r50_64k.py:runlocal
 
-Recipe (tensorflow/tpu models/official/resnet lars_util.py, REFERENCES.md): LARS in its reference
-form, eta = 0.001, momentum 0.9, ratio eta ||w|| / (||g|| + wd ||w||), lr inside the momentum,
-biases and BN parameters skipped (no ratio, no decay); peak lr and warmup epochs from the TPU
-table by batch: <= 16k: 25 / 5 epochs, 32k: 34 / 12, above: 41 / 16; warmup from 0, then
+Recipe (tensorflow/tpu models/official/resnet/lars_util.py; docs/references.md): LARS in the
+reference form, eta = 0.001, momentum 0.9, ratio eta ||w|| / (||g|| + wd ||w||), lr inside the
+momentum, biases and BN parameters skipped (no ratio, no decay); peak lr and warmup epochs from
+the TPU table by batch: <= 16k: 25 / 5 epochs, 32k: 34 / 12, above: 41 / 16; warmup from 0, then
 polynomial decay of power 2 to 0; label smoothing 0.1; weight decay 1e-4 (the tensorflow/tpu
 ResNet default); BN statistics over groups of 64 examples; 90 epochs.
 """

@@ -5,7 +5,7 @@ Hardware: 2 CPU cores, one device; about 20 minutes (README "Batch-size study" h
           measured time and the figures). `:quick` is the 2 x 2 sweep the test suite runs.
 Data:     the scikit-learn digits (1,437 training examples), so the largest batch here is 1,024:
           beyond that the batch is the whole set (configs/study_synthetic.py goes further).
-Expected: the regimes of Shallue et al. 2018 (REFERENCES.md): steps-to-target halves with the
+Expected: the regimes of Shallue et al. 2018 (docs/references.md): steps-to-target halves with the
           batch up to a knee, then flattens; linear scaling with warmup tracks the tuned lr up
           to the knee; the knee is near the measured gradient noise scale (McCandlish et al.).
 

@@ -5,7 +5,8 @@ The target class gets a margin (Deng et al. 2019, "combined margin"):
 
     target logit = s * (cos(m1 * theta + m2) - m3)
 
-ArcFace is (m1, m2, m3) = (1, 0.5, 0), CosFace (1, 0, 0.4); s = 64 in both (REFERENCES.md).
+ArcFace is (m1, m2, m3) = (1, 0.5, 0), CosFace (1, 0, 0.4); s = 64 in both, as InsightFace's
+arcface_torch configures them (the CosFace paper itself used m = 0.35; docs/references.md).
 
 What is computed, exactly (`margin_target` below), for c = cos(theta) of the target class:
 
