@@ -5,7 +5,7 @@ Command:  python -m bigbatch.main --config=configs/digits_large_batch.py --workd
 Hardware: any; on 8 devices each sees 64 examples (ghost BN groups of 16), on 1 device the same
 update is computed with groups of 16 as well. Add `--config.accumulation_steps=4` to hold 128
 examples per microbatch: the update is the same.
-Expected: lower accuracy than the batch-32 baseline at the same 30 epochs (84 steps vs 1,320);
+Expected: lower accuracy than the batch-32 baseline at the same 30 epochs (60 steps vs 1,320);
 more epochs close the gap (measured: see README "Results").
 """
 from bigbatch import config_lib

@@ -1,6 +1,7 @@
-"""Every experiment config: it validates, its runlocal variant trains two steps, its full-size
-train step traces and lowers on abstract inputs (no compile), and the published recipes derive
-the numbers their published sources give (docs/references.md)."""
+"""The full-size experiment configs (ImageNet, CIFAR-10, faces): each one's runlocal variant trains
+two steps, its full-size train step traces and lowers on abstract inputs (no compile), and the
+published recipes derive the numbers their sources give (docs/references.md). The CPU configs
+(quickstart, face_synthetic, the studies) run in their own tests."""
 from __future__ import annotations
 
 import glob
@@ -15,7 +16,8 @@ from bigbatch import config_lib
 from bigbatch import models
 from bigbatch import optim
 from bigbatch import sharding
-from bigbatch import train
+from bigbatch import loop
+from bigbatch import trainer
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
@@ -47,7 +49,7 @@ _FAST = ('r50_8k_goyal', 'cifar10_small_batch')
 def test_runlocal_trains_two_steps(name, tmp_path):
   config = load(name, 'runlocal')
   config.model.conv_impl = 'xla'  # compiles faster; the matmul path has its own tests
-  result = train.train_and_evaluate(config, str(tmp_path))
+  result = loop.train_and_evaluate(config, str(tmp_path))
   if config.task == 'face':
     assert 0.0 <= result['verify/synthetic/accuracy'] <= 1.0
     return
@@ -63,7 +65,7 @@ def test_full_size_step_lowers(name):
   config_lib.validate(config, jax.device_count())
   data = config.data.name
   mesh = sharding.make_mesh(config)
-  trainer = train.build(config, mesh, num_train=NUM_TRAIN[data], image_shape=IMAGE_SHAPE[data],
+  trainer = trainer.build(config, mesh, num_train=NUM_TRAIN[data], image_shape=IMAGE_SHAPE[data],
                         num_classes=NUM_CLASSES[data], initialize=False)
   k, m = config.accumulation_steps, config.global_batch // config.accumulation_steps
   batch = {'image': jax.ShapeDtypeStruct((k, m, *IMAGE_SHAPE[data]), np.float32,
