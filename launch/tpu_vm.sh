@@ -7,8 +7,12 @@
 #
 # Commands:
 #   create  create the TPU VM (one host) or pod slice (several hosts, "workers")
-#   setup   copy this checkout to every worker and install it there (jax[tpu] + bigbatch)
-#   run     run `python3 -m bigbatch.main --distributed=on --config=... --workdir=...` on
+#   setup   copy this checkout to every worker and install it there (bigbatch[tpu]) into a
+#           fresh virtual environment ~/bigbatch-venv on Python --python, with the versions CI
+#           verified (.ci/constraints.txt; libtpu as jax[tpu] asks). The image's own python3
+#           (3.10 on tpu-ubuntu2204-base) is too old for jax; uv, installed with it, provides
+#           the newer interpreter (downloaded when the image has none) and the venv.
+#   run     run `~/bigbatch-venv/bin/python -m bigbatch.main --distributed=on --config=...` on
 #           --worker=all, streaming every worker's output here (each worker also keeps it in
 #           ~/bigbatch-run.log). JAX finds the other workers itself (Cloud TPU metadata).
 #           When the run stops for a preemption (exit 75 after SIGTERM, or the VM was
@@ -27,6 +31,7 @@
 #   --accelerator_type=TYPE   e.g. v4-8 (one host), v4-128, v5litepod-256 (default v4-8)
 #   --runtime_version=VER     TPU VM software version (default tpu-ubuntu2204-base; v5e
 #                             and later: v2-alpha-tpuv5-lite or newer)
+#   --python=VER              Python of the workers' venv (default 3.11, as CI; >= 3.11)
 #   --spot                    a Spot VM: cheaper, may be preempted (the run then resumes)
 #   --max_restarts=N          resubmissions after preemption (default 10)
 #   --config=... --workdir=...  and any other bigbatch flag, passed to bigbatch.main; the
@@ -44,6 +49,7 @@ zone=''
 project=''
 accelerator_type='v4-8'
 runtime_version='tpu-ubuntu2204-base'
+python='3.11'
 spot=0
 max_restarts=10
 dry_run=0
@@ -55,6 +61,7 @@ while [[ $# -gt 0 ]]; do
     --project=*) project="${1#*=}" ;;
     --accelerator_type=*) accelerator_type="${1#*=}" ;;
     --runtime_version=*) runtime_version="${1#*=}" ;;
+    --python=*) python="${1#*=}" ;;
     --spot) spot=1 ;;
     --max_restarts=*) max_restarts="${1#*=}" ;;
     --dry-run|--dry_run) dry_run=1 ;;
@@ -118,16 +125,23 @@ create() {
 setup() {
   # The working tree as it is (uncommitted edits included), without caches or run outputs.
   run_cmd tar -czf "$archive" -C "$root" --exclude=__pycache__ --exclude='*.egg-info' \
-      pyproject.toml README.md bigbatch configs launch
+      pyproject.toml README.md .ci/constraints.txt bigbatch configs launch
   run_cmd "${tpu[@]}" scp "$archive" "$name:bigbatch.tar.gz" "${where[@]}" --worker=all
+  # uv comes from PyPI through the image's pip (PIP_BREAK_SYSTEM_PACKAGES: images whose Python
+  # is marked externally managed; older pips ignore it). `uv venv --python` uses an interpreter
+  # of that version if the image has one, else downloads a standalone CPython build; --clear
+  # rebuilds the venv on every setup (packages come from uv's cache after the first).
   run_cmd "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="rm -rf ~/bigbatch && \
 mkdir -p ~/bigbatch && tar -xzf ~/bigbatch.tar.gz -C ~/bigbatch && \
-python3 -m pip install -q 'jax[tpu]==0.10.2' && python3 -m pip install -q -e ~/bigbatch"
+PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --user --upgrade uv && \
+python3 -m uv venv -q --clear --python $(quote "$python") ~/bigbatch-venv && cd ~/bigbatch && \
+python3 -m uv pip install -q --python ~/bigbatch-venv/bin/python -c .ci/constraints.txt -e '.[tpu]'"
 }
 
 train_once() {
   local remote
-  remote="cd ~/bigbatch && TF_CPP_MIN_LOG_LEVEL=3 python3 -m bigbatch.main --distributed=on"
+  remote="cd ~/bigbatch && TF_CPP_MIN_LOG_LEVEL=3 ~/bigbatch-venv/bin/python -m bigbatch.main"
+  remote+=" --distributed=on"
   [[ ${#train_args[@]} -gt 0 ]] && remote+=" $(quoted "${train_args[@]}")"
   # pipefail: the trainer's exit status (75 = preempted), not tee's.
   remote="set -o pipefail; $remote 2>&1 | tee ~/bigbatch-run.log"
