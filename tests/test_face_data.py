@@ -1,5 +1,5 @@
 """Face data: synthetic identities, folder / RecordIO / converted sets, .bin pairs
-(bigbatch/data/faces.py, bigbatch/third_party/insightface.py)."""
+(bigbatch/data/faces.py and face_*.py, bigbatch/third_party/insightface.py)."""
 import os
 import pickle
 
@@ -7,6 +7,10 @@ import numpy as np
 import pytest
 
 from bigbatch import config_lib
+from bigbatch import fields
+from bigbatch.data import face_arrays
+from bigbatch.data import face_files
+from bigbatch.data import face_synthetic
 from bigbatch.data import faces
 from bigbatch.face import verification
 from bigbatch.third_party import insightface
@@ -39,8 +43,8 @@ SYNTH = dict(image_size=16, num_identities=50, images_per_identity=4, num_eval=8
 
 
 def test_synthetic_rows_depend_only_on_their_index():
-  faces_ = faces._synthetic(_config('face_synthetic', **SYNTH))
-  source = faces_.source(faces._SPLIT_TRAIN_FACES)
+  faces_ = face_synthetic.from_config(_config('face_synthetic', **SYNTH))
+  source = faces_.source(face_synthetic.SPLIT_TRAIN)
   images, labels = source(np.arange(600))
   some = np.array([599, 3, 256, 0])
   images2, labels2 = source(some)
@@ -49,7 +53,7 @@ def test_synthetic_rows_depend_only_on_their_index():
   assert images.dtype == np.float32 and images.shape == (600, 16, 16, 3)
   assert 0.5 < images.std() < 1.0 and np.abs(images).max() < 2.0
   # Another split: other images of the same identities.
-  eval_images, _ = faces_.source(faces._SPLIT_EVAL_FACES)(some)
+  eval_images, _ = faces_.source(face_synthetic.SPLIT_EVAL)(some)
   assert not np.allclose(eval_images, images2)
 
 
@@ -215,34 +219,34 @@ def test_folder_recordio_and_cache_give_the_same_batches(face_sets, tmp_path):
 def test_converted_arrays_are_verified(face_sets, tmp_path):
   root, pixels, labels, _ = face_sets
   images = faces.open_images(_real_config('face_folder', root / 'folder'))
-  array = faces.convert(images, tmp_path / 'c', 8)
+  array = face_arrays.convert(images, tmp_path / 'c', 8)
   np.testing.assert_array_equal(array.read(np.arange(7))[0], pixels)
   np.testing.assert_array_equal(array.labels, labels)
   mtime = os.path.getmtime(tmp_path / 'c' / 'images.npy')
-  faces.convert(images, tmp_path / 'c', 8)  # done already: opened, not rewritten
+  face_arrays.convert(images, tmp_path / 'c', 8)  # done already: opened, not rewritten
   assert os.path.getmtime(tmp_path / 'c' / 'images.npy') == mtime
   with pytest.raises(faces.FaceDataError, match='holds a conversion of'):
-    faces.convert(images, tmp_path / 'c', 16)
+    face_arrays.convert(images, tmp_path / 'c', 16)
   path = tmp_path / 'c' / 'images.npy'
   data = path.read_bytes()
   path.write_bytes(data[:-5])
   with pytest.raises(faces.FaceDataError, match='images.npy: .* bytes, expected'):
-    faces.ArrayFile(tmp_path / 'c')
+    face_arrays.ArrayFile(tmp_path / 'c')
   corrupt = bytearray(data)
   corrupt[-100] ^= 0xFF
   path.write_bytes(bytes(corrupt))
   with pytest.raises(faces.FaceDataError, match='checksum mismatch in images 0..6'):
-    faces.ArrayFile(tmp_path / 'c')
+    face_arrays.ArrayFile(tmp_path / 'c')
   (tmp_path / 'c' / 'meta.json').write_text('{"format": "x"')
   with pytest.raises(faces.FaceDataError, match='meta.json: not a'):
-    faces.ArrayFile(tmp_path / 'c')
+    face_arrays.ArrayFile(tmp_path / 'c')
   with pytest.raises(faces.FaceDataError, match='missing'):
-    faces.ArrayFile(tmp_path / 'empty')
+    face_arrays.ArrayFile(tmp_path / 'empty')
 
 
 def test_bad_real_sets_raise_clear_errors(face_sets, tmp_path):
   root, *_ = face_sets
-  with pytest.raises(config_lib.ConfigError, match='face_root is unset'):
+  with pytest.raises(fields.ConfigError, match='face_root is unset'):
     _create(_config('face_folder'))
   with pytest.raises(faces.FaceDataError, match='no images'):
     _create(_real_config('face_folder', tmp_path))
@@ -282,7 +286,7 @@ def test_verification_bins(face_sets, tmp_path):
   np.testing.assert_array_equal(faces.verification_sets(config, as_uint8=True)['arrays'][0],
                                 pixels[:4])
   # Other sizes are resized to data.image_size.
-  resized = faces.decode_images(encoded[:1], 4)
+  resized = face_files.decode_images(encoded[:1], 4)
   assert resized.shape == (1, 4, 4, 3) and resized.dtype == np.uint8
 
 
