@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import report  # noqa: E402
 from bigbatch import config_lib  # noqa: E402
-from bigbatch import input_pipeline  # noqa: E402
+from bigbatch import data  # noqa: E402
 
 # Training throughput of ResNet-50 on one current GPU (mixed precision, A100/H100 class).
 TARGET_IMAGES_PER_SEC = 3000
@@ -68,7 +68,8 @@ def stepper(dataset):
 def cifar_style(batch: int):
   """The cifar10 train augmentation over an in-memory uint8 source, batched as the readers do."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from bigbatch.data import images  # pylint: disable=g-import-not-at-top
+  from bigbatch.data import common  # pylint: disable=g-import-not-at-top
+  from bigbatch.data import image_preprocess as images  # pylint: disable=g-import-not-at-top
   n = 4096
   pixels = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
   source = tf.data.Dataset.from_tensor_slices(pixels).enumerate().repeat()
@@ -77,7 +78,7 @@ def cifar_style(batch: int):
     key = images.example_key(0, index // n, index % n)
     return {'image': images.cifar_train(image, key), 'label': tf.cast(index % 10, tf.int32)}
 
-  batches = images.map_and_batch(source, lambda i, x: augment(i, x), batch, -1)
+  batches = common.map_and_batch(source, lambda i, x: augment(i, x), batch, -1)
   return batches.as_numpy_iterator().__next__
 
 
@@ -89,6 +90,7 @@ def main():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from bigbatch.data import images  # pylint: disable=g-import-not-at-top
+  from tests import fake_tfds  # pylint: disable=g-import-not-at-top,unused-import  # the builder
   tfds.disable_progress_bar()
   cores = len(os.sched_getaffinity(0))
   intra = tf.config.threading.get_intra_op_parallelism_threads() or cores  # 0: one per core
@@ -96,8 +98,8 @@ def main():
   rows, notes = [], []
   with tempfile.TemporaryDirectory() as tmp:
     pipelines = []
-    digits = input_pipeline.create(config('digits', os.path.join(tmp, 'digits'),
-                                          global_batch=256), process_index=0, process_count=1)
+    digits = data.create(config('digits', os.path.join(tmp, 'digits'), global_batch=256),
+                         process_index=0, process_count=1)
     pipelines.append(('digits 8x8x1', 256, stepper(digits)))
     pipelines.append(('cifar10-style 32x32x3 (in-memory uint8)', 256, cifar_style(256)))
     for fmt in ('array_record', 'tfrecord'):
@@ -108,7 +110,7 @@ def main():
       if fmt == 'array_record':
         notes.append(f'{split.num_examples} JPEGs, {split.num_bytes / split.num_examples / 1e3:.0f}'
                      f' kB each on average, written in {time.perf_counter() - t0:.1f} s')
-      dataset = input_pipeline.create(
+      dataset = data.create(
           config('imagenet2012', data_dir, global_batch=64, **{
               'data.tfds_name': 'bigbatch_fake_images/bench', 'data.image_size': 224}),
           process_index=0, process_count=1)

@@ -11,21 +11,17 @@ with B = global_batch and k = accumulation_steps. Axis 0 is the microbatch (scan
 axis 1 the examples of one microbatch, split over the mesh 'data' axis; process p builds only the
 block of axis 1 its devices hold and `make_global_batches` assembles the global jax.Arrays.
 
-Sources are random access by example index, so any process can build any rows without reading
-the others:
-  'digits'    sklearn's 8x8 digits through TFDS (bigbatch/data/digits.py), held in memory;
-              pixels / 255, standardized with the training split's pixel mean and std.
-  'synthetic' example i of a split generated from (SYNTHETIC_SEED, split, i): standard normal
-              images, labelled by a fixed random tanh-MLP teacher with balanced classes.
-Image data sets ('imagenet2012', 'cifar10', 'mnist': bigbatch/data/images.py) stream from tf.data
-instead, through readers: prepared as array_record they are read by global index in exactly this
-order; prepared as TFRecord each process streams its own files, an order that depends on the
-process count (`Dataset.global_order` is False).
+Each split comes from a source or a reader (bigbatch/data/ builds them, one module per data set;
+`bigbatch.data.create` picks one by config.data.name). A source is random access by example
+index, so any process builds any rows without reading the others; a reader streams batches (the
+TFDS image sets, the real face sets): read by global index they follow exactly this order, while
+TFRecord sets stream per process, in an order that depends on the process count
+(`Dataset.global_order` is False).
 
 Shape letters: K accumulation steps, M examples per microbatch, N examples, H W C image.
 
-Importing this module costs only numpy; jax is imported where it is used and TensorFlow only when
-the digits are loaded, because configs are validated before either is needed.
+This module knows no data set: it imports neither bigbatch.data nor TensorFlow, and jax only where
+it is used (configs are validated before either is imported).
 """
 from __future__ import annotations
 
@@ -33,7 +29,6 @@ import atexit
 import dataclasses
 import functools
 import math
-import os
 import queue
 import threading
 import time
@@ -42,11 +37,7 @@ import weakref
 
 import numpy as np
 
-from bigbatch import config_lib
-
-# Fixed seed of the synthetic data (inputs and teacher). Deliberately not config.seed: a study
-# that varies the training seed must see the same data set.
-SYNTHETIC_SEED = 0x5EED_DA7A
+from bigbatch import fields
 
 # A source maps int64 example indices [N] of one split to (float32 images [N,H,W,C], int32 [N]).
 Source = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -124,15 +115,15 @@ class Dataset:
   def __post_init__(self):
     b, k = self.global_batch, self.accumulation_steps
     if b <= 0 or k <= 0 or b % k:
-      raise config_lib.ConfigError(
+      raise fields.ConfigError(
           f'config.global_batch={b} is not a positive multiple of config.accumulation_steps={k}; '
           f'choose a global_batch divisible by {k}')
     if self.num_train < b:
-      raise config_lib.ConfigError(
+      raise fields.ConfigError(
           f'config.global_batch={b} is larger than the {self.num_train} training examples of '
           f'{self.name or "the data set"}, so an epoch has no full batch; lower global_batch')
     if self.eval_batch <= 0:
-      raise config_lib.ConfigError(f'config.eval_batch={self.eval_batch}: must be positive')
+      raise fields.ConfigError(f'config.eval_batch={self.eval_batch}: must be positive')
     for split, source, reader in (('train', self.train_source, self.train_reader),
                                   ('eval', self.eval_source, self.eval_reader)):
       if (source is None) == (reader is None):
@@ -244,8 +235,6 @@ def _rows_key(rows) -> Any:
   return tuple(np.asarray(rows).reshape(-1).tolist())
 
 
-IMAGE_DATASETS = ('imagenet2012', 'cifar10', 'mnist')  # bigbatch/data/images.py
-
 # tf.data iterators over Python generators that are still open when the interpreter shuts down
 # log an error each ("Python interpreter state is not initialized"): the readers that hold them
 # register their Dataset here, and it is closed before that.
@@ -265,201 +254,9 @@ def _close_open_datasets():
 
 def create(config, *, process_index: int | None = None,
            process_count: int | None = None) -> Dataset:
-  """The data set named by config.data.name, batched per `config`.
-
-  'digits' | 'synthetic' here; 'imagenet2012' | 'cifar10' | 'mnist' through TFDS in
-  bigbatch/data/images.py (imports TensorFlow).
-
-  process_index / process_count default to jax.process_index() / jax.process_count(); tests pass
-  them to simulate several processes in one.
-  """
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  common = dict(global_batch=config.global_batch, accumulation_steps=config.accumulation_steps,
-                eval_batch=config.eval_batch, seed=config.seed, process_index=process_index,
-                process_count=process_count, prefetch=config.data.prefetch)
-  name = config.data.name
-  if name == 'digits':
-    data_dir = config.data.data_dir
-    train, test = _load_digits(os.path.abspath(data_dir) if data_dir else None)
-    return Dataset(name='digits', num_train=len(train.labels), num_eval=len(test.labels),
-                   image_shape=train.images.shape[1:], num_classes=10,
-                   train_source=train, eval_source=test, **common)
-  if name in IMAGE_DATASETS:
-    from bigbatch.data import images  # pylint: disable=g-import-not-at-top  # imports TF (seconds)
-    return images.create(config, **common)
-  if name.startswith('face_'):
-    from bigbatch.data import faces  # pylint: disable=g-import-not-at-top
-    return faces.create(config, **common)
-  if name == 'synthetic':
-    d = config.data
-    image_shape = (d.image_size, d.image_size, d.channels)
-    teacher = _teacher(image_shape, d.teacher_width, d.num_classes)
-    return Dataset(name='synthetic', num_train=d.num_train, num_eval=d.num_eval,
-                   image_shape=image_shape, num_classes=d.num_classes,
-                   train_source=SyntheticSource(_SPLIT_TRAIN, image_shape, teacher),
-                   eval_source=SyntheticSource(_SPLIT_EVAL, image_shape, teacher), **common)
-  raise config_lib.ConfigError(
-      f'config.data.name={name!r} is unknown; choose one of {", ".join(config_lib.DATASETS)}')
-
-
-# ---------------------------------------------------------------------------------------------
-# digits: the whole split in memory, indexed directly.
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class ArraySource:
-  """A split held in memory: images float32 [N, H, W, C], labels int32 [N]."""
-  images: np.ndarray
-  labels: np.ndarray
-
-  def __call__(self, idx_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return self.images[idx_N], self.labels[idx_N]
-
-
-@functools.lru_cache(maxsize=2)
-def _load_digits(data_dir: str | None) -> tuple[ArraySource, ArraySource]:
-  """(train, test) digits, normalized. Cached: tests and restarts in one process load once."""
-  from bigbatch.data import digits  # pylint: disable=g-import-not-at-top  # imports TF (seconds)
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  builder = digits.prepare(data_dir)
-  raw = {split: tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-         for split in ('train', 'test')}
-  # Normalization: x / 255, then standardized with the mean and std of all training pixels (one
-  # scalar each, a fixed function of the fixed split, so the same on every process and resume).
-  # The digits are mostly background (mean ~0.30, std ~0.38 after /255); standardized, they are
-  # on the scale of the synthetic data, so the same learning rates and inits suit both.
-  train_pixels = raw['train']['image'].astype(np.float64) / 255.0
-  mean, std = train_pixels.mean(), train_pixels.std()
-
-  def source(split):
-    images = ((raw[split]['image'].astype(np.float64) / 255.0 - mean) / std).astype(np.float32)
-    images.flags.writeable = False  # shared by every Dataset built from this cache entry
-    labels = raw[split]['label'].astype(np.int32)
-    labels.flags.writeable = False
-    return ArraySource(images, labels)
-
-  return source('train'), source('test')
-
-
-# ---------------------------------------------------------------------------------------------
-# synthetic: example i of a split is generated from (SYNTHETIC_SEED, split, i) alone.
-
-_SPLIT_TRAIN, _SPLIT_EVAL, _SPLIT_CALIBRATION = 1, 2, 3
-_MASK64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment: consecutive counters land far apart
-_GEN_BLOCK = 1 << 14
-
-
-def _splitmix64(z: np.ndarray) -> np.ndarray:
-  """splitmix64's finalizer over uint64 arrays (wrapping arithmetic): a counter -> 64 random bits.
-
-  A counter-based hash instead of a seeded generator per example: one vectorized pass makes a
-  whole batch, whichever indices it holds (4096 8x8 examples in ~2 ms; np.random.Philox per
-  example would take seconds).
-  """
-  z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-  z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-  return z ^ (z >> np.uint64(31))
-
-
-def _split_key(split: int) -> np.uint64:
-  z = np.array([(SYNTHETIC_SEED * 16 + split) * _GOLDEN & _MASK64], np.uint64)
-  return _splitmix64(z)[0]
-
-
-def synthetic_inputs(split: int, idx_N: np.ndarray, dim: int) -> np.ndarray:
-  """Standard normal float32 [N, dim]; row n depends only on (split, idx_N[n])."""
-  half = (dim + 1) // 2  # Box-Muller makes a pair of normals from one 64-bit hash
-  idx = np.asarray(idx_N, np.uint64).reshape(-1)
-  out = np.empty((len(idx), 2 * half), np.float32)
-  key, pair = _split_key(split), np.arange(half, dtype=np.uint64)
-  # Blocks of ~16k pairs keep the uint64 temporaries in cache: 3-4x faster than whole batches
-  # once examples are large (4096 x 32x32x3: ~55 ms instead of ~210 ms).
-  rows = max(1, _GEN_BLOCK // half)
-  for start in range(0, len(idx), rows):
-    counter = idx[start:start + rows].reshape(-1, 1) * np.uint64(half) + pair
-    bits = _splitmix64(counter * np.uint64(_GOLDEN) + key)
-    # Two 24-bit uniforms (exact in float32; u1 in (0, 1] keeps the log finite), in float32
-    # because numpy's float64 log/cos are ~20x slower. Tails are cut at |x| < 5.8.
-    u1 = ((bits >> np.uint64(40)).astype(np.float32) + np.float32(1)) * np.float32(2.0**-24)
-    u2 = (bits & np.uint64(0xFFFFFF)).astype(np.float32) * np.float32(2.0**-24)
-    radius, angle = np.sqrt(np.float32(-2) * np.log(u1)), np.float32(2 * np.pi) * u2
-    pairs = out[start:start + rows].reshape(-1, half, 2)
-    np.multiply(radius, np.cos(angle), out=pairs[..., 0])
-    np.multiply(radius, np.sin(angle), out=pairs[..., 1])
-  return out[:, :dim]
-
-
-# OpenBLAS runs a gemm on one thread when m*n*k <= GEMM_MULTITHREAD_THRESHOLD (4) * 65536.
-_BLAS_SINGLE_THREAD_MNK = 4 * 65536
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Teacher:
-  """A fixed random 2-layer tanh MLP; label = argmax(tanh(x @ w1) @ w2 - offset)."""
-  w1: np.ndarray  # [D, width]
-  w2: np.ndarray  # [width, classes]
-  offset: np.ndarray  # [classes]
-
-  def logits(self, x_NxD: np.ndarray) -> np.ndarray:
-    # BLAS rounds a row differently depending on how many rows share the call (M=1 takes another
-    # kernel than M=4096), which could flip a near-tie label with the batch an example lands in.
-    # Fixed blocks of rows (a stacked matmul: one small gemm per block) give every row the same
-    # arithmetic wherever it sits.
-    n, dim = x_NxD.shape
-    rows = self.block_rows
-    x = np.concatenate([x_NxD.astype(np.float64), np.zeros((-n % rows, dim))])
-    h = np.tanh(np.matmul(x.reshape(-1, rows, dim), self.w1))
-    return np.matmul(h, self.w2).reshape(-1, self.w2.shape[1])[:n]
-
-  @property
-  def block_rows(self) -> int:
-    # As many rows as keep each gemm on one OpenBLAS thread: its threads spin against the trainer for the cores, 1 ms -> 120 ms per 4096 8x8 examples on a busy
-    # 2-core machine. A power of two from the teacher's shape alone, so fixed per data set.
-    per_row = self.w1.shape[0] * self.w1.shape[1]
-    return 1 << min(8, max(0, (_BLAS_SINGLE_THREAD_MNK // per_row).bit_length() - 1))
-
-  def labels(self, x_NxD: np.ndarray) -> np.ndarray:
-    return np.argmax(self.logits(x_NxD) - self.offset, axis=1).astype(np.int32)
-
-
-@functools.lru_cache(maxsize=4)
-def _teacher(image_shape: tuple[int, int, int], width: int, num_classes: int) -> Teacher:
-  dim = math.prod(image_shape)
-  rng = np.random.default_rng([SYNTHETIC_SEED, dim, width, num_classes])
-  # Unit-variance pre-activations, so tanh is neither linear nor saturated.
-  w1 = rng.standard_normal((dim, width)) / math.sqrt(dim)
-  w2 = rng.standard_normal((width, num_classes)) / math.sqrt(width)
-  # A raw random teacher gives some classes 4% of the data and others 15% (with 100 classes and
-  # a narrow teacher, some never win). Per-class offsets, fitted on a fixed calibration sample,
-  # even the classes out, so accuracy means the same for every shape of the data.
-  n = max(8192, 16 * num_classes)
-  logits = Teacher(w1, w2, np.zeros(num_classes)).logits(
-      synthetic_inputs(_SPLIT_CALIBRATION, np.arange(n), dim))
-  offset, scale = np.zeros(num_classes), logits.std()
-  for t in range(50):
-    freq = np.bincount(np.argmax(logits - offset, axis=1), minlength=num_classes) / n
-    offset += 0.1 * scale * (freq * num_classes - 1.0) / math.sqrt(1.0 + t)
-  return Teacher(w1, w2, offset)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class SyntheticSource:
-  """One split of the synthetic data: random normal images labelled by the teacher.
-
-  4096 examples take ~3 ms at 8x8x1 and ~170 ms at 32x32x3 (one busy core), on the prefetch
-  thread.
-  """
-  split: int
-  image_shape: tuple[int, int, int]
-  teacher: Teacher
-
-  def __call__(self, idx_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    x_NxD = synthetic_inputs(self.split, idx_N, math.prod(self.image_shape))
-    return x_NxD.reshape(-1, *self.image_shape), self.teacher.labels(x_NxD)
+  """Deprecated alias of `bigbatch.data.create`, kept while its callers move there."""
+  from bigbatch import data  # pylint: disable=g-import-not-at-top  # removed with this alias
+  return data.create(config, process_index=process_index, process_count=process_count)
 
 
 # ---------------------------------------------------------------------------------------------

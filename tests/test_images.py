@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from bigbatch import config_lib
+from bigbatch import data
+from bigbatch import fields
 from bigbatch import input_pipeline as ip
 
 TINY = 'bigbatch_fake_images/tiny'
@@ -22,6 +24,7 @@ FORMATS = ('array_record', 'tfrecord')
 
 @pytest.fixture(scope='session')
 def data_dirs(tmp_path_factory):
+  import fake_tfds  # pylint: disable=g-import-not-at-top,unused-import  # registers the builder
   from bigbatch.data import images  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
@@ -50,8 +53,8 @@ def _config(data_dir=None, name='imagenet2012', **overrides):
 
 
 def _create(data_dirs, fmt='array_record', process_index=0, process_count=1, **overrides):
-  return ip.create(_config(data_dirs[fmt], **overrides), process_index=process_index,
-                   process_count=process_count)
+  return data.create(_config(data_dirs[fmt], **overrides), process_index=process_index,
+                     process_count=process_count)
 
 
 def _by_label(batches):
@@ -80,6 +83,8 @@ def test_config_validates_image_fields():
                            ({'data.shuffle_buffer': 0}, 'shuffle_buffer')):
     with pytest.raises(config_lib.ConfigError, match=match):
       config_lib.validate(_config(**overrides), 2)
+    with pytest.raises(fields.ConfigError, match=match):
+      data.validate(_config(**overrides))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,11 +124,11 @@ def test_batches_have_the_layout_dtypes_and_ranges(data_dirs, name):
 
 
 def test_inception_window_respects_area_and_aspect():
-  from bigbatch.data import images  # pylint: disable=g-import-not-at-top
+  from bigbatch.data import image_preprocess  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   shape = tf.constant([300, 400, 3])
-  windows = np.array([[int(v) for v in images.inception_window(shape, images.example_key(0, 0, i))]
-                      for i in range(100)])
+  windows = np.array([[int(v) for v in image_preprocess.inception_window(
+      shape, image_preprocess.example_key(0, 0, i))] for i in range(100)])
   y, x, h, w = windows.T
   assert (y >= 0).all() and (x >= 0).all() and (y + h <= 300).all() and (x + w <= 400).all()
   area = h * w / (300 * 400)
@@ -250,6 +255,7 @@ def test_eval_pads_and_masks_every_example_once(data_dirs, fmt, count):
 # Preparation.
 
 def test_concurrent_prepare_makes_one_copy(tmp_path):
+  import fake_tfds  # pylint: disable=g-import-not-at-top,unused-import  # registers the builder
   from bigbatch.data import images  # pylint: disable=g-import-not-at-top
   barrier, results, errors = threading.Barrier(2), [], []
 

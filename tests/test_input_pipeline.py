@@ -16,7 +16,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bigbatch import config_lib
+from bigbatch import data
+from bigbatch import fields
 from bigbatch import input_pipeline as ip
+from bigbatch.data import common as data_common
 
 NUM_TRAIN, NUM_EVAL, BATCH, K, EVAL_BATCH = 1000, 300, 64, 2, 64
 STEPS_PER_EPOCH = NUM_TRAIN // BATCH  # 15; the last 40 examples of each epoch are dropped
@@ -35,7 +38,7 @@ def _config(**overrides):
 
 
 def _create(process_index=0, process_count=1, **overrides):
-  return ip.create(_config(**overrides), process_index=process_index, process_count=process_count)
+  return data.create(_config(**overrides), process_index=process_index, process_count=process_count)
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,14 +67,14 @@ def test_process_rows_reject_uneven_split():
     ip.process_rows(32, 0, 3)
   with pytest.raises(ValueError, match='outside'):
     ip.process_rows(32, 2, 2)
-  with pytest.raises(config_lib.ConfigError, match='global_batch'):
+  with pytest.raises(fields.ConfigError, match='global_batch'):
     _create(global_batch=63)  # not divisible by accumulation_steps=2
   with pytest.raises(ValueError, match='processes'):
     _create(0, 3)  # microbatch 32 over 3 processes
-  with pytest.raises(config_lib.ConfigError, match='larger than'):
+  with pytest.raises(fields.ConfigError, match='larger than'):
     _create(global_batch=2048)
-  with pytest.raises(config_lib.ConfigError, match='unknown'):
-    ip.create(_config(**{'data.name': 'imagenet'}), process_index=0, process_count=1)
+  with pytest.raises(fields.ConfigError, match='unknown'):
+    data.create(_config(**{'data.name': 'imagenet'}), process_index=0, process_count=1)
 
 
 def _sequence(ds, steps=2 * STEPS_PER_EPOCH):
@@ -240,7 +243,7 @@ def test_synthetic_example_depends_only_on_its_index():
   np.testing.assert_array_equal(a_images[[0, 2]], b_images[[2, 0]])
   np.testing.assert_array_equal(a_labels[[0, 2]], b_labels[[2, 0]])
   # Teacher logits are bitwise the same alone, at any position and in any batch size.
-  x = ip.synthetic_inputs(1, np.arange(1000), 64)
+  x = data_common.synthetic_inputs(1, np.arange(1000), 64)
   logits = ds.train_source.teacher.logits(x)
   for i in (0, 1, 255, 256, 600, 999):
     np.testing.assert_array_equal(ds.train_source.teacher.logits(x[i:i + 1]), logits[i:i + 1])
@@ -296,6 +299,9 @@ def _timed(fn, *args):
 def test_import_is_light():
   # Configs are validated before TensorFlow (~9 s) or jax are imported.
   code = ('import sys, bigbatch.input_pipeline; '
+          'assert not {"tensorflow", "tensorflow_datasets", "jax", "bigbatch.data"} & '
+          'set(sys.modules), sorted(sys.modules); '
+          'import bigbatch.data; bigbatch.data.defaults(); '
           'assert not {"tensorflow", "tensorflow_datasets", "jax"} & set(sys.modules)')
   subprocess.run([sys.executable, '-c', code], check=True, timeout=60)
 
@@ -312,7 +318,7 @@ def digits_config(tmp_path_factory):
 
 def test_digits_builds_and_loads(digits_config):
   from bigbatch.data import digits  # pylint: disable=g-import-not-at-top
-  ds = ip.create(digits_config, process_index=0, process_count=1)
+  ds = data.create(digits_config, process_index=0, process_count=1)
   assert (ds.num_train, ds.num_eval) == (1437, 360)
   assert ds.image_shape == (8, 8, 1) and ds.num_classes == 10
   batch = ds.train_batch(3)
@@ -334,7 +340,7 @@ def test_digits_builds_and_loads(digits_config):
 
 
 def test_digits_eval_counts_each_example_once(digits_config):
-  datasets = [ip.create(digits_config, process_index=p, process_count=2) for p in range(2)]
+  datasets = [data.create(digits_config, process_index=p, process_count=2) for p in range(2)]
   per_process = [list(ds.eval_batches(ds.eval_rows)) for ds in datasets]
   assert [len(b) for b in per_process] == [math.ceil(360 / 64)] * 2
   masks = np.concatenate([b['mask'] for batches in per_process for b in batches])
