@@ -10,6 +10,16 @@ batch_stat is the mean over groups (ghost BN) or the statistic of the whole sync
 microbatch. Under gradient accumulation the trainer averages the k microbatch results, i.e.
 running <- m * running + (1 - m) * mean_k(batch_stat): one update per optimizer step.
 Variances are biased (divide by n), as in flax.
+
+Cost, as flax's `nn.BatchNorm` (use_fast_variance): the statistics take one pass over the
+activations, var = E[x^2] - E[x]^2 with both moments reduced together in float32, and sync BN
+issues one collective per layer (both moments in one pmean) forward and one backward.
+Numerics: from bf16 activations (exact in float32) the cancellation costs about
+log2(mean^2 / var) of float32's 24 bits, so a channel whose mean is 100x its spread still keeps
+~11 bits of its variance, more than the bf16 output holds; a variance lost entirely (a constant
+channel) clips to 0. A shift by the running mean would remove the cancellation for free on GPU,
+but XLA:CPU then keeps x - shift in memory for the backward pass (one more float32 activation
+per layer), and the step's bytes are this module's budget (benchmarks/bytes_accessed.py).
 """
 from __future__ import annotations
 
@@ -39,35 +49,64 @@ class BatchNorm(nn.Module):
     scale = self.param('scale', self.scale_init, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
 
-    x32 = x.astype(jnp.float32)
     per_channel = lambda v: v.reshape((1,) * (x.ndim - 1) + (c,))
     if self.use_running_average:
-      y = (x32 - per_channel(ra_mean.value)) * jax.lax.rsqrt(per_channel(ra_var.value) + self.epsilon)
-      return (y * per_channel(scale) + per_channel(bias)).astype(self.dtype)
+      mul = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
+      y = (x.astype(jnp.float32) - per_channel(ra_mean.value)) * per_channel(mul)
+      return (y + per_channel(bias)).astype(self.dtype)
 
     n = x.shape[0]
     g = self.group_size or n
     if n % g:
       raise ValueError(f'ghost BN group size {g} does not divide the per-device batch {n}')
-    # x_GxgxF: G groups of g examples, F = all remaining axes (spatial..., channels).
-    xg = x32.reshape((n // g, g) + x.shape[1:])
-    axes = tuple(range(1, xg.ndim - 1))
-    mean = jnp.mean(xg, axis=axes, keepdims=True)
+    # Cast first, reshape after: XLA folds a bf16 producer's f32 -> bf16 -> f32 round trip only
+    # where the two converts meet (CPU computes bf16 convolutions in f32), and a reshape between
+    # them would keep the round trip and an extra pass.
+    xg = x.astype(jnp.float32)
+    if g < n:
+      # x_GxgxF: G groups of g examples, F = all remaining axes (spatial..., channels).
+      xg = xg.reshape((n // g, g) + x.shape[1:])
+    axes = tuple(range(xg.ndim - x.ndim, xg.ndim - 1))
+    per_channel = lambda v: v.reshape((1,) * (xg.ndim - 1) + (c,))
+    # One pass over the activations: both moments from one read, accumulated in float32.
+    moments = jnp.stack([jnp.mean(xg, axis=axes, keepdims=True),
+                         jnp.mean(jnp.square(xg), axis=axes, keepdims=True)])
     sync = self.axis_name is not None and self.group_size is None
     if sync:
-      mean = jax.lax.pmean(mean, self.axis_name)
-    # Two-pass variance: E[(x - mean)^2] avoids the cancellation of E[x^2] - E[x]^2.
-    var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
-    if sync:
-      var = jax.lax.pmean(var, self.axis_name)
-    y = (xg - mean) * jax.lax.rsqrt(var + self.epsilon)
-    y = y.reshape(x.shape) * per_channel(scale) + per_channel(bias)
+      # Sync BN: one collective per layer, both moments in one buffer.
+      moments = jax.lax.pmean(moments, self.axis_name)
+    running = moments  # device-invariant under sync BN, as the running statistics must be
+    if sync and self.axis_name in _varying_axes(x):
+      # Under shard_map's type checks each use of the invariant moments by device-varying code
+      # gets an implicit cast to varying, and the backward pass of each cast is an all-reduce
+      # of its cotangent (for the mean and for the variance: two per layer). One explicit cast
+      # of both moments makes that one all-reduce per layer, as in the forward pass.
+      moments = jax.lax.pcast(moments, self.axis_name, to='varying')
+    mean, var = _mean_var(moments)
+    mul = jax.lax.rsqrt(var + self.epsilon) * per_channel(scale)
+    y = (xg - mean) * mul + per_channel(bias)
 
     if not self.is_initializing():
+      mean, var = _mean_var(running)
       m = self.momentum
-      ra_mean.value = m * ra_mean.value + (1 - m) * jnp.mean(mean, axis=0).reshape(c)
-      ra_var.value = m * ra_var.value + (1 - m) * jnp.mean(var, axis=0).reshape(c)
-    return y.astype(self.dtype)
+      # The mean over ghost groups (one group under plain or sync BN).
+      ra_mean.value = m * ra_mean.value + (1 - m) * jnp.mean(mean.reshape(-1, c), axis=0)
+      ra_var.value = m * ra_var.value + (1 - m) * jnp.mean(var.reshape(-1, c), axis=0)
+    return y.reshape(x.shape).astype(self.dtype)
+
+
+def _mean_var(moments):
+  """(mean, variance) from the stacked [E[x], E[x^2]]."""
+  mean, mean_sq = moments[0], moments[1]
+  # Rounding can leave the difference slightly negative; rsqrt(var + eps) must stay finite.
+  return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+
+
+def _varying_axes(x) -> frozenset:
+  """The mesh axes x is device-varying over inside shard_map (empty outside it, or where
+  shard_map's type checks are off: check_vma=False)."""
+  manual = getattr(jax.typeof(x), 'manual_axis_type', None)
+  return manual.varying if manual is not None else frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
