@@ -1,25 +1,32 @@
-"""Training-step time and model FLOP utilization (MFU) against this machine's matmul peak.
+"""Model FLOPs (analytic vs XLA:CPU), training-step time and model FLOP utilization (MFU).
 
-    python benchmarks/mfu.py [--models=cifar_resnet20,resnet18] [--batch=128] [--repeats=5]
+    python benchmarks/mfu.py [--models=cifar_resnet20,resnet18] [--batch=128] [--repeats=3]
+    python benchmarks/mfu.py --flops_only     # the FLOP comparison alone (~1 min, no timing)
 
-Measured in one run, interleaved round by round so that load from other processes hits every
-entry alike (medians over rounds):
-Each entry is timed by wall clock and by this process's CPU time (all threads); the CPU-time
-figures (FLOPs per CPU second, step vs matmul) do not depend on how much of the machine other
-processes took, the wall figures do.
+FLOPs: bigbatch.flops counts the convolutions and matrix products of each model's eval-mode
+forward from its jaxpr (no compute), for ResNet-18/50, iResNet-50/100 and the small models, at
+their usual resolutions and at the small ones the tests use. Beside it: the same count with
+the padded kernel taps included (the published convention), and XLA:CPU's cost analysis of the
+lowered forward (the convolutions' valid taps plus one FLOP per element of every elementwise
+op). Model FLOPs per training step = 3 x forward x batch.
+
+Timing, in one run, interleaved round by round so that load from other processes hits every
+entry alike (medians over rounds); each entry is timed by wall clock and by this process's CPU
+time (all threads), which does not depend on how much of the machine other processes took:
   peak    a 2048x2048 float32 matrix product, 2 * 2048^3 FLOPs per call (median of 3 calls per
           round): the FLOP/s this machine's XLA reaches on its best-shaped work right now.
   steps   one training update (forward, backward, SGD momentum) on one device, batch 128 of
           32x32x3, k=1, BN, for conv_impl='xla' (XLA's convolution gradients) and 'matmul'
           (bigbatch.models.conv's matrix-product backward; what 'auto' picks on CPU), for a CIFAR
           ResNet-20 and an ImageNet ResNet-18 (7x7/2 stem + max pool) on 32x32 inputs.
-Model FLOPs per step come from XLA's cost analysis of the k=1 step compiled with conv_impl='xla'
-(`compiled.cost_analysis()['flops']`; the matmul backward runs its kernel gradient in a loop that
-cost analysis would count once, so its own count is not used); 3x the eval-mode forward's count
-is shown beside it as a check. Achieved FLOP/s = model FLOPs / step time; MFU = achieved / peak,
-for each impl (same model FLOPs: the work the model needs, not what an impl executes).
+Achieved FLOP/s = analytic model FLOPs per step / step time (the same for both impls: the work
+the model needs, not what an impl executes). MFU = achieved / peak: against the device's
+published dense peak (bigbatch.flops.peak_flops_per_device) where there is one, and against
+the matmul measured in the same run (a CPU has no published peak). XLA's cost analysis of the
+compiled step is shown as a check; it counts the matmul backward's kernel-gradient loop body
+once, so it is not used.
 
-The step is the trainer's (train.build(...).train_step, a shard_map over a 1-device mesh). Where
+The step is the trainer's (trainer.build(...).train_step, a shard_map over a 1-device mesh). Where
 that step does not compile for one of the impls, both impls are timed with a plain jitted step
 instead (same model, loss, optimizer and update, no shard_map) and the table says so.
 """
@@ -40,8 +47,11 @@ import optax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks import report  # noqa: E402
+from bigbatch import config_lib  # noqa: E402
+from bigbatch import flops  # noqa: E402
 from bigbatch import models  # noqa: E402
-from bigbatch import train  # noqa: E402
+from bigbatch import trainer as trainer_lib  # noqa: E402
+from bigbatch.tasks import classification  # noqa: E402
 
 PEAK_N = 2048
 TARGET_SPEEDUP = 3.0  # matmul vs xla, ResNet-18 CIFAR at batch 128
@@ -49,16 +59,17 @@ TARGET_MFU = 0.25
 IMPLS = ('xla', 'matmul')
 
 
-def plain_step_fn(cfg, trainer: train.Trainer):
+def plain_step_fn(cfg, trainer: trainer_lib.Trainer):
   """The trainer's update without shard_map: one device, k=1 (batch [1, M, H, W, C])."""
   model = models.build(cfg.model, common.NUM_CLASSES, axis_name=None)
   tx = trainer.optimizer.tx
 
   def step(state, batch):
     grad_fn = jax.value_and_grad(
-        lambda p: train.loss_fn(p, state.batch_stats, batch['image'][0], batch['label'][0],
-                                model=model, num_classes=common.NUM_CLASSES,
-                                label_smoothing=cfg.label_smoothing), has_aux=True)
+        lambda p: classification.loss_fn(p, state.batch_stats, batch['image'][0],
+                                         batch['label'][0], None, model=model,
+                                         num_classes=common.NUM_CLASSES,
+                                         label_smoothing=cfg.label_smoothing), has_aux=True)
     (loss, (stats, _)), grads = grad_fn(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -81,13 +92,50 @@ def compile_steps(model: str, batch: int, plain: bool):
   return {impl: out[impl] for impl in IMPLS}
 
 
-def forward_flops(model: str, trainer: train.Trainer, batch: int) -> float:
-  cfg = common.config(model, conv_impl='xla')
-  net = models.build(cfg.model, common.NUM_CLASSES, axis_name=None)
-  variables = {'params': trainer.state.params, 'batch_stats': trainer.state.batch_stats}
-  x = jax.ShapeDtypeStruct((batch, *common.IMAGE_SHAPE), jnp.float32)
+# name -> (config.model fields, image size, outputs, label) for the FLOP comparison: the tests'
+# small resolutions and the usual ones.
+FLOP_MODELS = {
+    'cnn': (dict(name='cnn', width=32), 32, 10, 'CNN width 32'),
+    'cifar_resnet20': (dict(name='cifar_resnet', depth=20, width=16), 32, 10, 'CIFAR ResNet-20'),
+    'resnet18@32': (dict(name='resnet', depth=18, width=64), 32, 10, 'ResNet-18'),
+    'resnet18@64': (dict(name='resnet', depth=18, width=64), 64, 10, 'ResNet-18'),
+    'resnet18@224': (dict(name='resnet', depth=18, width=64), 224, 1000, 'ResNet-18'),
+    'resnet50@64': (dict(name='resnet', depth=50, width=64), 64, 10, 'ResNet-50'),
+    'resnet50@224': (dict(name='resnet', depth=50, width=64), 224, 1000, 'ResNet-50'),
+    'iresnet50@112': (dict(name='iresnet', depth=50, width=64), 112, 512, 'iResNet-50'),
+    'iresnet100@112': (dict(name='iresnet', depth=100, width=64), 112, 512, 'iResNet-100'),
+}
+
+
+def model_of(fields: dict, outputs: int):
+  c = config_lib.base_config()
+  for key, value in fields.items():
+    c.model[key] = value
+  return models.build(c.model, outputs, axis_name=None)
+
+
+def flop_comparison(name: str, batch: int = 2) -> dict:
+  """Forward GFLOP per example: analytic (valid taps; all taps) and XLA:CPU's cost analysis."""
+  fields, size, outputs, _ = FLOP_MODELS[name]
+  net = model_of(fields, outputs)
+  shape = (size, size, 3)
+  variables = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)),
+                                              train=False))
+  t = time.perf_counter()
+  count = flops.forward_count(net, variables, shape)
+  seconds = time.perf_counter() - t
+  full = flops.forward_count(net, variables, shape, count_padding=True)
+  x = jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
   cost = jax.jit(lambda v, x: net.apply(v, x, train=False)).lower(variables, x).cost_analysis()
-  return float(cost['flops'])
+  return {'conv': count.conv, 'dot': count.dot, 'analytic': count.total, 'full': full.total,
+          'xla': float(cost['flops']) / batch, 'seconds': seconds, 'size': size}
+
+
+def training_flops_per_step(model: str, trainer: trainer_lib.Trainer, batch: int) -> float:
+  """The analytic count (bigbatch.flops): 3 x forward per example x batch."""
+  net = models.build(common.config(model).model, common.NUM_CLASSES, axis_name=None)
+  variables = {'params': trainer.state.params, 'batch_stats': trainer.state.batch_stats}
+  return flops.training_flops_per_example(net, variables, common.IMAGE_SHAPE) * batch
 
 
 def step_flops(compiled) -> float:
@@ -108,13 +156,51 @@ class Runner:
     jax.block_until_ready((self.state, metrics))
 
 
+def flops_section(names) -> str:
+  """Runs the FLOP comparison, prints its table and returns the docs section's body."""
+  rows = []
+  for name in names:
+    r = flop_comparison(name)
+    label = f'{FLOP_MODELS[name][3]}, {r["size"]}x{r["size"]}'
+    rows.append([label, f'{r["conv"] / 1e9:.4g}', f'{r["dot"] / 1e9:.3g}',
+                 f'{r["analytic"] / 1e9:.4f}', f'{r["xla"] / 1e9:.4f}',
+                 f'{r["analytic"] / r["xla"] - 1:+.2%}', f'{r["full"] / 1e9:.4f}',
+                 f'{r["full"] / r["analytic"] - 1:+.1%}', f'{3 * r["analytic"] / 1e9:.3f}',
+                 f'{r["seconds"]:.1f} s'])
+    print(f'  flops: {name}', file=sys.stderr, flush=True)
+  header = ['model, input', 'conv GFLOP', 'dense GFLOP', 'analytic forward GFLOP',
+            'XLA:CPU forward GFLOP', 'analytic vs XLA', 'all taps (published convention)',
+            'all taps vs analytic', 'training GFLOP (3x)', 'count time']
+  text = report.table(header, rows)
+  print(text)
+  return ('`python benchmarks/mfu.py --flops_only`: forward FLOPs per example of the eval-mode '
+          'model. Analytic: `bigbatch.flops` (convolutions and matrix products from the jaxpr of '
+          'the forward, traced on abstract values; kernel taps on padding not counted), the '
+          'count that `perf/*` and MFU use, the same on every backend. XLA:CPU: '
+          '`jax.jit(apply).lower(...).cost_analysis()["flops"]` at batch 2, which counts the same '
+          'convolution taps plus one FLOP per element of each elementwise op (BN, ReLU/PReLU, '
+          'residual adds): the analytic count is below it by that, never above. All taps: the '
+          'count with padded taps included, the convention of published figures (ResNet-50 at '
+          '224x224: 4.09 G multiply-adds). Training = 3 x analytic forward (one forward and two '
+          'backward products). Count time: tracing the forward once on this machine.\n\n'
+          + text)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--models', default='cifar_resnet20,resnet18')
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--flop_models', default=','.join(FLOP_MODELS))
+  parser.add_argument('--flops_only', action='store_true',
+                      help='only the FLOP comparison (no compilation, no timing)')
   args = parser.parse_args()
   names = args.models.split(',')
+
+  flops_body = flops_section(args.flop_models.split(','))
+  report.update_section('flops', 'Model FLOPs: analytic count vs XLA cost analysis', flops_body)
+  if args.flops_only:
+    return
 
   a = jax.random.normal(jax.random.PRNGKey(0), (PEAK_N, PEAK_N), jnp.float32)
   b = jax.random.normal(jax.random.PRNGKey(1), (PEAK_N, PEAK_N), jnp.float32)
@@ -135,8 +221,9 @@ def main():
       steps = compile_steps(name, args.batch, plain=True)
       wrapper = 'plain jit step'
     trainer_xla, compiled_xla = steps['xla']
-    info[name] = {'wrapper': wrapper, 'note': note, 'flops': step_flops(compiled_xla),
-                  'fwd3': 3 * forward_flops(name, trainer_xla, args.batch)}
+    info[name] = {'wrapper': wrapper, 'note': note,
+                  'flops': training_flops_per_step(name, trainer_xla, args.batch),
+                  'xla_step': step_flops(compiled_xla)}
     for impl, (trainer, compiled) in steps.items():
       fns[(name, impl)] = Runner(trainer, compiled, args.batch)
     print(f'  compiled: {name} ({time.perf_counter() - t:.0f} s)', file=sys.stderr, flush=True)
@@ -146,11 +233,15 @@ def main():
   peak_cpu = common.median([x for i in range(3) for x in cpus[('peak', i)]])
   peak_flops = 2 * PEAK_N**3
   peak = peak_flops / peak_wall
+  device = jax.devices()[0]
+  # Published dense peak of this chip for the steps' float32 products (None on a CPU).
+  published = flops.peak_flops_per_device(device, jnp.float32)
+  vs_published = lambda f: 'n/a' if published is None else f'{f / published:.1%}'
 
   rows, verdicts = [], []
   rows.append([f'matmul {PEAK_N}x{PEAK_N} f32 (peak)', '', f'{peak_wall * 1e3:.0f} ms',
                f'{peak_cpu * 1e3:.0f} ms', f'{peak_flops / 1e9:.1f}', f'{peak / 1e9:.1f}',
-               '100%', '100%', '', ''])
+               vs_published(peak), '100%', '100%', '', ''])
   for name in names:
     r = info[name]
     t = {impl: common.median(walls[(name, impl)]) for impl in IMPLS}
@@ -161,8 +252,9 @@ def main():
       mfu_cpu = (r['flops'] / c[impl]) / (peak_flops / peak_cpu)
       rows.append([f'{common.LABELS[name]}, batch {args.batch}', f'{impl} ({r["wrapper"]})',
                    f'{t[impl] * 1e3:,.0f} ms', f'{c[impl] * 1e3:,.0f} ms',
-                   f'{r["flops"] / 1e9:.1f} (3x fwd: {r["fwd3"] / 1e9:.1f})',
-                   f'{achieved / 1e9:.1f}', f'{achieved / peak:.1%}', f'{mfu_cpu:.1%}',
+                   f'{r["flops"] / 1e9:.1f} (XLA step: {r["xla_step"] / 1e9:.1f})',
+                   f'{achieved / 1e9:.1f}', vs_published(achieved), f'{achieved / peak:.1%}',
+                   f'{mfu_cpu:.1%}',
                    f'{speedup:.2f}x ({speedup_cpu:.2f}x)' if impl == 'matmul' else '',
                    f'MFU >= {TARGET_MFU:.0%}' + (f'; speed-up >= {TARGET_SPEEDUP:.0f}x'
                                                  if impl == 'matmul' else '')])
@@ -175,8 +267,9 @@ def main():
         f'{met(speedup_cpu >= TARGET_SPEEDUP)}); MFU with matmul {mfu:.1%} wall, {mfu_cpu:.1%} '
         f'CPU time (target >= {TARGET_MFU:.0%}: {met(mfu >= TARGET_MFU)} / '
         f'{met(mfu_cpu >= TARGET_MFU)}).')
-  header = ['work', 'conv impl', 'wall', 'CPU time', 'GFLOP / step', 'achieved GFLOP/s (wall)',
-            'MFU (wall)', 'MFU (CPU time)', 'speed-up vs xla, wall (CPU)', 'target']
+  header = ['work', 'conv impl', 'wall', 'CPU time', 'model GFLOP / step',
+            'achieved GFLOP/s (wall)', 'MFU vs published peak', 'MFU vs matmul (wall)',
+            'MFU vs matmul (CPU time)', 'speed-up vs xla, wall (CPU)', 'target']
   text = report.table(header, rows)
   notes = [r['note'] for r in info.values() if r['note']]
   print(text)
@@ -188,15 +281,18 @@ def main():
           f'warm-up call each; medians of wall time and of this process\'s CPU time (all '
           f'threads). CPU time counts the work, not the time other processes held the cores, so '
           f'MFU (CPU time) = (FLOPs per CPU s of the step) / (FLOPs per CPU s of the matmul) is '
-          f'the steadier figure on a shared machine. GFLOP / step: XLA\'s cost analysis of the '
-          f'k=1 step compiled with conv_impl=xla (3x the eval-mode forward in brackets, as a '
-          f'check). Achieved = GFLOP per step / step time; MFU (wall) = achieved / the matmul '
-          f'peak measured in the same run ({peak / 1e9:.1f} GFLOP/s wall). '
+          f'the steadier figure on a shared machine. Model GFLOP / step: the analytic count '
+          f'(`bigbatch.flops`, 3x the forward, section above), the same for both impls; XLA\'s '
+          f'cost analysis of the compiled k=1 xla step in brackets, as a check. Achieved = model '
+          f'GFLOP per step / step time. MFU vs published peak: achieved / '
+          f'`flops.peak_flops_per_device` ({device.device_kind}: '
+          f'{"none published" if published is None else f"{published / 1e12:.1f} TFLOP/s"}); '
+          f'MFU vs matmul (wall) = achieved / the matmul peak measured in the same run '
+          f'({peak / 1e9:.1f} GFLOP/s wall). '
           f'The issue\'s speed-up target is for a CIFAR ResNet-18 (3x3 stem, 32x32 stages), which '
           f'`bigbatch.models` does not have; `benchmarks/conv_grad.py` times a BN-free stack of '
           f'that shape.\n\n' + text + '\n\n' + '\n'.join(f'- {l}' for l in verdicts + notes))
   report.update_section('mfu', 'Training step time and MFU vs the matmul peak', body)
-
 
 if __name__ == '__main__':
   main()
