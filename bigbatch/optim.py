@@ -6,13 +6,8 @@ hyperparameter in the optimizer state (`optax.inject_hyperparams`), not a consta
 the compiled step, so runs that differ only in lr share one compilation and `set_peak_lr` can
 change it between steps.
 
-LARS and LAMB use our own trust-ratio transform rather than `optax.lars` / `optax.lamb`:
-  - optax.lars divides by ||g + wd*w||; the reference (You et al. 2017, tensorflow/tpu
-    LARSOptimizer) divides by ||g|| + wd*||w||, and puts the lr inside the momentum.
-  - optax.lamb applies the trust ratio to every leaf; the reference skips biases and
-    normalization parameters (ratio 1, no weight decay).
-  - neither records the ratios, which are the first thing to look at when a large-batch run
-    diverges; ours keeps the last update's per-leaf ratios in the state (`trust_ratio_stats`).
+LARS and LAMB are built from the trust-ratio transform in `bigbatch.trust_ratio` (why not
+`optax.lars` / `optax.lamb` is explained there).
 """
 from __future__ import annotations
 
@@ -20,14 +15,21 @@ import dataclasses
 import functools
 import math
 import re
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from bigbatch import config_lib
-from bigbatch.config_lib import ConfigError
+from ml_collections import config_dict
+
+from bigbatch import fields
+from bigbatch import trust_ratio
+from bigbatch.fields import ConfigError
+
+OPTIMIZERS = ('sgd', 'adamw', 'lars', 'lamb')
+SCALING_RULES = ('linear', 'sqrt', 'none', 'table')
+DECAYS = ('cosine', 'polynomial', 'step', 'linear', 'constant')
 
 # lr_fn(step, peak_lr) -> lr. `peak_lr` may be a traced scalar: it lives in the optimizer state.
 LrFn = Callable[[jax.typing.ArrayLike, jax.typing.ArrayLike], jax.Array]
@@ -68,6 +70,77 @@ class Phase:
   steps_per_epoch: int
   start_step: int
   end_step: int
+
+
+def defaults() -> dict[str, Any]:
+  """The config fields this module owns (lr.*, optimizer.*), with their defaults."""
+  placeholder = config_dict.placeholder
+  return {
+      'lr.base_lr': 0.1,
+      'lr.base_batch': 256,
+      'lr.scaling': 'linear',  # linear | sqrt | none: peak = base_lr * rule(batch / base_batch)
+      # scaling=table: a published per-batch recipe, rows (max_batch, peak_lr, warmup_epochs or
+      # None); the first row with max_batch >= global_batch gives the peak lr (and the warmup,
+      # if not None).
+      'lr.table': placeholder(tuple),
+      # Gradual linear warmup from warmup_init_lr (absolute) to the peak: at most one of the two.
+      'lr.warmup_epochs': placeholder(float),
+      'lr.warmup_steps': placeholder(int),
+      'lr.warmup_init_lr': 0.0,
+      'lr.decay': 'cosine',  # cosine | polynomial | step | linear | constant (after warmup)
+      'lr.end_lr': 0.0,  # cosine/polynomial/linear end value
+      'lr.power': 2.0,  # polynomial decay power
+      # step decay: multiply by decay_factor at each boundary, counted from step 0 (warmup
+      # included).
+      'lr.boundaries_epochs': placeholder(tuple),
+      'lr.boundaries_steps': placeholder(tuple),
+      'lr.decay_factor': 0.1,
+      'optimizer.name': 'sgd',  # sgd | adamw | lars | lamb
+      'optimizer.momentum': 0.9,  # sgd, lars
+      'optimizer.nesterov': False,  # sgd, lars
+      'optimizer.weight_decay': 0.0,
+      'optimizer.b1': 0.9,  # adamw, lamb
+      'optimizer.b2': 0.999,
+      'optimizer.eps': 1e-6,
+      'optimizer.trust_coefficient': 0.001,  # LARS eta
+      # Regexes over '/'-joined parameter paths. Matching leaves get neither weight decay nor a
+      # trust ratio (the reference LARS/LAMB skip list: biases and normalization parameters).
+      'optimizer.weight_decay_exclude': r'(^|/)(bias|scale)$',
+      'optimizer.trust_ratio_exclude': r'(^|/)(bias|scale)$',
+      'optimizer.clip_grad_norm': placeholder(float),  # global-norm clipping
+  }
+
+
+def validate(config) -> None:
+  """The form of lr.*, optimizer.* and batch_schedule, before any data is read (what depends on
+  the data set's size is checked by `derive`). Raises ConfigError."""
+  fields.choice(config, 'optimizer.name', OPTIMIZERS)
+  fields.choice(config, 'lr.scaling', SCALING_RULES)
+  fields.choice(config, 'lr.decay', DECAYS)
+  fields.positive(config, 'lr.base_lr')
+  fields.positive(config, 'lr.base_batch')
+  for path in ('lr.warmup_init_lr', 'lr.end_lr', 'optimizer.weight_decay'):
+    fields.finite(config, path, low=0.0)
+  for path in ('lr.power', 'lr.decay_factor', 'optimizer.momentum', 'optimizer.b1',
+               'optimizer.b2', 'optimizer.eps', 'optimizer.trust_coefficient'):
+    fields.finite(config, path)
+  fields.positive(config, 'optimizer.clip_grad_norm', allow_none=True)
+  fields.finite(config, 'lr.warmup_epochs', low=0.0, allow_none=True)
+  fields.finite(config, 'lr.warmup_steps', low=0, allow_none=True)
+  for a, b in (('lr.warmup_epochs', 'lr.warmup_steps'),
+               ('lr.boundaries_epochs', 'lr.boundaries_steps')):
+    if fields.get(config, a) is not None and fields.get(config, b) is not None:
+      raise ConfigError(f'config.{a} and config.{b} are both set; set only one of them')
+  if config.lr.decay == 'step' and not (config.lr.boundaries_epochs or config.lr.boundaries_steps):
+    raise ConfigError('config.lr.decay=step needs boundaries; set --config.lr.boundaries_epochs='
+                      '"(30,60,80)" or lr.boundaries_steps')
+  for path in ('optimizer.weight_decay_exclude', 'optimizer.trust_ratio_exclude'):
+    try:
+      re.compile(fields.get(config, path) or '')
+    except re.error as e:
+      raise ConfigError(f'config.{path}: not a valid regex ({e}); fix the pattern') from None
+  if config.batch_schedule:
+    batch_phases(config, 1 << 62)  # the schedule's form; batch vs data size comes later
 
 
 def batch_phases(config, num_train_examples: int) -> tuple[Phase, ...]:
@@ -286,90 +359,10 @@ def lr_schedule(config, derived: Derived) -> LrFn:
   return lr_fn
 
 
-def path_mask(params, exclude_regex: str | None):
-  """True where a leaf gets weight decay / a trust ratio: its '/'-joined path does not match."""
-  if not exclude_regex:  # re.search('') matches everything; an empty pattern excludes nothing
-    return jax.tree.map(lambda _: True, params)
-  pattern = re.compile(exclude_regex)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: pattern.search(jax.tree_util.keystr(path, simple=True, separator='/'))
-      is None, params)
-
-
-class TrustRatioState(NamedTuple):
-  trust_ratios: Any  # like params: float32 scalars, the last update's ratio (1 before the first)
-  adapted: Any  # like params: bool scalars, False where trust_ratio_exclude matched
-
-
-# ratio_fn(||w||, ||u||, ||d||, wd) -> ratio, where u is the incoming update and d = u + wd*w.
-RatioFn = Callable[[jax.Array, jax.Array, jax.Array, float], jax.Array]
-
-
-def _norm(x) -> jax.Array:
-  return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32))))
-
-
-def _safe_ratio(num, den, valid):
-  # The inner where keeps inf/nan out of the unused branch (jax_debug_nans would flag it).
-  return jnp.where(valid, num / jnp.where(valid, den, 1.0), 1.0)
-
-
-def lars_ratio(eta: float) -> RatioFn:
-  """Reference LARS: eta*||w|| / (||g|| + wd*||w||); 1 where ||w|| or ||g|| is 0."""
-  def ratio(w_norm, g_norm, d_norm, wd):
-    del d_norm
-    return _safe_ratio(eta * w_norm, g_norm + wd * w_norm, (w_norm > 0) & (g_norm > 0))
-  return ratio
-
-
-def lamb_ratio(w_norm, g_norm, d_norm, wd):
-  """LAMB: ||w|| / ||r + wd*w||; 1 where either is 0."""
-  del g_norm, wd
-  return _safe_ratio(w_norm, d_norm, (w_norm > 0) & (d_norm > 0))
-
-
-def scale_by_masked_trust_ratio(ratio_fn: RatioFn, trust_ratio_exclude: str | None,
-                                weight_decay: float = 0.0,
-                                weight_decay_exclude: str | None = None
-                                ) -> optax.GradientTransformation:
-  """u -> ratio * (u + wd*w) per leaf; excluded leaves get ratio 1 (and the ratio is recorded).
-
-  Weight decay is applied here, not by a preceding add_decayed_weights, because the LARS ratio
-  needs ||g|| before the decay is added and then scales the decayed update. Leaves matching
-  `weight_decay_exclude` get no decay; leaves matching `trust_ratio_exclude` get ratio 1.
-  """
-  def init_fn(params):
-    return TrustRatioState(
-        trust_ratios=jax.tree.map(lambda _: jnp.ones((), jnp.float32), params),
-        adapted=jax.tree.map(jnp.asarray, path_mask(params, trust_ratio_exclude)))
-
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError('scale_by_masked_trust_ratio needs params: call tx.update(g, s, params)')
-
-    def leaf(u, w, adapted, decayed):
-      wd = weight_decay if decayed else 0.0
-      d = u + wd * w if wd else u
-      if not adapted:
-        return d, jnp.ones((), jnp.float32)
-      ratio = ratio_fn(_norm(w), _norm(u), _norm(d), wd).astype(jnp.float32)
-      return (ratio * d).astype(u.dtype), ratio
-
-    treedef = jax.tree.structure(updates)
-    pairs = treedef.flatten_up_to(jax.tree.map(
-        leaf, updates, params, path_mask(params, trust_ratio_exclude),
-        path_mask(params, weight_decay_exclude)))
-    new_updates = treedef.unflatten([u for u, _ in pairs])
-    ratios = treedef.unflatten([r for _, r in pairs])
-    return new_updates, TrustRatioState(trust_ratios=ratios, adapted=state.adapted)
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
 def _transforms(o, lr: Callable) -> list[optax.GradientTransformation]:
   """The chain of `config.optimizer` o, given the schedule lr(count), clipping excluded."""
-  decay = optax.add_decayed_weights(
-      o.weight_decay, mask=functools.partial(path_mask, exclude_regex=o.weight_decay_exclude))
+  decay = optax.add_decayed_weights(o.weight_decay, mask=functools.partial(
+      trust_ratio.path_mask, exclude_regex=o.weight_decay_exclude))
   if o.name == 'sgd':
     # PyTorch form: decay added to the gradient, lr applied outside the momentum.
     return [decay, optax.trace(o.momentum, o.nesterov), optax.scale_by_learning_rate(lr)]
@@ -378,12 +371,14 @@ def _transforms(o, lr: Callable) -> list[optax.GradientTransformation]:
   if o.name == 'lars':
     # Reference form: the lr (times the trust ratio) goes into the momentum buffer, so an lr
     # change takes effect gradually, as in tensorflow/tpu's LARSOptimizer (ApplyMomentum).
-    return [scale_by_masked_trust_ratio(lars_ratio(o.trust_coefficient), o.trust_ratio_exclude,
-                                        o.weight_decay, o.weight_decay_exclude),
+    return [trust_ratio.scale_by_masked_trust_ratio(
+                trust_ratio.lars_ratio(o.trust_coefficient), o.trust_ratio_exclude,
+                o.weight_decay, o.weight_decay_exclude),
             optax.scale_by_schedule(lr), optax.trace(o.momentum, o.nesterov), optax.scale(-1.0)]
   if o.name == 'lamb':
     return [optax.scale_by_adam(o.b1, o.b2, o.eps), decay,
-            scale_by_masked_trust_ratio(lamb_ratio, o.trust_ratio_exclude),
+            trust_ratio.scale_by_masked_trust_ratio(trust_ratio.lamb_ratio,
+                                                    o.trust_ratio_exclude),
             optax.scale_by_learning_rate(lr)]
   raise AssertionError(o.name)  # make() checked the name
 
@@ -401,9 +396,7 @@ def make(config, num_train_examples: int) -> Optimizer:
   lr_fn = lr_schedule(config, derived)
   o = config.optimizer
   clip = o.clip_grad_norm
-  if o.name not in config_lib.OPTIMIZERS:  # now, not at the first init inside a jit
-    raise ConfigError(f'config.optimizer.name={o.name!r} is unknown; choose one of '
-                      f'{", ".join(config_lib.OPTIMIZERS)}')
+  fields.choice(config, 'optimizer.name', OPTIMIZERS)  # now, not at the first init in a jit
 
   def factory(peak_lr):
     parts = [optax.clip_by_global_norm(clip)] if clip is not None else []
@@ -448,26 +441,3 @@ def learning_rate(opt_state, lr_fn: LrFn) -> jax.Array:
   """The lr that the next update applies: lr_fn at the state's update count and peak lr."""
   s = _lr_state(opt_state)
   return lr_fn(s.count, s.hyperparams['peak_lr'])
-
-
-def trust_ratio_stats(opt_state) -> dict[str, jax.Array]:
-  """Min/mean/max trust ratio of the last update over adapted leaves; {} for sgd/adamw.
-
-  With every leaf excluded the three values are nan.
-  """
-  states = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, TrustRatioState))
-            if isinstance(s, TrustRatioState)]
-  if not states:
-    return {}
-  ratios = jnp.stack([r for s in states for r in jax.tree.leaves(s.trust_ratios)])
-  adapted = jnp.stack([a for s in states for a in jax.tree.leaves(s.adapted)])
-  # The mask is data in the state (traced under jit), so select with where, not by indexing.
-  count = jnp.sum(adapted)
-  some = count > 0
-  nan = jnp.float32(jnp.nan)
-  return {
-      'trust_ratio_min': jnp.where(some, jnp.min(jnp.where(adapted, ratios, jnp.inf)), nan),
-      'trust_ratio_mean': jnp.where(
-          some, jnp.sum(jnp.where(adapted, ratios, 0.0)) / jnp.maximum(count, 1), nan),
-      'trust_ratio_max': jnp.where(some, jnp.max(jnp.where(adapted, ratios, -jnp.inf)), nan),
-  }

@@ -1,4 +1,5 @@
-"""Tests for bigbatch.optim: derived numbers, schedules, masks and the reference LARS/LAMB."""
+"""Tests for bigbatch.optim and bigbatch.trust_ratio: derived numbers, schedules, masks and the
+reference LARS/LAMB."""
 import json
 import math
 
@@ -9,6 +10,7 @@ import pytest
 
 from bigbatch import config_lib
 from bigbatch import optim
+from bigbatch import trust_ratio
 
 IMAGENET_TRAIN = 1_281_167
 
@@ -153,11 +155,11 @@ def test_unknown_optimizer():
 # --- Masks -----------------------------------------------------------------------------------
 
 def test_path_mask():
-  mask = optim.path_mask(_params(), r'(^|/)(bias|scale)$')
+  mask = trust_ratio.path_mask(_params(), r'(^|/)(bias|scale)$')
   assert mask == {'conv': {'kernel': True, 'bias': False}, 'bn': {'scale': False, 'bias': False},
                   'dense': {'kernel': True, 'bias': False}}
-  assert all(jax.tree.leaves(optim.path_mask(_params(), None)))
-  assert all(jax.tree.leaves(optim.path_mask(_params(), '')))
+  assert all(jax.tree.leaves(trust_ratio.path_mask(_params(), None)))
+  assert all(jax.tree.leaves(trust_ratio.path_mask(_params(), '')))
 
 
 def _make(name, **overrides):
@@ -180,11 +182,11 @@ def test_weight_decay_and_trust_ratio_only_on_kernels(name):
   moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params, new)
   assert moved == {'conv': {'kernel': True, 'bias': False}, 'bn': {'scale': False, 'bias': False},
                    'dense': {'kernel': True, 'bias': False}}
-  stats = optim.trust_ratio_stats(state)
+  stats = trust_ratio.trust_ratio_stats(state)
   if name in ('sgd', 'adamw'):
     assert stats == {}
     return
-  [tr] = [s for s in state.inner_state if isinstance(s, optim.TrustRatioState)]
+  [tr] = [s for s in state.inner_state if isinstance(s, trust_ratio.TrustRatioState)]
   assert tr.trust_ratios['bn']['scale'] == 1 and tr.trust_ratios['conv']['bias'] == 1
   kernels = np.array([tr.trust_ratios['conv']['kernel'], tr.trust_ratios['dense']['kernel']])
   if name == 'lars':
@@ -255,10 +257,10 @@ def test_lars_matches_reference(nesterov):
         step = lr * ratio * d + mom * buf[m][n] if nesterov else buf[m][n]
         w[m][n] = p - step
   assert ratios['dense', 'kernel'] == 1.0  # ||g|| = 0
-  [tr] = [s for s in state.inner_state if isinstance(s, optim.TrustRatioState)]
+  [tr] = [s for s in state.inner_state if isinstance(s, trust_ratio.TrustRatioState)]
   for (m, n), ratio in ratios.items():
     np.testing.assert_allclose(tr.trust_ratios[m][n], ratio, rtol=1e-5)
-  stats = optim.trust_ratio_stats(state)
+  stats = trust_ratio.trust_ratio_stats(state)
   kernels = [ratios['conv', 'kernel'], ratios['dense', 'kernel']]
   np.testing.assert_allclose(
       [stats['trust_ratio_min'], stats['trust_ratio_mean'], stats['trust_ratio_max']],
@@ -295,7 +297,7 @@ def test_lamb_matches_reference():
           ratio = wn / dn if wn > 0 and dn > 0 else 1.0
         ratios[m, n] = ratio
         w[m][n] = p - lr * ratio * d
-  stats = optim.trust_ratio_stats(state)
+  stats = trust_ratio.trust_ratio_stats(state)
   kernels = [ratios['conv', 'kernel'], ratios['dense', 'kernel']]
   np.testing.assert_allclose(
       [stats['trust_ratio_min'], stats['trust_ratio_mean'], stats['trust_ratio_max']],
