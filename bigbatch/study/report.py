@@ -1,4 +1,4 @@
-"""The report of a batch-size study: aggregation, the steps/examples fit, tables and figures.
+"""The report of a batch-size study: aggregation, the steps/examples fit, tables and report.md.
 
 Input is one result dict per trial (a line of results.jsonl), with the fields
 
@@ -30,6 +30,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from etils import epath
 import numpy as np
 
+from bigbatch.study import figures
+
 # (file stem, title) of each figure, in the order of the report. A figure whose data are missing
 # is not drawn: report.md keeps its heading with a line saying why, and no stale PNG is left.
 FIGURES = (
@@ -42,9 +44,6 @@ FIGURES = (
 )
 NOT_DRAWN = 'Figure not drawn:'  # the start of the line that replaces a missing figure
 _REQUIRED = ('trial_id', 'variant', 'batch_size', 'lr', 'seed')
-_DPI = 110
-# With more variants than this, the noise-scale figure shows the first variant only.
-_MAX_NOISE_PANELS = 4
 
 
 def _num(x) -> float | None:
@@ -342,190 +341,9 @@ def _variant_table(rows: Sequence[dict]) -> list[str]:
   return lines
 
 
-# ---------------------------------------------------------------------------------------------
-# Figures. matplotlib's object API with the Agg canvas: no pyplot, no global backend switch,
-# nothing needs a display.
-
-
-def _save(fig, path: str) -> None:
-  """PNG to a local path or an object-store URL (etils.epath)."""
-  with epath.Path(path).open('wb') as f:
-    fig.savefig(f, format='png')
-
-
-def _new_figure(ncols: int = 1, nrows: int = 1):
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-  fig = Figure(figsize=(6.4 * ncols, 4.6 * nrows), dpi=_DPI, layout='constrained')
-  FigureCanvasAgg(fig)
-  axes = [fig.add_subplot(nrows, ncols, i + 1) for i in range(ncols * nrows)]
-  return fig, axes
-
-
-def _colors(n: int):
-  from matplotlib import colormaps
-  cmap = colormaps['tab10'] if n <= 10 else colormaps['viridis']
-  return [cmap(i if n <= 10 else i / max(1, n - 1)) for i in range(n)]
-
-
-def _yerr(summaries: Sequence[dict], log: bool):
-  """Asymmetric error bars [below, above]; on a log axis the lower end stays positive."""
-  mean = np.array([s['mean'] for s in summaries])
-  lo = np.array([s['lo'] for s in summaries])
-  hi = np.array([s['hi'] for s in summaries])
-  if log:
-    lo = np.maximum(lo, mean * 1e-2)
-  return np.stack([mean - lo, hi - mean])
-
-
-def _pad_degenerate(ax):
-  """Gives a one-point axis a range (a single batch size or lr), before its scale is set."""
-  box = ax.dataLim
-  for lo, hi, set_lim in ((box.x0, box.x1, ax.set_xlim), (box.y0, box.y1, ax.set_ylim)):
-    if np.isfinite(lo) and np.isfinite(hi) and math.isclose(lo, hi, rel_tol=1e-9):
-      set_lim(*((lo / 2, hi * 2) if lo > 0 else (lo - 1, hi + 1)))
-
-
-def _wide(values) -> bool:
-  """Whether positive values span a decade or more: a log axis then, else a linear one."""
-  values = [v for v in values if v is not None]
-  return bool(values) and min(values) > 0 and max(values) >= 10 * min(values)
-
-
-def _plot_summary(ax, rows, field, *, color, label, log_y):
-  """Mean with seed error bars of rows[field] vs batch size; returns the rows plotted."""
-  pts = [r for r in rows if r[field] is not None]
-  if not pts:
-    return []
-  x = [r['batch_size'] for r in pts]
-  ax.errorbar(x, [r[field]['mean'] for r in pts], yerr=_yerr([r[field] for r in pts], log_y),
-              color=color, marker='o', capsize=3, label=label)
-  return pts
-
-
-def _spread_note(rows) -> str:
-  kinds = sorted({r[f]['kind'] for r in rows for f in ('steps_to_target', 'final_metric')
-                  if r[f] is not None})
-  names = {'std': '±1 sample std (≥3 seeds)', 'min-max': 'min–max (2 seeds)'}
-  kinds = [names[k] for k in kinds if k in names]
-  return 'error bars: ' + ('; '.join(kinds) if kinds else 'none (1 seed)')
-
-
-def _fig_steps(by_variant, path) -> str:
-  reached = {v: [r for r in rows if r['reached']] for v, rows in by_variant.items()}
-  if not any(reached.values()):
-    return 'no (variant, batch size) point reached the target for every seed.'
-  fig, (ax,) = _new_figure()
-  all_rows = [r for rows in by_variant.values() for r in rows]
-  for (variant, rows), color in zip(by_variant.items(), _colors(len(by_variant))):
-    pts = _plot_summary(ax, reached[variant], 'steps_to_target', color=color, label=variant,
-                        log_y=True)
-    if pts:
-      b0, s0 = pts[0]['batch_size'], pts[0]['steps_to_target']['mean']
-      b_N = np.array([b0, max(r['batch_size'] for r in rows)], dtype=np.float64)
-      ax.plot(b_N, s0 * b0 / b_N, ls=':', color=color, alpha=0.8)
-    missed = [r for r in rows if not r['reached'] and r['step_budget'] is not None]
-    if missed:
-      ax.scatter([r['batch_size'] for r in missed], [r['step_budget'] for r in missed],
-                 marker='x', s=60, color=color, zorder=3)
-  ax.plot([], [], ls=':', color='gray', label='perfect scaling (slope −1)')
-  if any(not r['reached'] for r in all_rows):
-    ax.scatter([], [], marker='x', color='gray', label='not reached (× at the step budget)')
-  _pad_degenerate(ax)
-  ax.set(xscale='log', yscale='log', xlabel='batch size (examples)', ylabel='steps to target',
-         title=f'Steps to {_target_text(all_rows[0]["target"])}\n({_spread_note(all_rows)})')
-  ax.legend(fontsize='small')
-  _save(fig, path)
-  return ''
-
-
-def _fig_best_lr(by_variant, path) -> str:
-  if not any(r['best_lr'] is not None for rows in by_variant.values() for r in rows):
-    return 'no trial reached the target, so no learning rate is best.'
-  fig, (ax,) = _new_figure()
-  for (variant, rows), color in zip(by_variant.items(), _colors(len(by_variant))):
-    pts = _plot_summary(ax, [r for r in rows if r['reached']], 'best_lr', color=color,
-                        label=variant, log_y=True)
-    partial = [r for r in rows if not r['reached'] and r['best_lr'] is not None]
-    if partial:  # some seeds reached: their best lr is real but not the whole point's
-      ax.scatter([r['batch_size'] for r in partial], [r['best_lr']['mean'] for r in partial],
-                 marker='o', facecolors='none', edgecolors=color, zorder=3)
-    ref = pts or partial
-    if ref:
-      b0, lr0 = ref[0]['batch_size'], ref[0]['best_lr']['mean']
-      b_N = np.geomspace(b0, max(r['batch_size'] for r in rows), 32)
-      ax.plot(b_N, lr0 * b_N / b0, ls='--', color=color, alpha=0.6)
-      ax.plot(b_N, lr0 * np.sqrt(b_N / b0), ls=':', color=color, alpha=0.8)
-  ax.plot([], [], ls='--', color='gray', label='linear rule (lr ∝ B)')
-  ax.plot([], [], ls=':', color='gray', label='square-root rule (lr ∝ √B)')
-  if any(not r['reached'] and r['best_lr'] for rows in by_variant.values() for r in rows):
-    ax.scatter([], [], marker='o', facecolors='none', edgecolors='gray',
-               label='not reached by every seed')
-  _pad_degenerate(ax)
-  ax.set(xscale='log', yscale='log', xlabel='batch size (examples)',
-         ylabel='best learning rate (peak)', title='Learning rate with fewest steps to target')
-  ax.legend(fontsize='small')
-  _save(fig, path)
-  return ''
-
-
-def _fig_final(by_variant, path) -> str:
-  all_rows = [r for rows in by_variant.values() for r in rows]
-  if not any(r['final_metric'] is not None for r in all_rows):
-    return 'no trial recorded a final metric.'
-  fig, (ax,) = _new_figure()
-  for (variant, rows), color in zip(by_variant.items(), _colors(len(by_variant))):
-    _plot_summary(ax, rows, 'final_metric', color=color, label=variant, log_y=False)
-  target = all_rows[0]['target'] or {}
-  if _num(target.get('value')) is not None:
-    ax.axhline(float(target['value']), color='gray', ls='--', lw=1,
-               label=f'target {target["value"]}')
-  metric = _metric_label(target)
-  _pad_degenerate(ax)
-  ax.set(xscale='log', xlabel='batch size (examples)', ylabel=f'final {metric}',
-         title=f'Final {metric}, best lr per seed\n({_spread_note(all_rows)})')
-  ax.legend(fontsize='small')
-  _save(fig, path)
-  return ''
-
-
-def _fig_steps_examples(by_variant, fits, path) -> str:
-  if not any(fit for fit, _ in fits.values()):
-    return ('no variant has two batch sizes that reached the target, so the steps/examples '
-            'trade-off cannot be fitted.')
-  fig, (ax,) = _new_figure()
-  for (variant, rows), color in zip(by_variant.items(), _colors(len(by_variant))):
-    pts = [r for r in rows if r['reached'] and r['examples_to_target'] is not None]
-    if not pts:
-      continue
-    ax.errorbar([r['steps_to_target']['mean'] for r in pts],
-                [r['examples_to_target']['mean'] for r in pts],
-                xerr=_yerr([r['steps_to_target'] for r in pts], True),
-                yerr=_yerr([r['examples_to_target'] for r in pts], True),
-                ls='none', marker='o', color=color, capsize=3, label=f'{variant} (measured)')
-    fit = fits[variant][0]
-    if fit is None:
-      continue
-    b = np.array([r['batch_size'] for r in pts], dtype=np.float64)
-    b_N = np.geomspace(b.min() / 4, b.max() * 4, 128)
-    s_N = fit['S_min'] + fit['E_min'] / b_N
-    ax.plot(s_N, s_N * b_N, color=color, alpha=0.8,
-            label=f'{variant} fit: S_min={fit["S_min"]:.3g}, E_min={fit["E_min"]:.3g}')
-    if math.isfinite(fit['B_crit']) and fit['B_crit'] > 0:
-      ax.plot([2 * fit['S_min']], [2 * fit['E_min']], marker='*', ms=14, color=color, ls='none',
-              label=f'{variant} B_crit = E_min/S_min = {fit["B_crit"]:.3g}')
-  _pad_degenerate(ax)
-  ax.set(xscale='log', yscale='log', xlabel='steps to target (steps)',
-         ylabel='examples to target (examples)',
-         title='Steps vs examples: (S/S_min − 1)(E/E_min − 1) = 1\n'
-               '(★ at S = 2·S_min, E = 2·E_min, i.e. B = B_crit)')
-  ax.legend(fontsize='x-small')
-  _save(fig, path)
-  return ''
-
-
-def _fig_noise(by_variant, fits, trials_by_id, path) -> str:
-  """One panel per variant with a measured noise scale; the first such variant alone if many."""
+def _noise_curves(by_variant, trials_by_id) -> dict[str, list]:
+  """{variant: [(batch_size, seed, [(step, B_simple), ...]), ...]}: per batch size, the chosen
+  trial of the first seed with a measured noise scale; variants without one are left out."""
   curves = {}
   for variant in by_variant:
     for r in by_variant[variant]:
@@ -534,55 +352,7 @@ def _fig_noise(by_variant, fits, trials_by_id, path) -> str:
         if series:
           curves.setdefault(variant, []).append((r['batch_size'], seed, series))
           break
-  if not curves:
-    return 'no trial recorded the gradient noise scale.'
-  variants = list(curves)
-  if len(variants) > _MAX_NOISE_PANELS:
-    variants = variants[:1]
-  fig, axes = _new_figure(min(2, len(variants)), nrows=-(-len(variants) // 2))
-  for ax in axes[len(variants):]:
-    ax.set_visible(False)
-  for ax, variant in zip(axes, variants):
-    values_all = []
-    for (batch, seed, series), color in zip(curves[variant], _colors(len(curves[variant]))):
-      steps, values = zip(*series)
-      values_all += values
-      ax.plot(steps, values, color=color, label=f'B = {batch} (seed {seed})')
-    fit = fits[variant][0]
-    if fit and math.isfinite(fit['B_crit']):
-      ax.axhline(fit['B_crit'], color='black', ls='--', lw=1,
-                 label=f'B_crit from the fit = {fit["B_crit"]:.3g}')
-    _pad_degenerate(ax)
-    finite = np.asarray([v for v in values_all if math.isfinite(v)])
-    if len(finite) > 20 and not _wide(values_all):
-      # Single-step estimates at small batches spike (the estimator divides by a small
-      # |G|^2): show the 2nd-98th percentile band; the table has the values at the end.
-      lo, hi = np.percentile(finite, [2, 98])
-      pad = 0.15 * (hi - lo)
-      ax.set_ylim(min(0.0, lo - pad), hi + pad)
-    ax.set(yscale='log' if _wide(values_all) else 'linear', xlabel='training step (steps)',
-           ylabel='B_simple (examples)', title=f'{variant}: noise scale, best-lr trial')
-    ax.legend(fontsize='x-small')
-  _save(fig, path)
-  return ''
-
-
-def _fig_sharpness(by_variant, path) -> str:
-  all_rows = [r for rows in by_variant.values() for r in rows]
-  if not any(r['sharpness'] is not None for r in all_rows):
-    return 'no trial measured sharpness (the top Hessian eigenvalue).'
-  fig, (ax,) = _new_figure()
-  log_y = _wide([v for r in all_rows if r['sharpness'] for v in (r['sharpness']['lo'],
-                                                                    r['sharpness']['hi'])])
-  for (variant, rows), color in zip(by_variant.items(), _colors(len(by_variant))):
-    _plot_summary(ax, rows, 'sharpness', color=color, label=variant, log_y=log_y)
-  _pad_degenerate(ax)
-  ax.set(xscale='log', yscale='log' if log_y else 'linear', xlabel='batch size (examples)',
-         ylabel='top Hessian eigenvalue of the training loss',
-         title='Sharpness at the end of training, best-lr trial per seed')
-  ax.legend(fontsize='small')
-  _save(fig, path)
-  return ''
+  return curves
 
 
 def write_report(results: Sequence[Mapping[str, Any]], workdir: str, *, title: str,
@@ -608,13 +378,21 @@ def write_report(results: Sequence[Mapping[str, Any]], workdir: str, *, title: s
   for p in paths.values():
     if epath.Path(p).exists():
       epath.Path(p).unlink()
+  target = rows[0]['target'] or {}
+  target_value = _num(target.get('value'))
   why_not = {
-      'steps_to_target': _fig_steps(by_variant, paths['steps_to_target']),
-      'best_lr': _fig_best_lr(by_variant, paths['best_lr']),
-      'final_accuracy': _fig_final(by_variant, paths['final_accuracy']),
-      'steps_vs_examples': _fig_steps_examples(by_variant, fits, paths['steps_vs_examples']),
-      'noise_scale': _fig_noise(by_variant, fits, trials_by_id, paths['noise_scale']),
-      'sharpness': _fig_sharpness(by_variant, paths['sharpness']),
+      'steps_to_target': figures.steps_to_target(
+          by_variant, paths['steps_to_target'], target=_target_text(rows[0]['target'])),
+      'best_lr': figures.best_lr(by_variant, paths['best_lr']),
+      'final_accuracy': figures.final_accuracy(
+          by_variant, paths['final_accuracy'], metric=_metric_label(target),
+          target_line=None if target_value is None else (target_value,
+                                                         f'target {target["value"]}')),
+      'steps_vs_examples': figures.steps_vs_examples(by_variant, fits,
+                                                     paths['steps_vs_examples']),
+      'noise_scale': figures.noise_scale(_noise_curves(by_variant, trials_by_id), fits,
+                                         paths['noise_scale']),
+      'sharpness': figures.sharpness(by_variant, paths['sharpness']),
   }
 
   targets = {_target_text(r.get('target')) for r in results}
