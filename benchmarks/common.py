@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from bigbatch import config_lib
 from bigbatch import sharding
-from bigbatch import train
+from bigbatch import trainer as trainer_lib
 
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
@@ -48,28 +48,29 @@ def config(model: str, *, k: int = 1, microbatch: int = 128, conv_impl: str = 'x
   return c
 
 
-def build(cfg, devices=None) -> train.Trainer:
+def build(cfg, devices=None) -> trainer_lib.Trainer:
   devices = list(devices if devices is not None else jax.devices())
   config_lib.validate(cfg, len(devices))
   mesh = sharding.make_mesh(cfg, devices)
-  return train.build(cfg, mesh, num_train=NUM_TRAIN, image_shape=IMAGE_SHAPE,
+  return trainer_lib.build(cfg, mesh, num_train=NUM_TRAIN, image_shape=IMAGE_SHAPE,
                      num_classes=NUM_CLASSES)
 
 
-def abstract_batch(trainer: train.Trainer, k: int, microbatch: int) -> dict:
+def abstract_batch(trainer: trainer_lib.Trainer, k: int, microbatch: int) -> dict:
   s = trainer.batch_sharding
   return {'image': jax.ShapeDtypeStruct((k, microbatch, *IMAGE_SHAPE), jnp.float32, sharding=s),
           'label': jax.ShapeDtypeStruct((k, microbatch), jnp.int32, sharding=s)}
 
 
-def random_batch(trainer: train.Trainer, k: int, microbatch: int, seed: int = 0) -> dict:
+def random_batch(trainer: trainer_lib.Trainer, k: int, microbatch: int,
+                 seed: int = 0) -> dict:
   kx, ky = jax.random.split(jax.random.PRNGKey(seed))
   batch = {'image': jax.random.normal(kx, (k, microbatch, *IMAGE_SHAPE), jnp.float32),
            'label': jax.random.randint(ky, (k, microbatch), 0, NUM_CLASSES, jnp.int32)}
   return jax.device_put(batch, trainer.batch_sharding)
 
 
-def compile_step(trainer: train.Trainer, k: int, microbatch: int):
+def compile_step(trainer: trainer_lib.Trainer, k: int, microbatch: int):
   """The trainer's jitted step, lowered and compiled for a [k, microbatch, 32, 32, 3] batch."""
   return trainer.train_step.lower(trainer.state, abstract_batch(trainer, k, microbatch)).compile()
 

@@ -24,9 +24,11 @@ import jax  # noqa: E402
 
 from benchmarks import report  # noqa: E402
 from bigbatch import config_lib  # noqa: E402
+from bigbatch import data as data_lib  # noqa: E402
 from bigbatch import input_pipeline  # noqa: E402
+from bigbatch import loop  # noqa: E402
 from bigbatch import sharding  # noqa: E402
-from bigbatch import train  # noqa: E402
+from bigbatch import trainer as trainer_lib  # noqa: E402
 
 
 def benchmark_config(steps: int):
@@ -48,9 +50,9 @@ def benchmark_config(steps: int):
 def bare_loop(config, warmup: int = 10) -> float:
   """Steps/s of `for batch in pipeline: state = step(state, batch)` after `warmup` steps."""
   mesh = sharding.make_mesh(config)
-  dataset = input_pipeline.create(config)
-  trainer = train.build(config, mesh, num_train=dataset.num_train,
-                        image_shape=dataset.image_shape, num_classes=dataset.num_classes)
+  dataset = data_lib.create(config)
+  trainer = trainer_lib.build(config, mesh, num_train=dataset.num_train,
+                              image_shape=dataset.image_shape, num_classes=dataset.num_classes)
   state = trainer.state
   batches = input_pipeline.Prefetcher(
       lambda s: input_pipeline.make_global_batches(dataset, s, trainer.batch_sharding),
@@ -67,9 +69,9 @@ def bare_loop(config, warmup: int = 10) -> float:
 
 
 def trainer_loop(config) -> float:
-  """Steady-state steps/s of train.train_and_evaluate, from its own metrics.jsonl."""
+  """Steady-state steps/s of loop.train_and_evaluate, from its own metrics.jsonl."""
   with tempfile.TemporaryDirectory() as workdir:
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
       rates = [r['train/steps_per_sec'] for r in map(json.loads, f) if 'train/steps_per_sec' in r]
   every = config.log_every_steps
@@ -84,11 +86,11 @@ def main():
   args = parser.parse_args()
   config = benchmark_config(args.steps)
   config_lib.validate(config, jax.device_count())
-  bare, loop = [], []
+  bare, trained = [], []
   for _ in range(args.repeats):  # alternate, so drifting machine load hits both alike
     bare.append(bare_loop(config))
-    loop.append(trainer_loop(config))
-  b, t = statistics.median(bare), statistics.median(loop)
+    trained.append(trainer_loop(config))
+  b, t = statistics.median(bare), statistics.median(trained)
   rows = [
       ('bare loop steps/s', f'{b:.2f}', ''),
       ('trainer steps/s', f'{t:.2f}', ''),

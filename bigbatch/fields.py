@@ -31,7 +31,7 @@ def positive(config, path: str, allow_none: bool = False) -> None:
     return
   if (value is None or isinstance(value, bool) or not isinstance(value, (int, float))
       or not math.isfinite(value) or not value > 0):
-    raise ConfigError(f'config.{path}={value!r}: must be a finite number > 0; set '
+    raise ConfigError(f'config.{path}={value!r}: must be a positive, finite number; set '
                       f'--config.{path}=...')
 
 

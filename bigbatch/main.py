@@ -1,11 +1,12 @@
 """Entry point: python -m bigbatch.main --config=configs/X.py[:arg] --workdir=DIR
 
 Intentionally short: parse flags, start jax.distributed when multi-host, validate the config,
-hand over to train.train_and_evaluate. Multi-host (docs/multihost.md): automatic on Cloud TPU
+hand over to loop.train_and_evaluate. Multi-host (docs/multihost.md): automatic on Cloud TPU
 VMs and inside SLURM steps; elsewhere --coordinator_address, --num_processes, --process_id.
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 from absl import app
@@ -55,8 +56,9 @@ def _fail(kind: str, error: Exception, code: int):
   sys.exit(code)
 
 
-def run(config, workdir: str, *, restart_from_scratch: bool = False) -> dict:
-  """Validates, then trains. Errors a user can fix become one line on stderr and an exit code."""
+def run(config, workdir: str, *, restart_from_scratch: bool = False, hooks=()) -> dict:
+  """Validates, then trains (`hooks`: extra loop hooks, bigbatch/hooks.py). Errors a user can
+  fix become one line on stderr and an exit code."""
   import jax  # pylint: disable=g-import-not-at-top
   try:
     # Before TensorFlow is imported or anything is written.
@@ -65,10 +67,11 @@ def run(config, workdir: str, *, restart_from_scratch: bool = False) -> dict:
     _fail('config error', e, EXIT_CONFIG_ERROR)
   # pylint: disable=g-import-not-at-top  (these import TensorFlow)
   from bigbatch import checkpoint
-  from bigbatch import train
+  from bigbatch import loop
   from bigbatch import workdir as workdir_lib
   try:
-    return train.train_and_evaluate(config, workdir, restart_from_scratch=restart_from_scratch)
+    return loop.train_and_evaluate(config, workdir, restart_from_scratch=restart_from_scratch,
+                                   hooks=hooks)
   except config_lib.ConfigError as e:  # those that need the data set's size
     _fail('config error', e, EXIT_CONFIG_ERROR)
   except workdir_lib.WorkdirError as e:
@@ -78,11 +81,11 @@ def run(config, workdir: str, *, restart_from_scratch: bool = False) -> dict:
   except checkpoint.SaveError as e:
     _fail('checkpoint not written', f'{e}; free space or fix permissions, then rerun the same '
           f'command: it resumes from the last checkpoint that was written', EXIT_SAVE_ERROR)
-  except train.DataError as e:
+  except loop.DataError as e:
     _fail('data error', e, EXIT_DATA_ERROR)
-  except train.NonFiniteError as e:
+  except loop.NonFiniteError as e:
     _fail('non-finite values', e, EXIT_NONFINITE)
-  except train.Preempted as e:
+  except loop.Preempted as e:
     _fail('stopped', e, EXIT_PREEMPTED)
 
 
@@ -141,14 +144,19 @@ def _start_distributed():
     _fail('distributed error', e, EXIT_FLAG_ERROR)
 
 
-def main(argv):
+def main(argv, hooks=()):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   _start_distributed()
-  result = run(_CONFIG.value, _WORKDIR.value, restart_from_scratch=_RESTART.value)
+  result = run(_CONFIG.value, _WORKDIR.value, restart_from_scratch=_RESTART.value, hooks=hooks)
   logging.info('Final evaluation: %s', result)
 
 
+def cli(hooks=()) -> None:
+  """The command line, with extra loop hooks (the fault-injection tests install theirs)."""
+  app.run(functools.partial(main, hooks=hooks), flags_parser=_parse_flags)
+
+
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  cli()

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bigbatch import config_lib
+from bigbatch import fields
 
 AXES = ('data', 'model')
 # Batches are laid out [microbatch, examples, ...] and split over 'data' on the examples axis.
@@ -15,11 +15,29 @@ BATCH_SPEC = P(None, 'data')
 EVAL_SPEC = P('data')
 
 
+def mesh_shape(config, num_devices: int) -> tuple[int, int]:
+  """Resolves config.mesh to the ('data', 'model') shape over `num_devices`, or raises
+  fields.ConfigError."""
+  data, model = config.mesh.data, config.mesh.model
+  if model == -1 and data == -1:
+    raise fields.ConfigError('config.mesh: at most one of mesh.data, mesh.model may be -1')
+  if model == -1:
+    model = num_devices // data if data > 0 and num_devices % data == 0 else 0
+  if data == -1:
+    data = num_devices // model if model > 0 and num_devices % model == 0 else 0
+  if data <= 0 or model <= 0 or data * model != num_devices:
+    raise fields.ConfigError(
+        f'config.mesh=(data={config.mesh.data}, model={config.mesh.model}) does not match the '
+        f'{num_devices} devices; set --config.mesh.data=-1 --config.mesh.model=1 or a product '
+        f'equal to {num_devices}')
+  return data, model
+
+
 def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """The mesh of the config over `devices` (default: all). Auto axes: shardings are explicit
   on jit and shard_map boundaries, not carried in types."""
   devices = list(devices if devices is not None else jax.devices())
-  shape = config_lib.mesh_shape(config, len(devices))
+  shape = mesh_shape(config, len(devices))
   return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
                        devices=devices)
 

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from bigbatch import config_lib
+from bigbatch import data as data_lib
 from bigbatch import input_pipeline
+from bigbatch import loop
 from bigbatch import optim
 from bigbatch import sharding
-from bigbatch import train
+from bigbatch import trainer as trainer_lib
 
 
 def _config(**overrides):
@@ -65,10 +67,10 @@ def test_schedule_needs_epochs():
 
 
 def _phased(c, start):
-  dataset = input_pipeline.create(c)
+  dataset = data_lib.create(c)
   d = optim.derive(c, dataset.num_train)
   mesh = sharding.make_mesh(c)
-  batches = train._PhasedBatches(c, dataset, d.phases,
+  batches = loop.PhasedBatches(c, dataset, d.phases,
                                  jax.sharding.NamedSharding(mesh, sharding.BATCH_SPEC), start,
                                  d.total_steps)
   try:
@@ -86,7 +88,7 @@ def test_data_position_is_exact_across_phases_and_on_resume():
   for epoch, steps in ((0, range(0, 25)), (1, range(25, 37)), (2, range(37, 49)),
                        (3, range(49, 55))):
     labels = np.concatenate([full[s]['label'].reshape(-1) for s in steps])
-    dataset = input_pipeline.create(c)
+    dataset = data_lib.create(c)
     _, expected = dataset.train_source(perm(epoch)[:len(labels)])
     np.testing.assert_array_equal(labels, expected)
   assert full[30]['label'].shape == (2, 40) and full[52]['label'].shape == (4, 40)
@@ -98,10 +100,10 @@ def test_data_position_is_exact_across_phases_and_on_resume():
 def test_training_with_a_schedule_compiles_once_per_batch_size(tmp_path):
   c = _config(num_epochs=2.0, batch_schedule=((1, 2),), eval_every_epochs=1.0,
               **{'lr.boundaries_epochs': None, 'lr.decay': 'cosine'})
-  before = set(train._STEP_CACHE)
-  train.train_and_evaluate(c, str(tmp_path))
-  (key,) = set(train._STEP_CACHE) - before
-  assert train._STEP_CACHE[key][0]._cache_size() == 2  # batch 40 and batch 80 (2 x 40)
+  cache = trainer_lib.CompileCache()
+  loop.train_and_evaluate(c, str(tmp_path), cache=cache)
+  ((step_fn, _, _),) = cache.entries('steps')
+  assert step_fn._cache_size() == 2  # batch 40 and batch 80 (2 x 40)
   rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   evals = [r['step'] for r in rows if 'eval/top1' in r]
   assert evals == [25, 37]  # end of epoch 1 (25 x 40) and of epoch 2 (+ 12 x 80)

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 from bigbatch import config_lib
+from bigbatch import loop
 from bigbatch import models
 from bigbatch import optim
 from bigbatch import sharding
-from bigbatch import loop
-from bigbatch import trainer
+from bigbatch import trainer as trainer_lib
+from bigbatch import trust_ratio
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
@@ -65,7 +66,7 @@ def test_full_size_step_lowers(name):
   config_lib.validate(config, jax.device_count())
   data = config.data.name
   mesh = sharding.make_mesh(config)
-  trainer = trainer.build(config, mesh, num_train=NUM_TRAIN[data], image_shape=IMAGE_SHAPE[data],
+  trainer = trainer_lib.build(config, mesh, num_train=NUM_TRAIN[data], image_shape=IMAGE_SHAPE[data],
                         num_classes=NUM_CLASSES[data], initialize=False)
   k, m = config.accumulation_steps, config.global_batch // config.accumulation_steps
   batch = {'image': jax.ShapeDtypeStruct((k, m, *IMAGE_SHAPE[data]), np.float32,
@@ -137,7 +138,7 @@ def _assert_no_decay_on_bn_or_bias(config):
   model = models.build(config.model, 1000)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 64, 64, 3)),
                                              train=False))['params']
-  decayed = optim.path_mask(shapes, config.optimizer.weight_decay_exclude)
+  decayed = trust_ratio.path_mask(shapes, config.optimizer.weight_decay_exclude)
   flat = jax.tree_util.tree_flatten_with_path(decayed)[0]
   for path, on in flat:
     name = sharding.path_str(path)

@@ -17,8 +17,8 @@ import pytest
 
 from bigbatch import checkpoint
 from bigbatch import config_lib
+from bigbatch import loop
 from bigbatch import main
-from bigbatch import train
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 sys.path.insert(0, ROOT)
@@ -91,7 +91,7 @@ def _short():
 @pytest.fixture
 def trained(tmp_path):
   workdir = tmp_path / 'wd'
-  train.train_and_evaluate(_short(), str(workdir))
+  loop.train_and_evaluate(_short(), str(workdir))
   return workdir
 
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from bigbatch import config_lib
-from bigbatch import input_pipeline
+from bigbatch import data as data_lib
+from bigbatch import loop
 from bigbatch import sharding
-from bigbatch import train
+from bigbatch import trainer as trainer_lib
 from bigbatch.face import partial_fc
 
 IMAGE_SHAPE = (16, 16, 3)
@@ -47,7 +48,7 @@ def _batch(k, m, seed=0):
 def _run(config, devices, batches):
   config_lib.validate(config, len(devices))
   mesh = sharding.make_mesh(config, devices)
-  trainer = train.build(config, mesh, num_train=10_000, image_shape=IMAGE_SHAPE,
+  trainer = trainer_lib.build(config, mesh, num_train=10_000, image_shape=IMAGE_SHAPE,
                         num_classes=NUM_CLASSES)
   state = trainer.state
   for b in batches:
@@ -103,7 +104,7 @@ def test_sampled_rows_only_leaves_unsampled_centers_and_momentum_alone():
                       'global_batch': 8, 'model.bn_group_size': None})
   _, state, _ = _run(config, jax.devices(), [_batch(1, 8, seed=5)])
   mesh = sharding.make_mesh(config)  # the initial state again (the step donated its input)
-  fresh = train.build(config, mesh, num_train=10_000, image_shape=IMAGE_SHAPE,
+  fresh = trainer_lib.build(config, mesh, num_train=10_000, image_shape=IMAGE_SHAPE,
                       num_classes=NUM_CLASSES).state
   moved = np.any(np.asarray(state.params['centers']) != np.asarray(fresh.params['centers']), 1)
   momentum = [x for x in jax.tree.leaves(state.opt_state) if x.shape == moved.shape + (8,)]
@@ -128,10 +129,10 @@ def test_face_synthetic_config_learns_held_out_identities(tmp_path):
   """The CPU config, shortened: verification on identities never trained on."""
   from configs import face_synthetic
   config = face_synthetic.get_config('steps=30')
-  result = train.train_and_evaluate(config, str(tmp_path))
+  result = loop.train_and_evaluate(config, str(tmp_path))
   assert result['verify/synthetic/pairs'] == 600
   assert result['verify/synthetic/accuracy'] >= 0.8
   assert 0.0 <= result['verify/synthetic/tar_at_far_1e-3'] <= 1.0
   # The eval split is never used for faces: the training set only holds training identities.
-  dataset = input_pipeline.create(config)
+  dataset = data_lib.create(config)
   assert dataset.num_classes == config.data.num_identities

@@ -16,9 +16,10 @@ import pytest
 
 from bigbatch import checkpoint
 from bigbatch import config_lib
+from bigbatch import loop
 from bigbatch import main
 from bigbatch import sharding
-from bigbatch import train
+from bigbatch import trainer as trainer_lib
 from bigbatch import workdir as workdir_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
@@ -50,7 +51,8 @@ def _cli(workdir, fault=None, devices=2):
   if fault:
     env['BIGBATCH_FAULT'] = fault
   return subprocess.run(
-      [sys.executable, '-m', 'bigbatch.main', f'--config=configs/quickstart.py:steps={STEPS}',
+      [sys.executable, *(['tests/fault_main.py'] if fault else ['-m', 'bigbatch.main']),
+       f'--config=configs/quickstart.py:steps={STEPS}',
        f'--workdir={workdir}', *OVERRIDES], cwd=ROOT, env=env, capture_output=True, text=True,
       timeout=300)
 
@@ -62,7 +64,7 @@ def _records(workdir):
 
 
 def _final_state(workdir, config):
-  trainer = train.build(config, sharding.make_mesh(config), num_train=1437,
+  trainer = trainer_lib.build(config, sharding.make_mesh(config), num_train=1437,
                         image_shape=(8, 8, 1), num_classes=10)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
   return jax.device_get(ckpt.restore(ckpt.latest_step(), trainer.state))
@@ -111,15 +113,14 @@ def test_sigkill_right_after_epoch_boundary_resumes_bitwise(uninterrupted, tmp_p
 
 def test_same_config_and_seed_give_identical_metrics(tmp_path):
   for name in ('a', 'b'):
-    train.train_and_evaluate(_config(num_steps=6), str(tmp_path / name))
+    loop.train_and_evaluate(_config(num_steps=6), str(tmp_path / name))
   assert _records(tmp_path / 'a') == _records(tmp_path / 'b')
 
 
 def test_sigterm_writes_checkpoint_and_exits_75(tmp_path, monkeypatch, capsys):
-  monkeypatch.setenv('BIGBATCH_FAULT', 'term_after_step:3')
   workdir = tmp_path / 'wd'
   with pytest.raises(SystemExit) as e:
-    main.run(_config(), str(workdir))
+    main.run(_config(), str(workdir), hooks=[faults.Fault('term_after_step:3')])
   assert e.value.code == main.EXIT_PREEMPTED == 75
   assert 'checkpoint written at step 3' in capsys.readouterr().err
   assert checkpoint.Checkpointer(str(workdir / 'checkpoints')).latest_step() == 3
@@ -214,7 +215,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(three_checkpoints):
 
 def test_checkpoint_records_its_config(tmp_path):
   config = _config(num_steps=2, checkpoint_every_steps=2)
-  train.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
   meta = checkpoint.Checkpointer(str(tmp_path / 'checkpoints')).metadata(2)
   assert meta['config']['global_batch'] == 128 and meta['step'] == 2
 
@@ -229,7 +230,7 @@ def _nan_batch(k, m):
 
 def test_nonfinite_batch_is_skipped_and_counted():
   config = _config(global_batch=64, accumulation_steps=1)
-  trainer = train.build(config, sharding.make_mesh(config), num_train=1437,
+  trainer = trainer_lib.build(config, sharding.make_mesh(config), num_train=1437,
                         image_shape=(8, 8, 1), num_classes=10)
   before = jax.device_get(trainer.state)
   state, metrics = trainer.train_step(
@@ -245,10 +246,9 @@ def test_nonfinite_batch_is_skipped_and_counted():
 @pytest.mark.parametrize('policy,expected_streak', [('skip', 3), ('stop', 1)])
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, monkeypatch, capsys, policy,
                                                   expected_streak):
-  monkeypatch.setenv('BIGBATCH_FAULT', 'nan_from_step:6')
   config = _config(nonfinite=policy, max_nonfinite_steps=3)
   with pytest.raises(SystemExit) as e:
-    main.run(config, str(tmp_path))
+    main.run(config, str(tmp_path), hooks=[faults.Fault('nan_from_step:6')])
   assert e.value.code == main.EXIT_NONFINITE
   err = capsys.readouterr().err.strip()
   assert f'step {5 + expected_streak}:' in err and f'{expected_streak} consecutive' in err
@@ -266,7 +266,7 @@ def _short(**overrides):
 
 
 def test_restart_with_a_different_experiment_is_refused(tmp_path, capsys):
-  train.train_and_evaluate(_short(), str(tmp_path))
+  loop.train_and_evaluate(_short(), str(tmp_path))
   before = sorted(os.listdir(tmp_path / 'checkpoints'))
   with pytest.raises(SystemExit) as e:
     main.run(_short(global_batch=64, **{'optimizer.name': 'lars'}), str(tmp_path))
@@ -277,22 +277,22 @@ def test_restart_with_a_different_experiment_is_refused(tmp_path, capsys):
 
 
 def test_observing_and_extending_changes_are_allowed(tmp_path):
-  train.train_and_evaluate(_short(), str(tmp_path))
+  loop.train_and_evaluate(_short(), str(tmp_path))
   # Constant lr: 8 steps give the first 4 the same lr, so extending is allowed.
-  train.train_and_evaluate(_short(num_steps=8, log_every_steps=2), str(tmp_path))
+  loop.train_and_evaluate(_short(num_steps=8, log_every_steps=2), str(tmp_path))
   assert checkpoint.Checkpointer(str(tmp_path / 'checkpoints')).latest_step() == 8
 
 
 def test_extending_a_decaying_schedule_is_refused(tmp_path):
-  train.train_and_evaluate(_short(**{'lr.decay': 'cosine'}), str(tmp_path))
+  loop.train_and_evaluate(_short(**{'lr.decay': 'cosine'}), str(tmp_path))
   with pytest.raises(workdir_lib.WorkdirError, match='lr of steps already run'):
-    train.train_and_evaluate(_short(num_steps=8, **{'lr.decay': 'cosine'}), str(tmp_path))
+    loop.train_and_evaluate(_short(num_steps=8, **{'lr.decay': 'cosine'}), str(tmp_path))
 
 
 def test_restart_from_scratch_sets_the_old_run_aside(tmp_path):
   workdir = tmp_path / 'wd'
-  train.train_and_evaluate(_short(), str(workdir))
-  train.train_and_evaluate(_short(global_batch=64), str(workdir), restart_from_scratch=True)
+  loop.train_and_evaluate(_short(), str(workdir))
+  loop.train_and_evaluate(_short(global_batch=64), str(workdir), restart_from_scratch=True)
   aside = [p for p in os.listdir(tmp_path) if p.startswith('wd.old-')]
   assert len(aside) == 1
   assert json.load(open(tmp_path / aside[0] / 'config.json'))['global_batch'] == 128
@@ -304,13 +304,13 @@ def test_run_resumed_past_a_corrupt_checkpoint_saves_that_step_again(tmp_path):
   """The corrupt latest checkpoint is set aside; the retrained step is checkpointed anew (orbax
   would otherwise skip a save whose step directory exists) and verifies."""
   config = _short(checkpoint_every_steps=2)
-  train.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
   ckpt_dir = str(tmp_path / 'checkpoints')
   _corrupt(ckpt_dir, 4, 'flipped')
-  train.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
   ckpt = checkpoint.Checkpointer(ckpt_dir)
   assert ckpt.all_steps()[-1] == 4
-  _, step = ckpt.restore_latest(train.build(
+  _, step = ckpt.restore_latest(trainer_lib.build(
       config, sharding.make_mesh(config), num_train=1437, image_shape=(8, 8, 1),
       num_classes=10).state)
   assert step == 4

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from bigbatch import checkpoint
-from bigbatch import input_pipeline
+from bigbatch import data as data_lib
+from bigbatch import loop
 from bigbatch import models
 from bigbatch import sharding
-from bigbatch import train
+from bigbatch import trainer as trainer_lib
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 from configs import quickstart  # noqa: E402
@@ -28,7 +29,7 @@ def _records(workdir):
 def test_quickstart_shortened_reaches_90_percent(tmp_path):
   config = quickstart.get_config('steps=60')
   workdir = str(tmp_path)
-  result = train.train_and_evaluate(config, workdir)
+  result = loop.train_and_evaluate(config, workdir)
   assert result['eval/top1'] >= 0.90, result
   assert result['eval/examples'] == 360
   # The workdir holds what a researcher reads back.
@@ -68,12 +69,12 @@ def _resume_config(steps):
 
 def test_restart_resumes_and_equals_an_uninterrupted_run(tmp_path):
   straight, restarted = str(tmp_path / 'a'), str(tmp_path / 'b')
-  train.train_and_evaluate(_resume_config(12), straight)
-  train.train_and_evaluate(_resume_config(6), restarted)  # stops at 6 (checkpoint at 4 and 6)
-  train.train_and_evaluate(_resume_config(12), restarted)  # resumes from 6
+  loop.train_and_evaluate(_resume_config(12), straight)
+  loop.train_and_evaluate(_resume_config(6), restarted)  # stops at 6 (checkpoint at 4 and 6)
+  loop.train_and_evaluate(_resume_config(12), restarted)  # resumes from 6
 
   config = _resume_config(12)
-  trainer = train.build(config, sharding.make_mesh(config), num_train=1437,
+  trainer = trainer_lib.build(config, sharding.make_mesh(config), num_train=1437,
                         image_shape=(8, 8, 1), num_classes=10)
   a = checkpoint.Checkpointer(os.path.join(straight, 'checkpoints')).restore(12, trainer.state)
   b = checkpoint.Checkpointer(os.path.join(restarted, 'checkpoints')).restore(12, trainer.state)
@@ -98,7 +99,7 @@ def _tiny(steps=4, **fields):
 
 def test_ema_of_parameters_is_updated_and_evaluated(tmp_path):
   config = _tiny(ema_decay=0.75)
-  trainer = train.build(config, sharding.make_mesh(config), num_train=1437,
+  trainer = trainer_lib.build(config, sharding.make_mesh(config), num_train=1437,
                         image_shape=(8, 8, 1), num_classes=10)
   rng = np.random.default_rng(0)
   batch = {'image': rng.normal(size=(1, 128, 8, 8, 1)).astype(np.float32),
@@ -108,13 +109,13 @@ def test_ema_of_parameters_is_updated_and_evaluated(tmp_path):
   after, ema = jax.device_get(state.params), jax.device_get(state.ema_params)
   for p0, p1, e in zip(jax.tree.leaves(before), jax.tree.leaves(after), jax.tree.leaves(ema)):
     np.testing.assert_allclose(e, 0.75 * p0 + 0.25 * p1, rtol=1e-6, atol=1e-7)
-  result = train.train_and_evaluate(config, str(tmp_path))
+  result = loop.train_and_evaluate(config, str(tmp_path))
   assert 0.0 <= result['eval_ema/top1'] <= 1.0 and result['eval_ema/examples'] == 360
   assert result['eval_ema/loss'] != result['eval/loss']
 
 
 def test_profile_of_chosen_steps_is_written(tmp_path):
-  train.train_and_evaluate(_tiny(profile_steps=(2, 3)), str(tmp_path))
+  loop.train_and_evaluate(_tiny(profile_steps=(2, 3)), str(tmp_path))
   traces = [f for d, _, fs in os.walk(tmp_path / 'profile') for f in fs if 'xplane' in f]
   assert traces
 
@@ -135,27 +136,27 @@ def test_persistent_compilation_cache_is_written(tmp_path):
 
 
 def test_eval_mode_evaluates_the_latest_checkpoint_and_changes_nothing_else(tmp_path):
-  trained = train.train_and_evaluate(_tiny(), str(tmp_path))
+  trained = loop.train_and_evaluate(_tiny(), str(tmp_path))
   metrics_before = (tmp_path / 'metrics.jsonl').read_text()
   config = _tiny()
   config.mode = 'eval'
   config.eval_batch = 256  # an observing change: allowed in the same workdir
-  result = train.train_and_evaluate(config, str(tmp_path))
+  result = loop.train_and_evaluate(config, str(tmp_path))
   assert result['eval/top1'] == trained['eval/top1']
   assert result['eval/loss'] == pytest.approx(trained['eval/loss'], rel=1e-6)
   assert json.load(open(tmp_path / 'eval-4.json'))['eval/top1'] == result['eval/top1']
   assert (tmp_path / 'metrics.jsonl').read_text() == metrics_before
   with pytest.raises(checkpoint.CheckpointError, match='no checkpoint'):
-    train.train_and_evaluate(config, str(tmp_path / 'empty'))
+    loop.train_and_evaluate(config, str(tmp_path / 'empty'))
 
 
 def test_precise_bn_is_the_mean_of_batch_statistics_and_is_evaluated(tmp_path):
   config = _tiny(precise_bn_batches=3)
   config.accumulation_steps = 2
-  dataset = input_pipeline.create(config)
-  trainer = train.build(config, sharding.make_mesh(config), num_train=dataset.num_train,
+  dataset = data_lib.create(config)
+  trainer = trainer_lib.build(config, sharding.make_mesh(config), num_train=dataset.num_train,
                         image_shape=dataset.image_shape, num_classes=10)
-  state = train.precise_bn(trainer, trainer.state, dataset, 3, first_step=5)
+  state = trainer_lib.precise_bn(trainer, trainer.state, dataset, 3, first_step=5)
   # Reference: one device, no shard_map, each microbatch of each batch whole (sync BN over the
   # microbatch = BN of the whole microbatch), momentum 0, plain mean over all 6 microbatches.
   model = models.build(_with(config.model, bn_momentum=0.0), 10)
@@ -171,7 +172,7 @@ def test_precise_bn_is_the_mean_of_batch_statistics_and_is_evaluated(tmp_path):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
   assert not np.allclose(jax.device_get(state.batch_stats['norm0']['var']),
                          jax.device_get(trainer.state.batch_stats['norm0']['var']))
-  result = train.train_and_evaluate(config, str(tmp_path))
+  result = loop.train_and_evaluate(config, str(tmp_path))
   assert 0.0 <= result['eval/top1'] <= 1.0
 
 
@@ -186,27 +187,27 @@ def _with(model_config, **fields):
 @pytest.mark.slow
 def test_init_from_another_run_takes_its_params_with_a_fresh_optimizer(tmp_path):
   source = str(tmp_path / 'source')
-  train.train_and_evaluate(_tiny(), source)  # SGD
+  loop.train_and_evaluate(_tiny(), source)  # SGD
   config = _tiny(init_from=source)
   config.optimizer.name = 'lamb'
-  trainer = train.build(config, sharding.make_mesh(config), num_train=1437,
+  trainer = trainer_lib.build(config, sharding.make_mesh(config), num_train=1437,
                         image_shape=(8, 8, 1), num_classes=10)
-  state = train.init_from_workdir(trainer, trainer.state, source, image_shape=(8, 8, 1),
+  state = trainer_lib.init_from_workdir(trainer, trainer.state, source, image_shape=(8, 8, 1),
                                   num_classes=10)
   src = checkpoint.Checkpointer(os.path.join(source, 'checkpoints'))
-  src_trainer = train.build(_tiny(), sharding.make_mesh(config), num_train=1437,
+  src_trainer = trainer_lib.build(_tiny(), sharding.make_mesh(config), num_train=1437,
                             image_shape=(8, 8, 1), num_classes=10)
   expected = src.restore(src.latest_step(), src_trainer.state)
   for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected.params)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert int(state.step) == 0
-  train.train_and_evaluate(config, str(tmp_path / 'finetune'))
+  loop.train_and_evaluate(config, str(tmp_path / 'finetune'))
   scratch = _tiny()
   scratch.optimizer.name = 'lamb'
-  train.train_and_evaluate(scratch, str(tmp_path / 'scratch'))
+  loop.train_and_evaluate(scratch, str(tmp_path / 'scratch'))
   first_loss = lambda d: _records(tmp_path / d)[0]['train/loss']
   assert first_loss('finetune') < first_loss('scratch')  # it started from trained weights
   wider = _tiny(init_from=source)
   wider.model.width = 16
   with pytest.raises(checkpoint.CheckpointError, match='do not fit this model.*conv0/kernel'):
-    train.train_and_evaluate(wider, str(tmp_path / 'wider'))
+    loop.train_and_evaluate(wider, str(tmp_path / 'wider'))

@@ -28,8 +28,9 @@ import pytest
 
 from bigbatch import checkpoint
 from bigbatch import distributed
+from bigbatch import loop
 from bigbatch import sharding
-from bigbatch import train
+from bigbatch import trainer as trainer_lib
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 sys.path.insert(0, ROOT)
@@ -91,7 +92,7 @@ def _assert_records_close(a, b):
 def _restore(workdir, step):
   """The checkpoint of `step` restored on this process's 8 devices (fingerprints verified)."""
   config = _config()
-  trainer = train.build(config, sharding.make_mesh(config), num_train=1437,
+  trainer = trainer_lib.build(config, sharding.make_mesh(config), num_train=1437,
                         image_shape=(8, 8, 1), num_classes=10)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
   try:
@@ -111,7 +112,7 @@ def _assert_states_close(a, b):
 def reference(tmp_path_factory):
   """1 process x 8 devices, in this process: checkpoints 3 and 6, metrics of every step."""
   workdir = str(tmp_path_factory.mktemp('one_process'))
-  train.train_and_evaluate(_config(), workdir)
+  loop.train_and_evaluate(_config(), workdir)
   return workdir
 
 
@@ -122,8 +123,9 @@ def _spawn(workdir, *, port, processes=2, faults=None, extra=()):
     env = _env(XLA_FLAGS='--xla_force_host_platform_device_count=4')
     if faults and i in faults:
       env['BIGBATCH_FAULT'] = faults[i]
+    entry = ['tests/fault_main.py'] if faults and i in faults else ['-m', 'bigbatch.main']
     procs.append(subprocess.Popen(
-        [sys.executable, '-m', 'bigbatch.main', CONFIG_ARG, f'--workdir={workdir}', *OVERRIDES,
+        [sys.executable, *entry, CONFIG_ARG, f'--workdir={workdir}', *OVERRIDES,
          f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={processes}',
          f'--process_id={i}', *extra],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
@@ -203,7 +205,7 @@ def test_sigterm_to_one_process_checkpoints_all_at_one_step(reference, tmp_path)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3']
   _assert_states_close(_restore(reference, 3), _restore(workdir, 3))
   # 2x4 -> 1x8: this process (8 devices) finishes the preempted run.
-  train.train_and_evaluate(_config(), workdir)
+  loop.train_and_evaluate(_config(), workdir)
   _assert_records_close(_records(reference), _records(workdir))
   _assert_states_close(_restore(reference, 6), _restore(workdir, 6))
 

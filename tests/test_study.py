@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 
 from bigbatch import config_lib
-from bigbatch import input_pipeline
+from bigbatch import data as data_lib
+from bigbatch import loop
 from bigbatch import sharding
-from bigbatch import train
+from bigbatch import trainer as trainer_lib
+from bigbatch.study import hooks as study_hooks
 from bigbatch.study import noise_scale
 from bigbatch.study import report
 from bigbatch.study import run
+from bigbatch.tasks import classification
 from configs import study_digits
 
 IMAGE_SHAPE = (8, 8, 1)
@@ -37,7 +40,7 @@ def test_noise_scale_in_the_step_equals_the_estimator_on_per_device_gradients():
   config = _mlp_config(**{'noise_scale.enabled': True, 'accumulation_steps': 2,
                           'optimizer.weight_decay': 1e-2})
   mesh = sharding.make_mesh(config)  # 8 devices: 2 microbatches x 8 devices of b = 2 examples
-  trainer = train.build(config, mesh, num_train=1000, image_shape=IMAGE_SHAPE, num_classes=10)
+  trainer = trainer_lib.build(config, mesh, num_train=1000, image_shape=IMAGE_SHAPE, num_classes=10)
   rng = np.random.default_rng(0)
   batch = {'image': rng.normal(size=(2, 16, *IMAGE_SHAPE)).astype(np.float32),
            'label': rng.integers(0, 10, size=(2, 16)).astype(np.int32)}
@@ -46,8 +49,8 @@ def test_noise_scale_in_the_step_equals_the_estimator_on_per_device_gradients():
 
   # Reference: the loss gradient (no weight decay) of each device's share of each microbatch.
   def grad(x, y):
-    return jax.grad(lambda p: train.loss_fn(p, {}, x, y, model=trainer.model, num_classes=10,
-                                            label_smoothing=0.0)[0])(params)
+    return jax.grad(lambda p: classification.loss_fn(
+        p, {}, x, y, None, model=trainer.model, num_classes=10, label_smoothing=0.0)[0])(params)
   small = [ravel_pytree(grad(batch['image'][k, d * 2:(d + 1) * 2],
                              batch['label'][k, d * 2:(d + 1) * 2]))[0]
            for k in range(2) for d in range(8)]
@@ -72,17 +75,18 @@ def test_trainer_sharpness_is_the_top_eigenvalue_of_the_dense_hessian():
   config = _mlp_config(**{'data.name': 'synthetic', 'data.num_train': 256, 'data.num_eval': 64,
                           'model.width': 4, 'sharpness.num_examples': 48,
                           'sharpness.num_iters': 40})
-  dataset = input_pipeline.create(config)
+  dataset = data_lib.create(config)
   mesh = sharding.make_mesh(config)
-  trainer = train.build(config, mesh, num_train=dataset.num_train,
+  trainer = trainer_lib.build(config, mesh, num_train=dataset.num_train,
                         image_shape=dataset.image_shape, num_classes=dataset.num_classes)
-  value = train.measure_sharpness(trainer, trainer.state, dataset, config)
+  value = study_hooks.measure_sharpness(trainer, trainer.state, dataset, config)
   # The same 48 examples: the first 48 of the epoch-0 order (steps 0 and 1 at batch 32).
   rows = [dataset.train_batch(s) for s in range(2)]
   images = np.concatenate([r['image'].reshape(-1, *IMAGE_SHAPE) for r in rows])[:48]
   labels = np.concatenate([r['label'].reshape(-1) for r in rows])[:48]
   flat, unravel = ravel_pytree(jax.device_get(trainer.state.params))
-  loss = lambda f: train._sharpness_loss(trainer.model, 10, 0.0)(unravel(f), {}, images, labels)
+  loss = lambda f: study_hooks._classification_loss(trainer.model, 10, 0.0)(
+      unravel(f), {}, images, labels)
   eigenvalues = np.linalg.eigvalsh(np.asarray(jax.hessian(loss)(flat), np.float64))
   assert eigenvalues[-1] > 0
   np.testing.assert_allclose(value, eigenvalues[-1], rtol=1e-2)
@@ -104,7 +108,7 @@ def _digits_config(**overrides):
 
 def test_steps_to_target_is_the_first_evaluation_that_meets_it(tmp_path):
   config = _digits_config(**{'target.value': 0.28})
-  train.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
   rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   curve = [(r['step'], r['eval/top1']) for r in rows if 'eval/top1' in r]
   reached = json.load(open(tmp_path / 'target.json'))
@@ -141,12 +145,12 @@ def test_a_bad_variant_field_fails_before_any_trial_runs(tmp_path):
 
 def test_quick_sweep_end_to_end_compiles_once_per_batch_size_and_resumes(tmp_path, monkeypatch):
   study = study_digits.get_config('quick')
-  before = set(train._STEP_CACHE)
+  cache = trainer_lib.CompileCache()
   lines = []
-  results = run.run(study, str(tmp_path), echo=lines.append)
+  results = run.run(study, str(tmp_path), echo=lines.append, cache=cache)
   assert len(results) == 4  # 2 batch sizes x 2 learning rates
   assert any('trial 4/4' in l and 'ETA' in l for l in lines)
-  new = [train._STEP_CACHE[k] for k in set(train._STEP_CACHE) - before]
+  new = cache.entries('steps')
   assert len(new) == 2  # one step per batch size, each compiled for one input shape
   for step_fn, _, _ in new:
     assert step_fn._cache_size() == 1

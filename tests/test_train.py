@@ -11,7 +11,7 @@ import pytest
 from bigbatch import config_lib
 from bigbatch import hlo
 from bigbatch import sharding
-from bigbatch import train
+from bigbatch import trainer as trainer_lib
 from bigbatch.models import layers
 
 IMAGE_SHAPE = (8, 8, 1)
@@ -32,9 +32,10 @@ def _batch(k, m, seed=0):
           'label': rng.integers(0, 10, size=(k, m)).astype(np.int32)}
 
 
-def _run(config, devices, batches):
+def _run(config, devices, batches, cache=None):
   mesh = sharding.make_mesh(config, devices)
-  trainer = train.build(config, mesh, num_train=10_000, image_shape=IMAGE_SHAPE, num_classes=10)
+  trainer = trainer_lib.build(config, mesh, num_train=10_000, image_shape=IMAGE_SHAPE,
+                              num_classes=10, cache=cache)
   state = trainer.state
   for b in batches:
     state, metrics = trainer.train_step(state, jax.device_put(b, trainer.batch_sharding))
@@ -58,7 +59,7 @@ def test_lars_sync_bn_update_8_devices_equals_1_device():
   _assert_trees_close(eight.batch_stats, one.batch_stats)
   np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
   # The update did something: parameters moved and trust ratios are not trivially 1.
-  init = jax.device_get(train.build(config, train.sharding.make_mesh(config, jax.devices()[:1]),
+  init = jax.device_get(trainer_lib.build(config, sharding.make_mesh(config, jax.devices()[:1]),
                                     num_train=10_000, image_shape=IMAGE_SHAPE,
                                     num_classes=10).state)
   assert not np.allclose(init.params['conv0']['kernel'], one.params['conv0']['kernel'])
@@ -98,7 +99,7 @@ def test_accumulation_equals_one_large_batch_with_ghost_bn(optimizer):
 def test_gradients_reduced_once_after_the_accumulation_loop():
   config = _config(accumulation_steps=4, global_batch=256, **{'model.bn_group_size': None})
   mesh = sharding.make_mesh(config)
-  trainer = train.build(config, mesh, num_train=10_000, image_shape=IMAGE_SHAPE, num_classes=10)
+  trainer = trainer_lib.build(config, mesh, num_train=10_000, image_shape=IMAGE_SHAPE, num_classes=10)
   batch = jax.device_put(_batch(4, 64), trainer.batch_sharding)
   text = trainer.train_step.lower(trainer.state, batch).compile().as_text()
   comps = hlo.computations(text)
@@ -145,13 +146,31 @@ def test_ghost_bn_rejects_group_not_dividing_batch():
 
 
 def test_lr_trials_share_one_compiled_step():
-  train._STEP_CACHE.clear()
+  cache = trainer_lib.CompileCache()
   lrs = []
   for base_lr in (0.05, 0.1, 0.2):
     config = _config(**{'lr.base_lr': base_lr, 'global_batch': 64})
-    _, metrics = _run(config, jax.devices(), [_batch(1, 64)])
+    _, metrics = _run(config, jax.devices(), [_batch(1, 64)], cache)
     lrs.append(float(metrics['lr']))
-  assert len(train._STEP_CACHE) == 1
-  ((step_fn, _, _),) = train._STEP_CACHE.values()
+  assert len(cache.entries('steps')) == 1
+  ((step_fn, _, _),) = cache.entries('steps')
   assert step_fn._cache_size() == 1  # one trace, one compilation for the three trials
   np.testing.assert_allclose(lrs, [0.05 / 4, 0.1 / 4, 0.2 / 4], rtol=1e-5)  # 64/256 linear rule
+
+
+def test_builds_with_different_class_counts_in_one_process():
+  """The compile cache is keyed on build()'s arguments too: 10 classes, then 40, in one cache."""
+  cache = trainer_lib.CompileCache()
+  config = _config(global_batch=16)
+  for num_classes in (10, 40):
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    t = trainer_lib.build(config, mesh, num_train=10_000, image_shape=IMAGE_SHAPE,
+                          num_classes=num_classes, cache=cache)
+    batch = _batch(1, 16)
+    batch['label'] = batch['label'] % num_classes
+    state, metrics = t.train_step(t.state, jax.device_put(batch, t.batch_sharding))
+    logits = t.model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                           batch['image'][0], train=False)
+    assert logits.shape == (16, num_classes)
+    assert np.isfinite(float(metrics['loss']))
+  assert len(cache.entries('steps')) == 2 and len(cache.entries('init')) == 2

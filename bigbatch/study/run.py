@@ -22,11 +22,12 @@ A study config (configs/study_*.py) names a base experiment config and what to s
   study.noise_scale   log the gradient noise scale in every trial that can measure it
   study.sharpness     measure the top Hessian eigenvalue at the end of every trial
 
-Each trial is one run of `train.train_and_evaluate` in DIR/trials/<trial id>, with the target
+Each trial is one run of `loop.train_and_evaluate` in DIR/trials/<trial id>, with the target
 stop and the budget set; its result (the schema of bigbatch/study/report.py) goes to
 DIR/trials/<id>/result.json and DIR/results.jsonl. Trials that differ only in the peak lr or
-the seed reuse one compiled step (the trainer's step cache). A rerun of the same command skips
-every trial with a result; an interrupted trial resumes from its own checkpoints.
+the seed reuse one compiled step (a trainer.CompileCache held by the runner). A rerun of the
+same command skips every trial with a result; an interrupted trial resumes from its own
+checkpoints.
 
 For a cluster, `--print_commands` prints one command per unfinished trial (`--trial=ID`, to run
 as a SLURM array or on several TPU slices, each writing only its result.json) and `--merge`
@@ -44,11 +45,16 @@ from typing import Iterable
 
 from absl import logging
 from etils import epath
+import jax
 import ml_collections
 
 from bigbatch import config_lib
+from bigbatch import data
+from bigbatch import optim
+from bigbatch import sharding
+from bigbatch import trainer
 from bigbatch import workdir as workdir_lib
-from bigbatch.config_lib import ConfigError
+from bigbatch.fields import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,11 +107,10 @@ def lr_values(search) -> list[float]:
 
 def _data_devices(config) -> int:
   """The size of the config's 'data' mesh axis on this machine's devices."""
-  return config_lib.mesh_shape(config, _num_devices())[0]
+  return sharding.mesh_shape(config, _num_devices())[0]
 
 
 def _num_devices() -> int:
-  import jax  # pylint: disable=g-import-not-at-top
   return jax.device_count()
 
 
@@ -148,13 +153,13 @@ def _trial_fields(study, c, batch: int, search, value: float, seed: int) -> None
   else:
     raise ConfigError(f'study.lr_search.relative_to={search.relative_to!r}; choose rule or '
                       f'absolute')
-  data = _data_devices(c)
+  data_parallel = _data_devices(c)
   k = 1
   if study.microbatch:
-    per_step = study.microbatch * data
+    per_step = study.microbatch * data_parallel
     k = batch // per_step if batch % per_step == 0 and batch > per_step else 1
   c.accumulation_steps = k
-  per_device = batch // (data * k) if batch % (data * k) == 0 else None
+  per_device = batch // (data_parallel * k) if batch % (data_parallel * k) == 0 else None
   g = c.model.bn_group_size
   if g is not None and per_device is not None and per_device < g:
     c.model.bn_group_size = per_device  # a small batch is one ghost group
@@ -163,7 +168,7 @@ def _trial_fields(study, c, batch: int, search, value: float, seed: int) -> None
                                                     study.target.mode)
   c.target.stop = True
   c.eval_every_epochs, c.eval_every_steps = study.eval_every_epochs, None
-  c.noise_scale.enabled = bool(study.noise_scale) and data * k >= 2
+  c.noise_scale.enabled = bool(study.noise_scale) and data_parallel * k >= 2
   c.sharpness.at_end = bool(study.sharpness)
   c.checkpoint_every_steps = 1 << 30  # trials are short: a checkpoint at the end (or stop)
   c.log_every_steps = study.log_every_steps
@@ -189,7 +194,6 @@ def _float(v) -> float:
 
 def collect(trial: Trial, trial_dir: str, wall_s: float, diverged: bool = False) -> dict:
   """The result row of a finished trial, from its workdir (metrics.jsonl, target.json)."""
-  from bigbatch import optim  # pylint: disable=g-import-not-at-top
   c = trial.config
   rows = _read_metrics(os.path.join(trial_dir, 'metrics.jsonl'))
   metric = c.target.metric
@@ -232,8 +236,7 @@ _NUM_TRAIN: dict[str, int] = {}
 def _num_train(c) -> int:
   key = json.dumps([c.data.name, c.data.num_train, c.data.train_split, c.data.tfds_name])
   if key not in _NUM_TRAIN:
-    from bigbatch import input_pipeline  # pylint: disable=g-import-not-at-top
-    _NUM_TRAIN[key] = input_pipeline.create(c).num_train
+    _NUM_TRAIN[key] = data.create(c).num_train
   return _NUM_TRAIN[key]
 
 
@@ -255,7 +258,6 @@ def read_results(workdir: str) -> dict[str, dict]:
 
 
 def _is_main() -> bool:
-  import jax  # pylint: disable=g-import-not-at-top
   return jax.process_index() == 0  # multi-host trials: every process trains, one writes
 
 
@@ -286,16 +288,18 @@ def _write_json(path: str, obj) -> None:
 # ----------------------------------------------------------------------------- running
 
 
-def run_trial(trial: Trial, workdir: str) -> dict:
-  """Runs (or resumes) one trial through the trainer and writes its result.json."""
-  from bigbatch import train  # pylint: disable=g-import-not-at-top
+def run_trial(trial: Trial, workdir: str, cache=None) -> dict:
+  """Runs (or resumes) one trial through the trainer and writes its result.json. `cache`: a
+  trainer.CompileCache shared by the study's trials."""
+  # pylint: disable-next=g-import-not-at-top  (imports TensorFlow; --print_commands needs none)
+  from bigbatch import loop
   trial_dir = os.path.join(workdir, 'trials', trial.trial_id)
   epath.Path(trial_dir).mkdir(parents=True, exist_ok=True)
   start = time.monotonic()
   diverged = False
   try:
-    train.train_and_evaluate(trial.config, trial_dir)
-  except train.NonFiniteError as e:
+    loop.train_and_evaluate(trial.config, trial_dir, cache=cache)
+  except loop.NonFiniteError as e:
     logging.warning('Trial %s diverged: %s', trial.trial_id, e)
     diverged = True
   row = collect(trial, trial_dir, time.monotonic() - start, diverged=diverged)
@@ -309,9 +313,10 @@ def _duration(seconds: float) -> str:
 
 
 def run(study: ml_collections.ConfigDict, workdir: str, *, only: Iterable[str] = (),
-        echo=print) -> list[dict]:
+        echo=print, cache=None) -> list[dict]:
   """Runs every unfinished trial (or those named in `only`), then writes the report (not for
-  `only`). Returns all results known in the workdir."""
+  `only`). Returns all results known in the workdir. `cache`: a trainer.CompileCache for the
+  trials (None: a new one, shared by this call's trials)."""
   all_trials = trials(study)
   by_id = {t.trial_id: t for t in all_trials}
   unknown = sorted(set(only) - set(by_id))
@@ -326,8 +331,10 @@ def run(study: ml_collections.ConfigDict, workdir: str, *, only: Iterable[str] =
     echo(f'[study] {len(done)} of {len(all_trials)} trials already have results in {workdir}; '
          f'running the other {len(todo)}')
   started = time.monotonic()
+  if cache is None:
+    cache = trainer.CompileCache()  # trials that differ in the peak lr or seed share a step
   for i, trial in enumerate(todo):
-    row = run_trial(trial, workdir)
+    row = run_trial(trial, workdir, cache)
     done[trial.trial_id] = row
     if not only:
       _append_result(workdir, row)

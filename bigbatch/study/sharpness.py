@@ -179,3 +179,4 @@ def top_eigenvalue(loss_fn: Callable[..., jax.Array], params, *args, num_iters: 
   """
   return lanczos_top_eigenvalue(_LossHvp(loss_fn), params, num_iters=num_iters, key=key,
                                 operands=(params,) + tuple(args), breakdown_tol=breakdown_tol)
+

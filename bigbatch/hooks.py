@@ -1,0 +1,215 @@
+"""Periodic work of the training loop, as hooks: logging, evaluation, checkpoints, preemption,
+profiling (here), the study's target and sharpness (bigbatch/study/), and the tests' fault
+injection (tests/faults.py). Each is scheduled by one "is it time" rule, `Every`, over steps or
+epochs (batch-size phases included), in the spirit of big_vision's `itstime`.
+
+A hook is an object with any of `start(run)`, `before_step(run, done, batch) -> batch`,
+`after_step(run, done)` and `end(run)`; `order` places it among the others after each step
+(lower first). `run` is the loop's state (bigbatch/loop.py: Run). A new periodic measurement is
+a new Hook passed to `loop.train_and_evaluate(..., hooks=[...])`; the loop does not change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+import jax
+
+from bigbatch import flops
+from bigbatch import metrics as metrics_lib
+from bigbatch import optim
+
+
+class Hook:
+  """Does nothing; subclasses override what they need."""
+  order = 100
+
+  def start(self, run) -> None:
+    """Before the first step (after restore)."""
+
+  def before_step(self, run, done: int, batch: dict) -> dict:
+    """Before update `done` (1-based) is dispatched; may replace its batch."""
+    del run, done
+    return batch
+
+  def after_step(self, run, done: int) -> None:
+    """After update `done` was dispatched (its results may still be computing)."""
+
+  def end(self, run) -> None:
+    """After the last step of a run that was not interrupted."""
+
+
+def epochs_at(step: int, phases) -> float:
+  """Epochs seen after `step` updates under a batch-size schedule."""
+  p = optim.phase_at(max(step - 1, 0), phases) if step else phases[0]
+  return p.start_epoch + (step - p.start_step) / p.steps_per_epoch
+
+
+@dataclasses.dataclass(frozen=True)
+class Every:
+  """Is it time, after update `done`? Every `steps` updates, or every `epochs` epochs (whole
+  updates, or the update that crosses a multiple of `epochs` under a batch-size schedule), and,
+  with at_end, at the run's last update: the total, or the one at which a hook stopped the run.
+  Neither steps nor epochs: only at the end."""
+  steps: int | None = None
+  epochs: float | None = None
+  at_end: bool = True
+
+  def __call__(self, run, done: int) -> bool:
+    if self.at_end and (done == run.total or run.should_stop):
+      return True
+    if self.steps:
+      return done % self.steps == 0
+    if self.epochs:
+      phases = run.derived.phases
+      if phases:
+        now, before = epochs_at(done, phases), epochs_at(done - 1, phases)
+        return math.floor(now / self.epochs + 1e-9) > math.floor(before / self.epochs + 1e-9)
+      return done % max(1, round(self.epochs * run.derived.steps_per_epoch)) == 0
+    return False
+
+
+class Throughput:
+  """FLOP/s, model FLOP utilization (where the device's peak is known) and the fraction of wall
+  time the loop waited for input, between logged steps."""
+
+  def __init__(self, flops_per_step: float, waited: Callable[[], float], now: float,
+               peak_flops: float | None = None):
+    self.flops_per_step = flops_per_step
+    self.peak_flops = peak_flops  # summed dense peak of all devices; None: unknown (CPU)
+    self._waited = waited
+    self._last = (now, waited())
+
+  def rates(self, steps_per_sec: float | None, now: float) -> dict[str, float]:
+    waited = self._waited()
+    (then, waited_then), self._last = self._last, (now, waited)
+    out = {'perf/model_flops_per_step': self.flops_per_step,
+           'perf/input_wait_fraction': (waited - waited_then) / max(now - then, 1e-9)}
+    if steps_per_sec:
+      out['perf/flops_per_sec'] = self.flops_per_step * steps_per_sec
+      if self.peak_flops:
+        out['perf/mfu'] = out['perf/flops_per_sec'] / self.peak_flops
+    return out
+
+
+class Log(Hook):
+  """Training metrics of every config.log_every_steps-th update, read one step late (the device
+  is busy with the next one by then), to metrics.jsonl, TensorBoard and a progress line."""
+  order = 10
+
+  def __init__(self, every: Every):
+    self.every = every
+    self.writer = self.progress = self.throughput = None
+
+  def start(self, run) -> None:
+    self.writer = run.writer
+    self.progress = metrics_lib.Progress(total_steps=run.total,
+                                         global_batch=run.config.global_batch,
+                                         start_step=run.start, now=time.monotonic())
+    devices = jax.devices()
+    peak = flops.peak_flops_per_device(devices[0], run.config.model.dtype)
+    self.throughput = Throughput(run.flops_per_step, lambda: run.batches.wait_seconds,
+                                 time.monotonic(), peak * len(devices) if peak else None)
+    run.write_logs = self.write
+
+  def write(self, step: int, device_metrics) -> None:
+    values = {f'train/{k}': float(v) for k, v in jax.device_get(device_metrics).items()}
+    now = time.monotonic()
+    values.update(self.progress.rates(step, now))
+    values.update(self.throughput.rates(values.get('train/steps_per_sec'), now))
+    self.writer.write_scalars(step, values)
+    logging.info('%s', self.progress.line(step, values))
+
+  def after_step(self, run, done: int) -> None:
+    run.flush_logs()  # the previous logged step's metrics are ready by now
+    if self.every(run, done):
+      run.pending = (done, run.metrics)
+
+  def end(self, run) -> None:
+    run.flush_logs()
+
+
+class Evaluate(Hook):
+  """The task's evaluation (and precise BN, EMA) at the rule's steps and at the end."""
+  order = 20
+
+  def __init__(self, every: Every):
+    self.every = every
+
+  def after_step(self, run, done: int) -> None:
+    if self.every(run, done):
+      run.check_finite()
+      run.flush_logs()
+      run.evaluate(done)
+
+
+class Checkpoint(Hook):
+  """An asynchronous checkpoint at the rule's steps, at the end, and where the run stops."""
+  order = 50
+
+  def __init__(self, every: Every):
+    self.every = every
+
+  def after_step(self, run, done: int) -> None:
+    if self.every(run, done):
+      run.check_finite()
+      run.save(done)
+
+
+class Preemption(Hook):
+  """SIGTERM to any process (Cloud TPU and SLURM send it before preemption) stops all of them at
+  the same update, with a checkpoint of it; the run then raises loop.Preempted."""
+  order = 60
+
+  def __init__(self, sync, received: Callable[[], bool], preempted: type[Exception]):
+    self.sync, self.received, self.preempted = sync, received, preempted
+
+  def after_step(self, run, done: int) -> None:
+    if self.sync(self.received()):
+      run.flush_logs()
+      if run.last_good != done:
+        run.save(done)
+      run.ckpt.wait()
+      logging.warning('SIGTERM: checkpoint written at step %d in %s; exiting.', done,
+                      run.ckpt_dir)
+      raise self.preempted(done)
+
+
+class Profile(Hook):
+  """A profiler trace of updates [first, last] into workdir/profile (process 0)."""
+  order = 0
+
+  def __init__(self, first: int, last: int, directory: str):
+    self.first, self.last, self.directory = first, last, directory
+
+  def before_step(self, run, done: int, batch: dict) -> dict:
+    if done == self.first:
+      jax.profiler.start_trace(self.directory)
+    return batch
+
+  def after_step(self, run, done: int) -> None:
+    if done == self.last:
+      jax.block_until_ready(run.metrics)
+      jax.profiler.stop_trace()
+      logging.info('Profile of updates %d-%d written to %s.', self.first, self.last,
+                   self.directory)
+
+
+def standard(run, *, sigterm_received: Callable[[], bool], preempt_sync,
+             preempted: type[Exception]) -> list[Hook]:
+  """The hooks every run has, scheduled from its config."""
+  c = run.config
+  eval_every = Every(steps=c.eval_every_steps, epochs=c.eval_every_epochs)
+  hooks: list[Any] = [
+      Log(Every(steps=c.log_every_steps)),
+      Evaluate(eval_every),
+      Checkpoint(Every(steps=c.checkpoint_every_steps)),
+      Preemption(preempt_sync, sigterm_received, preempted),
+  ]
+  if c.profile_steps and run.is_main:
+    hooks.append(Profile(*c.profile_steps, os.path.join(run.workdir, 'profile')))
+  return hooks

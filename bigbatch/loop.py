@@ -1,0 +1,343 @@
+"""The training loop: restore, then steps with hooks (bigbatch/hooks.py), then the final
+evaluation. What runs periodically is a hook; what a task computes is in bigbatch/tasks/; the
+update itself is bigbatch/step.py."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from bigbatch import checkpoint as checkpoint_lib
+from bigbatch import config_lib
+from bigbatch import data
+from bigbatch import distributed
+from bigbatch import hooks as hooks_lib
+from bigbatch import input_pipeline
+from bigbatch import metrics as metrics_lib
+from bigbatch import sharding
+from bigbatch import trainer as trainer_lib
+from bigbatch import workdir as workdir_lib
+from bigbatch.study import hooks as study_hooks
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; a checkpoint of `step` was written. main exits with EXIT_PREEMPTED."""
+
+  def __init__(self, step: int):
+    super().__init__(f'preempted (SIGTERM): checkpoint written at step {step}; rerun the same '
+                     f'command to resume')
+    self.step = step
+
+
+class DataError(RuntimeError):
+  """The data set cannot be read (missing or corrupt files)."""
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def load_dataset(config):
+  """The config's data set, with read failures reported as DataError naming the data."""
+  try:
+    return data.create(config)
+  except config_lib.ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (TF/TFDS raise many kinds)
+    where = config.data.data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else ''
+    raise DataError(
+        f'the {config.data.name} data set under {where} cannot be read ({type(e).__name__}: '
+        f'{detail[:200]}); delete its prepared files there so it is rebuilt, or point '
+        f'config.data.data_dir at a good copy') from e
+
+
+class PhasedBatches:
+  """The global batches of updates [start, end) under a batch-size schedule. Each phase reads
+  a Dataset of its own batch size at the step that holds the same (epoch, offset), so the data
+  position is exact across phases and on resume: update s of a phase starting at epoch e and
+  update S is that Dataset's step e * steps_per_epoch + (s - S)."""
+
+  def __init__(self, config, dataset, phases, sharding_, start: int, end: int):
+    self.config, self.dataset, self.phases = config, dataset, phases
+    self.sharding, self.start, self.end = sharding_, start, end
+    self._current = None
+    self._waited = 0.0
+
+  @property
+  def wait_seconds(self) -> float:
+    return self._waited + (self._current.wait_seconds if self._current else 0.0)
+
+  def __iter__(self):
+    for p in self.phases:
+      lo, hi = max(self.start, p.start_step), min(p.end_step, self.end)
+      if lo >= hi:
+        continue
+      ds = self.dataset
+      if p.global_batch != ds.global_batch:
+        ds = load_dataset(config_lib.override(
+            ml_collections.ConfigDict(self.config.to_dict()),
+            global_batch=p.global_batch, accumulation_steps=p.accumulation_steps))
+      shift = p.start_epoch * p.steps_per_epoch - p.start_step
+      logging.info('Batch schedule: updates %d-%d at batch %d (%d microbatches), from epoch %d.',
+                   lo + 1, hi, p.global_batch, p.accumulation_steps, p.start_epoch)
+      self._current = input_pipeline.Prefetcher(
+          functools.partial(input_pipeline.make_global_batches, ds, sharding=self.sharding),
+          lo + shift, hi + shift, ds.prefetch)
+      try:
+        for local, batch in self._current:
+          yield local - shift, batch
+      finally:
+        self._waited += self._current.wait_seconds
+        self._current.close()
+        self._current = None
+
+  def close(self):
+    if self._current is not None:
+      self._current.close()
+
+
+class _SigtermFlag:
+  """Records SIGTERM (sent by Cloud TPU and SLURM before preemption) for the loop to act on at
+  the next step boundary; the previous handler is restored on exit."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.received = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+class Run:
+  """The state of one training run that hooks read and act on: the trainer and its state, the
+  data, the writers and the checkpointer, the latest step's device metrics, and whether a hook
+  asked the run to stop."""
+
+  def __init__(self, *, config, workdir: str, trainer, dataset, state, start: int, ckpt,
+               writer, batches, flops_per_step: float):
+    self.config, self.workdir, self.trainer, self.dataset = config, workdir, trainer, dataset
+    self.state, self.start, self.ckpt, self.writer = state, start, ckpt, writer
+    self.batches, self.flops_per_step = batches, flops_per_step
+    self.derived = trainer.optimizer.derived
+    self.total = self.derived.total_steps
+    self.is_main = jax.process_index() == 0
+    self.ckpt_dir = ckpt.directory
+    self.last_good = start or None  # the newest checkpoint written or restored
+    self.metrics = None  # device metrics of the latest update
+    self.previous = None  # (step, device metrics) of the latest update, for the finite check
+    self.pending = None  # (step, device metrics) to log once the device is done with them
+    self.write_logs: Callable[[int, Any], None] = lambda step, metrics: None
+    self.eval_metrics: dict[str, float] = {}
+    self.evaluated_at = None
+    self.should_stop = False
+    self.started = time.monotonic()
+    self.nonfinite_limit = 1 if config.nonfinite == 'stop' else config.max_nonfinite_steps
+
+  def check_finite(self) -> None:
+    """Raises NonFiniteError once the latest update ends a streak of non-finite steps."""
+    if self.previous is None:
+      return
+    step, device_metrics = self.previous
+    streak = int(device_metrics['nonfinite_streak'])
+    if streak >= self.nonfinite_limit:
+      lr = float(device_metrics['lr'])
+      last = f'step {self.last_good} in {self.ckpt_dir}' if self.last_good else 'none'
+      raise NonFiniteError(
+          f'step {step}: the loss or gradients were not finite for {streak} consecutive '
+          f'step(s) (lr {lr:.4g}); no update was applied. Last good checkpoint: {last}. Lower '
+          f'the lr, add warmup or clipping (optimizer.clip_grad_norm), then resume or start over')
+
+  def flush_logs(self) -> None:
+    if self.pending is not None:
+      pending, self.pending = self.pending, None
+      self.write_logs(*pending)
+
+  def save(self, step: int) -> None:
+    if not bool(_all_finite(self.state)):  # never write a checkpoint holding a non-finite value
+      logging.error('Not saving step %d: the state holds a non-finite value.', step)
+      return
+    self.ckpt.save(step, self.state, config=self.config)
+    self.last_good = step
+
+  def evaluate(self, step: int) -> dict[str, float]:
+    self.eval_metrics = trainer_lib.evaluate(self.trainer, self.state, self.dataset,
+                                             precise_bn_batches=self.config.precise_bn_batches)
+    self.evaluated_at = step
+    self.writer.write_scalars(step, self.eval_metrics)
+    logging.info('eval at step %d: %s', step,
+                 ', '.join(f'{k}={v:.4f}' for k, v in self.eval_metrics.items()))
+    return self.eval_metrics
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       restart_from_scratch: bool = False, hooks: Sequence[Any] = (),
+                       cache: trainer_lib.CompileCache | None = None) -> dict[str, float]:
+  """Trains and evaluates as the config says, resuming from the latest good checkpoint.
+
+  `hooks` run beside the standard ones (bigbatch/hooks.py); `cache` shares compiled steps with
+  earlier runs in this process (a study's trials). Returns the final evaluation metrics. Raises
+  Preempted after writing a checkpoint on SIGTERM, NonFiniteError, workdir.WorkdirError and
+  checkpoint.CheckpointError with actionable messages.
+  """
+  config_lib.validate(config, jax.device_count())
+  if config.compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.expanduser(config.compilation_cache_dir))
+  mesh = sharding.make_mesh(config)
+  distributed.log_topology(config, mesh)
+  dataset = load_dataset(config)
+  trainer = trainer_lib.build(config, mesh, num_train=dataset.num_train,
+                              image_shape=dataset.image_shape,
+                              num_classes=dataset.num_classes, cache=cache)
+  trainer.task.check_startup()
+  derived = trainer.optimizer.derived
+  is_main = jax.process_index() == 0
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+
+  # Nothing is written before the config, the derived values and the workdir have been checked.
+  if restart_from_scratch and is_main:
+    moved = workdir_lib.set_aside(workdir)
+    if moved:
+      logging.warning('--restart_from_scratch: the previous run in %s was moved to %s.',
+                      workdir, moved)
+  if is_main:
+    workdir_lib.ensure_writable(workdir)
+  # Multi-host: nobody looks at the workdir before process 0 has set it aside or created it, and
+  # all act on process 0's view of it (a shared directory may lag on some hosts); acting on
+  # different views would run different collectives.
+  distributed.sync('workdir ready')
+  if distributed.from_process_0(workdir_lib.isdir(ckpt_dir)):
+    ckpt = checkpoint_lib.Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
+    steps = distributed.from_process_0(ckpt.all_steps())
+  else:
+    ckpt, steps = None, []
+  workdir_lib.check_compatible(workdir, config, num_train=dataset.num_train,
+                               resume_step=steps[-1] if steps else 0)
+  if ckpt is None:
+    ckpt = checkpoint_lib.Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
+  state, start = distributed.restore_latest(ckpt, trainer.state)
+  if start is None and config.init_from and config.mode == 'train':
+    state = trainer_lib.init_from_workdir(trainer, state, config.init_from,
+                                          image_shape=dataset.image_shape,
+                                          num_classes=dataset.num_classes)
+  if config.mode == 'eval':
+    return _evaluate_checkpoint(trainer, state, start, dataset, workdir, ckpt, is_main,
+                                config.precise_bn_batches)
+  # Checkpoints newer than the one restored failed to read or verify: set them aside, or orbax
+  # would skip saving those steps again when the run gets there.
+  unusable = [s for s in distributed.from_process_0(ckpt.all_steps()) if s > (start or 0)]
+  if unusable:
+    if is_main:
+      for moved in ckpt.set_aside(unusable):
+        logging.warning('Set aside the unusable checkpoint as %s.', moved)
+    distributed.sync('unusable checkpoints set aside')
+    ckpt.reload()
+  if start is not None:
+    logging.info('Resumed from the checkpoint at step %d in %s.', start, ckpt_dir)
+  start = int(start or 0)
+  info = {'derived': derived.as_dict(), 'mesh': dict(mesh.shape),
+          'devices': jax.device_count(), 'processes': jax.process_count(),
+          'examples_per_device_per_microbatch':
+              config.global_batch // (config.accumulation_steps * mesh.shape['data'])}
+  logging.info('Derived hyperparameters: %s', json.dumps(info))
+  if is_main:
+    workdir_lib.record(workdir, config)
+    workdir_lib.write_json(os.path.join(workdir, 'derived.json'), info)
+  writer = metrics_lib.create_writer(workdir, is_main=is_main, resume_step=start)
+
+  total = derived.total_steps
+  if derived.phases:
+    batches = PhasedBatches(config, dataset, derived.phases, trainer.batch_sharding, start,
+                            total)
+  else:
+    batches = input_pipeline.Prefetcher(
+        functools.partial(input_pipeline.make_global_batches, dataset,
+                          sharding=trainer.batch_sharding),
+        start, total, dataset.prefetch)
+  flops_per_step = (trainer_lib.model_flops_per_example(trainer, dataset.image_shape)
+                    * config.global_batch)
+  logging.info('Model FLOPs per step: %.3g (3x the forward\'s convolutions and matrix products, '
+               '%d examples).', flops_per_step, config.global_batch)
+  run = Run(config=config, workdir=workdir, trainer=trainer, dataset=dataset, state=state,
+            start=start, ckpt=ckpt, writer=writer, batches=batches,
+            flops_per_step=flops_per_step)
+  sigterm = _SigtermFlag()
+  all_hooks = [*hooks_lib.standard(run, sigterm_received=lambda: sigterm.received,
+                                   preempt_sync=distributed.PreemptionSync(),
+                                   preempted=Preempted),
+               *study_hooks.hooks_for(config, workdir), *hooks]
+  all_hooks.sort(key=lambda h: h.order)  # stable: equal orders keep the list's order
+  try:
+    for h in all_hooks:
+      h.start(run)
+    if run.should_stop:  # a hook found nothing left to do (a target reached before)
+      return trainer_lib.evaluate(trainer, state, dataset,
+                                  precise_bn_batches=config.precise_bn_batches)
+    with sigterm:
+      for step, batch in batches:
+        done = step + 1
+        for h in all_hooks:
+          batch = h.before_step(run, done, batch)
+        run.state, run.metrics = trainer.train_step(run.state, batch)
+        # The device is busy with this step: read what the previous one left behind.
+        run.check_finite()
+        run.previous = (done, run.metrics)
+        for h in all_hooks:
+          h.after_step(run, done)
+        if run.should_stop:
+          break
+      run.check_finite()
+      for h in all_hooks:
+        h.end(run)
+  finally:
+    batches.close()
+    ckpt.close()
+    writer.flush()
+    writer.close()
+  if not run.eval_metrics:  # resumed at the end: nothing ran
+    run.eval_metrics = trainer_lib.evaluate(trainer, run.state, dataset,
+                                            precise_bn_batches=config.precise_bn_batches)
+  return run.eval_metrics
+
+
+def _evaluate_checkpoint(trainer, state, step, dataset, workdir, ckpt, is_main,
+                         precise_bn_batches: int):
+  """config.mode=eval: the latest good checkpoint, evaluated; results in workdir/eval-<step>.json.
+  Nothing else in the workdir changes."""
+  ckpt.close()
+  if step is None:
+    raise checkpoint_lib.CheckpointError(
+        f'no checkpoint in {ckpt.directory} to evaluate; train first, or point --workdir at a run')
+  result = trainer_lib.evaluate(trainer, state, dataset, precise_bn_batches=precise_bn_batches)
+  logging.info('Evaluated the checkpoint at step %d: %s', step,
+               ', '.join(f'{k}={v:.4f}' for k, v in result.items()))
+  if is_main:
+    workdir_lib.write_json(os.path.join(workdir, f'eval-{step}.json'), {'step': step, **result})
+  return result
