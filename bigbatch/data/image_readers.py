@@ -9,8 +9,8 @@ Imports TensorFlow (seconds).
 """
 from __future__ import annotations
 
-import itertools
 import os
+import threading
 from typing import Callable, Iterator
 
 import numpy as np
@@ -36,55 +36,71 @@ _RAW = tfds.decode.DeserializeMethod.RAW_BYTES
 
 
 class ArrayRecordReader:
-  """Random access by global index: exactly the core's order, whatever the process count."""
+  """Random access by global index: exactly the core's order, whatever the process count.
+
+  Each step's records are fetched as raw bytes by one `__getitems__` call (one Python call per
+  step, not per record) inside a parallel tf.data map over step numbers, so several steps are
+  read at once on TF's threads and no single Python thread feeds the pipeline (a generator
+  did, and capped the reader near one core); parsing, decoding and augmentation follow in a
+  second parallel map. Both maps are deterministic: the order is the steps' order.
+  """
 
   def __init__(self, builder, preprocess: image_preprocess.Preprocess, train_split: str,
                eval_split: str, parallel: int):
     self._builder, self._preprocess = builder, preprocess
     self._train_split, self._eval_split, self._parallel = train_split, eval_split, parallel
+    # A data source per (thread, split): the map's threads read at once, each from its own.
+    self._local = threading.local()
 
-  def _source(self, split: str):
-    # One data source per stream: each is read from its own generator thread.
-    return self._builder.as_data_source(split, deserialize_method=_RAW)
+  def _records(self, split: str, idx_N: np.ndarray) -> np.ndarray:
+    sources = self._local.__dict__.setdefault('sources', {})
+    if split not in sources:
+      sources[split] = self._builder.as_data_source(split, deserialize_method=_RAW)
+    return np.array(sources[split].__getitems__(idx_N.tolist()), dtype=object)
 
-  def _elements(self, blocks: Callable[[], Iterator[tuple]]) -> tf.data.Dataset:
-    # Python yields one block of records per step (a generator call per record would cost more
-    # than fetching it); unbatch hands the records to the parallel map one by one.
-    spec = {'record': tf.TensorSpec([None], tf.string), 'index': tf.TensorSpec([None], tf.int64),
-            'epoch': tf.TensorSpec([None], tf.int64), 'mask': tf.TensorSpec([None], tf.bool)}
-    return tf.data.Dataset.from_generator(blocks, output_signature=spec).unbatch()
+  def _elements(self, split: str, steps: tf.data.Dataset, block: Callable[[int], tuple],
+                n: int) -> tf.data.Dataset:
+    """Elements {'record', 'index', 'epoch', 'mask'} of blocks block(s) -> (index [n] int64,
+    epoch, mask [n] bool) for each s in `steps`, read in parallel and kept in order."""
+    def read(step):
+      idx, epoch, mask = block(int(step))
+      return self._records(split, idx), idx, np.full(n, epoch, np.int64), mask
+
+    def fn(step):
+      out = tf.numpy_function(read, [step], (tf.string, tf.int64, tf.int64, tf.bool),
+                              stateful=False)  # a function of the step alone
+      return dict(zip(('record', 'index', 'epoch', 'mask'), (tf.ensure_shape(x, [n])
+                                                            for x in out)))
+
+    return steps.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
 
   def train(self, dataset, start: int, rows) -> Iterator[dict[str, np.ndarray]]:
     k, m = dataset.accumulation_steps, len(local_rows(dataset.microbatch, rows))
+    ones = np.ones(k * m, bool)
 
-    def blocks():
-      source = self._source(self._train_split)
-      for step in itertools.count(start):
-        idx = dataset.train_indices(step)
-        idx = (idx if rows is None else idx[:, rows]).reshape(-1)
-        records = source.__getitems__(idx.tolist())
-        epoch = step // dataset.steps_per_epoch
-        yield {'record': np.array(records, dtype=object), 'index': idx,
-               'epoch': np.full(idx.shape, epoch, np.int64), 'mask': np.ones(idx.shape, bool)}
+    def block(step):
+      idx = dataset.train_indices(step)
+      idx = (idx if rows is None else idx[:, rows]).reshape(-1)
+      return idx, step // dataset.steps_per_epoch, ones
 
-    ds = common.map_and_batch(self._elements(blocks), self._preprocess.train, k * m, self._parallel)
+    steps = tf.data.Dataset.range(start, np.iinfo(np.int64).max)
+    elements = self._elements(self._train_split, steps, block, k * m)
+    ds = common.map_and_batch(elements, self._preprocess.train, k * m, self._parallel)
     return _to_train_batches(ds, k)
 
   def eval(self, dataset, rows) -> Iterator[dict[str, np.ndarray]]:
     e = dataset.eval_batch
     n = len(local_rows(e, rows))
 
-    def blocks():
-      source = self._source(self._eval_split)
-      for b in range(dataset.num_eval_steps):
-        pos = local_rows(e, rows) + b * e
-        mask = pos < dataset.num_eval
-        idx = np.where(mask, pos, 0)  # padding reads example 0, blanked by Preprocess.eval
-        yield {'record': np.array(source.__getitems__(idx.tolist()), dtype=object),
-               'index': idx, 'epoch': np.zeros(idx.shape, np.int64), 'mask': mask}
+    def block(b):
+      pos = local_rows(e, rows) + b * e
+      mask = pos < dataset.num_eval
+      return np.where(mask, pos, 0), 0, mask  # padding reads example 0, blanked by Preprocess.eval
 
-    yield from common.map_and_batch(self._elements(blocks), self._preprocess.eval, n,
-                             self._parallel).as_numpy_iterator()
+    steps = tf.data.Dataset.range(dataset.num_eval_steps)
+    elements = self._elements(self._eval_split, steps, block, n)
+    yield from common.map_and_batch(elements, self._preprocess.eval, n,
+                                    self._parallel).as_numpy_iterator()
 
 
 class TFRecordReader:
