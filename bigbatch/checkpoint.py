@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -40,24 +41,37 @@ class SaveError(RuntimeError):
   """A checkpoint could not be written (disk full, no permission, ...)."""
 
 
-def _os_error(e: BaseException) -> OSError | None:
+# tensorstore (orbax's array writer) reports a failed write as ValueError('<STATUS>: ...'),
+# ending with "[os_error_code='28']" when the OS refused it. These statuses mean the storage
+# refused the write; others are bugs and stay exceptions.
+_STORAGE_STATUSES = ('RESOURCE_EXHAUSTED', 'PERMISSION_DENIED', 'UNAUTHENTICATED')
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
+
+
+def _storage_error(e: BaseException) -> str | None:
+  """Why storage refused a write, from anywhere in `e`'s cause chain: an OSError, or a
+  tensorstore status error; None if the chain holds neither."""
   while e is not None:
     if isinstance(e, OSError):
-      return e
+      return str(e.strerror or e)
+    status = str(e).split(':', 1)[0].strip()
+    if isinstance(e, ValueError) and status in _STORAGE_STATUSES:
+      code = _OS_ERROR_CODE.search(str(e))
+      return f'{os.strerror(int(code.group(1))) if code else str(e)[:300]} ({status})'
     e = e.__cause__ or e.__context__
   return None
 
 
 def _saving(what: str, directory: str, fn, *args, **kwargs):
-  """Runs an orbax call that writes; an OSError anywhere in its cause chain (orbax wraps errors
-  of its background threads) becomes a SaveError naming the directory."""
+  """Runs an orbax call that writes; a storage error anywhere in its cause chain (orbax wraps
+  errors of its background threads) becomes a SaveError naming the directory."""
   try:
     return fn(*args, **kwargs)
   except Exception as e:  # pylint: disable=broad-except
-    os_error = _os_error(e)
-    if os_error is None:
+    reason = _storage_error(e)
+    if reason is None:
       raise
-    raise SaveError(f'{what} in {directory} failed: {os_error.strerror or os_error}') from e
+    raise SaveError(f'{what} in {directory} failed: {reason}') from e
 
 
 def _words(x) -> jax.Array:
@@ -126,6 +140,20 @@ class Checkpointer:
 
   def metadata(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+  def recorded_config(self, steps: list[int] | None = None) -> tuple[int, dict] | None:
+    """(step, config) of the newest checkpoint (of `steps`, default all) whose metadata reads and
+    records the config it was written under; None if none does (none written, or all written
+    before checkpoints recorded their config). What resume is checked against
+    (workdir.check_compatible)."""
+    for step in reversed(self.all_steps() if steps is None else steps):
+      try:
+        config = self.metadata(step).get('config')
+      except Exception:  # pylint: disable=broad-except  (unreadable: restore reports it)
+        continue
+      if isinstance(config, dict):
+        return step, config
+    return None
 
   def restore(self, step: int, like: Any) -> Any:
     """The verified state at `step`, placed like `like` (a state or its shapes + shardings).

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any, Mapping
 
+from absl import logging
 from clu import metric_writers
 from etils import epath
 
@@ -18,8 +20,9 @@ from bigbatch import workdir as workdir_lib
 class JsonlWriter(metric_writers.MetricWriter):
   """One JSON object per write: {"step": s, "train/loss": ..., ...}.
 
-  On resume from step s, lines past s (and a torn last line) are dropped, so each step is
-  recorded once. Each write is durable when write_scalars returns.
+  On resume from step s, rows of steps past s are dropped, so each step is recorded once; every
+  row up to s is kept, whatever lies around it (see `cut_back`). Each write is durable when
+  write_scalars returns.
 
   `path` may be local or on an object store (gs://...). Locally the file is appended to and
   flushed per line. An object store has no append, so there the lines since the file was opened
@@ -35,13 +38,7 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._rewrite = workdir_lib.is_object_store(path)
     kept = []
     if self._path.exists():
-      for line in self._path.read_text().splitlines(keepends=True):
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError:
-          break  # a torn last line from a killed run
-        if record.get('step', 0) <= resume_step:
-          kept.append(line if line.endswith('\n') else line + '\n')
+      kept = cut_back(self._path, resume_step)
       if not self._rewrite:
         with self._path.open('w') as f:
           f.writelines(kept)
@@ -97,6 +94,49 @@ class JsonlWriter(metric_writers.MetricWriter):
   def close(self):
     if not self._rewrite:
       self._file.close()
+
+
+def _row_step(line: str) -> int | None:
+  """The step of a metrics.jsonl line, or None if the line is damaged (not a JSON object with
+  an integer step)."""
+  try:
+    row = json.loads(line)
+  except (ValueError, UnicodeDecodeError):
+    return None
+  step = row.get('step') if isinstance(row, dict) else None
+  return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def cut_back(path: epath.PathLike, resume_step: int) -> list[str]:
+  """The lines of metrics.jsonl to keep when resuming from the checkpoint of `resume_step`:
+  every row whose step is at most `resume_step`, in file order, by step number, not by position,
+  so a damaged line anywhere (a torn last line after a kill, a flipped byte, a partial write in
+  the middle) costs that line only. Damaged lines are saved beside the file in
+  metrics.jsonl.damaged-<time> rather than lost; what was repaired is logged as a warning."""
+  path = epath.Path(path)
+  kept, damaged, later = [], [], 0
+  text = path.read_bytes().decode('utf-8', errors='replace')  # a bad byte damages one line
+  for number, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    step = _row_step(line)
+    if step is None:
+      damaged.append((number, line))
+    elif step <= resume_step:
+      kept.append(line + '\n')
+    else:
+      later += 1
+  if damaged:
+    aside = path.with_name(f'{path.name}.damaged-{time.strftime("%Y%m%d-%H%M%S")}')
+    aside.write_text(''.join(f'{line}\n' for _, line in damaged))
+    numbers = ', '.join(str(n) for n, _ in damaged[:10]) + (' ...' if len(damaged) > 10 else '')
+    logging.warning('%s: %d damaged line(s) (line %s) set aside in %s; the %d row(s) of steps '
+                    'up to %d around them are kept.', path, len(damaged), numbers, aside.name,
+                    len(kept), resume_step)
+  if later:
+    logging.warning('%s: dropped %d row(s) of steps after %d, the checkpoint resumed from; the '
+                    'run writes them again.', path, later, resume_step)
+  return kept
 
 
 class _NullWriter(JsonlWriter):

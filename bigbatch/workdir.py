@@ -1,9 +1,17 @@
-"""Workdir protection: a workdir belongs to one experiment.
+"""Workdir protection: a workdir belongs to one experiment, and to one trainer at a time.
 
-A workdir records the config it was started with (config.json). Restarting in it with a config
-that changes the experiment is refused, listing the fields; changes that only observe or extend
-the run are allowed: logging/eval/checkpoint intervals, and a longer (or shorter) run as long as
-every step already taken would have had the same learning rate.
+Every checkpoint records the config it was written under (bigbatch/checkpoint.py), and the
+workdir keeps the config of its latest start (config.json). Resuming with a config that changes
+the experiment is refused, listing the fields; the check is against the record of the newest
+checkpoint (so deleting config.json does not bypass it), and against config.json only when no
+checkpoint holds a record. Changes that only observe or extend the run are allowed:
+logging/eval/checkpoint intervals, and a longer (or shorter) run as long as every step already
+taken would have had the same learning rate.
+
+A running trainer holds the workdir's lock (`WorkdirLock`, the file bigbatch.lock: host, PID and
+process start time), taken before anything is written; a second trainer is refused, naming the
+holder. A lock whose holder is gone is taken over: see `WorkdirLock` for how that is decided and
+what is guaranteed on shared and object-store filesystems.
 
 A workdir may be a local directory or an object-store URL (gs://bucket/run, s3://...): every file
 operation on it goes through etils.epath, and the helpers here (exists, isdir, read_json,
@@ -13,10 +21,19 @@ and `move` (used by set_aside) copies, then deletes, where it cannot rename.
 """
 from __future__ import annotations
 
+import dataclasses
+import errno
+import hashlib
 import json
+import os
 import re
+import socket
+import threading
 import time
 from typing import Any
+import uuid
+
+from absl import logging
 
 from etils import epath
 import ml_collections
@@ -25,6 +42,7 @@ import numpy as np
 from bigbatch import optim
 
 CONFIG_FILE = 'config.json'
+LOCK_FILE = 'bigbatch.lock'
 
 # Fields that observe the run (or say where to find data) without changing any update.
 OBSERVING = frozenset({
@@ -112,15 +130,38 @@ def move(source: epath.PathLike, target: epath.PathLike) -> None:
 
 
 def recorded_config(workdir: epath.PathLike) -> dict | None:
+  """The config in workdir/config.json, None without one; WorkdirError when it does not parse."""
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     return None
-  return read_json(path)
+  try:
+    config = json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+    reason = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+  else:
+    if isinstance(config, dict):
+      return config
+    reason = f'a JSON {type(config).__name__}, not an object'
+  raise WorkdirError(
+      f'{path} is damaged ({reason}). It records the config of the run in {workdir}: restore '
+      f'it, or delete it to resume against the config recorded in the checkpoints, or use a new '
+      f'--workdir (or --restart_from_scratch)')
 
 
-def check_compatible(workdir: str, config, *, num_train: int, resume_step: int) -> None:
-  """Raises WorkdirError if `config` would change the experiment recorded in `workdir`."""
-  old = recorded_config(workdir)
+def check_compatible(workdir: str, config, *, num_train: int, resume_step: int,
+                     checkpoint_config: tuple[int, dict] | None = None) -> None:
+  """Raises WorkdirError if `config` would change the experiment recorded in `workdir`.
+
+  `checkpoint_config`: (step, config) recorded in the newest checkpoint that holds one; the
+  experiment is what that checkpoint was written under. Without it, config.json says. config.json
+  is read either way, so a damaged one is reported rather than silently overwritten.
+  """
+  from_json = recorded_config(workdir)
+  if checkpoint_config is not None:
+    where = f'the checkpoint of step {checkpoint_config[0]}'
+    old = checkpoint_config[1]
+  else:
+    where, old = CONFIG_FILE, from_json
   if old is None:
     return
   new = json.loads(config.to_json_best_effort())
@@ -135,9 +176,27 @@ def check_compatible(workdir: str, config, *, num_train: int, resume_step: int) 
                       if not k.startswith('('))
     more = f' (+{len(refused) - 6} more)' if len(refused) > 6 else ''
     raise WorkdirError(
-        f'{workdir} holds another experiment; the config changes {shown}{more}'
+        f'{workdir} holds another experiment (recorded in {where}); the config changes '
+        f'{shown}{more}'
         f'{" and the lr of steps already run" if refused[-1].startswith("(") else ""}. '
         f'Use a new --workdir, or pass --restart_from_scratch to set the old run aside')
+
+
+# What bigbatch keeps in a workdir, by kind. A path of the wrong kind (a file named checkpoints)
+# is reported at startup: found by a failed background save instead, it would cost the steps
+# since the last checkpoint and, multi-host, a wait in orbax's barrier.
+LAYOUT = {'checkpoints': 'directory', 'tensorboard': 'directory', CONFIG_FILE: 'file',
+          'derived.json': 'file', 'metrics.jsonl': 'file', LOCK_FILE: 'file'}
+
+
+def check_layout(workdir: epath.PathLike) -> None:
+  """Raises WorkdirError when a path bigbatch writes in `workdir` exists as the wrong kind."""
+  for name, kind in LAYOUT.items():
+    path = epath.Path(workdir) / name
+    if path.exists() and path.is_dir() != (kind == 'directory'):
+      found = 'a directory' if kind == 'file' else 'a file, not a directory'
+      raise WorkdirError(f'{path} is {found}; bigbatch writes its {name} there. Move it out of '
+                         f'the way, or use a new --workdir')
 
 
 def _same_past_lr(old_config, new_config, num_train: int, resume_step: int) -> bool:
@@ -173,7 +232,7 @@ def ensure_writable(workdir: epath.PathLike) -> None:
   path = epath.Path(workdir)
   try:
     path.mkdir(parents=True, exist_ok=True)
-    probe = path / '.bigbatch-write-test'
+    probe = path / f'.bigbatch-write-test-{uuid.uuid4().hex[:8]}'  # unique: trainers may race
     probe.write_text('ok')
     probe.unlink()
   except Exception as e:  # pylint: disable=broad-except
@@ -185,3 +244,278 @@ def ensure_writable(workdir: epath.PathLike) -> None:
 
 def record(workdir: epath.PathLike, config) -> None:
   (epath.Path(workdir) / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+
+
+# ----------------------------------------------------------------------------- the workdir lock
+
+HEARTBEAT_S = 30.0  # how often a holder touches its lock
+STALE_AFTER_S = 300.0  # a lock untouched this long is stale, whatever host holds it
+_SETTLE_S = 1.0  # object stores: wait before reading a new lock back (see WorkdirLock)
+
+
+def _boot_id() -> str | None:
+  try:
+    with open('/proc/sys/kernel/random/boot_id') as f:
+      return f.read().strip()
+  except OSError:
+    return None
+
+
+def _pid_namespace() -> str | None:
+  try:
+    return os.readlink('/proc/self/ns/pid')
+  except OSError:
+    return None
+
+
+def process_start_time(pid: int) -> int | None:
+  """When process `pid` started, in clock ticks since boot (/proc/PID/stat, field 22); None if
+  no such process is running (a zombie counts as gone) or there is no /proc. With the PID it
+  names one process: a PID reused later has another start time."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      fields = f.read().rsplit(')', 1)[1].split()  # the command name may hold spaces and ')'
+  except (OSError, IndexError):
+    return None
+  return None if fields[0] in ('Z', 'X') else int(fields[19])
+
+
+@dataclasses.dataclass(frozen=True)
+class Holder:
+  """Who holds a lock: enough to tell, from the same machine, whether that process still runs."""
+  host: str
+  pid: int
+  start_time: int | None  # clock ticks since boot; None without /proc
+  boot_id: str | None
+  pid_namespace: str | None  # containers on one host (same hostname) see different PIDs
+  started: str  # wall-clock time of taking the lock, for people
+
+  @classmethod
+  def current(cls) -> 'Holder':
+    return cls(host=socket.gethostname(), pid=os.getpid(),
+               start_time=process_start_time(os.getpid()), boot_id=_boot_id(),
+               pid_namespace=_pid_namespace(),
+               started=time.strftime('%Y-%m-%d %H:%M:%S %Z') + f' ({time.time():.3f})')
+
+  @classmethod
+  def parse(cls, text: str) -> 'Holder | None':
+    try:
+      return cls(**json.loads(text))
+    except (ValueError, TypeError):
+      return None
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2) + '\n'
+
+  def describe(self) -> str:
+    return f'PID {self.pid} on {self.host}, since {self.started.split(" (")[0]}'
+
+  def gone(self, age: float) -> str | None:
+    """Why this holder is certainly gone, or None if it may still run. `age`: seconds since the
+    lock was last touched (its holder touches it every HEARTBEAT_S)."""
+    me = Holder.current()
+    if self.host == me.host and self.boot_id and self.boot_id == me.boot_id:
+      if self.pid_namespace == me.pid_namespace:
+        start = process_start_time(self.pid)
+        if start is None:
+          return f'PID {self.pid} is not running'
+        if self.start_time is not None and start != self.start_time:
+          return f'PID {self.pid} is now another process'
+        return None
+    elif self.host == me.host and self.boot_id and me.boot_id:
+      return f'{self.host} has restarted since'
+    elif self.host == me.host and me.boot_id is None:  # no /proc (macOS): a plain PID check
+      try:
+        os.kill(self.pid, 0)
+      except ProcessLookupError:
+        return f'PID {self.pid} is not running'
+      except PermissionError:
+        pass
+    if age > STALE_AFTER_S:  # another host, or another container: only the heartbeat tells
+      return f'its lock was last touched {age:.0f} s ago (a live holder touches it every ' \
+             f'{HEARTBEAT_S:.0f} s)'
+    return None
+
+
+def _create_exclusive(path: epath.Path, text: str) -> bool:
+  """Creates `path` holding `text` if it does not exist; False if it does.
+
+  Locally atomic: the text goes into a temporary file first, then os.link gives it the name, which
+  fails if the name exists, so a reader never sees a half-written lock. Where hard links are not
+  supported, os.open with O_CREAT | O_EXCL. Object stores (through epath) have no create-if-
+  absent: check, write, wait _SETTLE_S and read back; of two trainers that wrote at once, only
+  the last writer sees its own text. Best effort: see WorkdirLock.
+  """
+  if is_object_store(path):
+    if path.exists():
+      return False
+    path.write_text(text)
+    time.sleep(_SETTLE_S)
+    try:
+      return path.read_text() == text
+    except FileNotFoundError:
+      return False
+  temporary = path.with_name(f'.{path.name}.{uuid.uuid4().hex}')
+  try:
+    with open(temporary, 'w') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    try:
+      os.link(temporary, path)
+      return True
+    except FileExistsError:
+      return False
+    except OSError as e:
+      if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+        raise
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, 'w') as f:
+      f.write(text)
+    return True
+  finally:
+    temporary.unlink(missing_ok=True)
+
+
+def _replace(path: epath.Path, text: str) -> None:
+  """Replaces the file at `path` whole (locally: os.replace of a finished temporary file)."""
+  if is_object_store(path):
+    path.write_text(text)  # an object appears whole
+    return
+  temporary = path.with_name(f'.{path.name}.{uuid.uuid4().hex}')
+  temporary.write_text(text)
+  os.replace(temporary, path)
+
+
+class WorkdirLock:
+  """The lock of one workdir: the file bigbatch.lock, held by one trainer (on multi-host runs,
+  by process 0 for all, as it is process 0 that writes the workdir's own files).
+
+  Taking it: create the file if absent (atomically, `_create_exclusive`). If present, its holder
+  (host, PID, process start time) is judged. Still running, or not known to be gone: refused,
+  naming the holder. Certainly gone: on the same machine, no process has that PID, or the PID
+  belongs to a process with another start time (reused), or the machine rebooted; from any
+  machine, a lock not touched for STALE_AFTER_S (a holder touches it every HEARTBEAT_S from a
+  thread; that is how a trainer on another host, or in another container, is judged). A stale
+  lock is taken over by exactly one trainer: each claims it by creating bigbatch.lock.takeover-
+  <hash of the stale lock's text> exclusively, checks that the lock still holds that text, and
+  then replaces it whole; the claim is removed afterwards. The lock file never disappears in a
+  takeover, so a trainer starting meanwhile cannot create a fresh one beside it.
+
+  Guarantees: on a local or POSIX shared filesystem (NFSv3+ has exclusive create and atomic
+  rename and link), at most one trainer holds the lock. On an object store (gs://, s3://) epath
+  has no create-if-absent, so taking the lock is check, write, wait a second, read back: two
+  trainers starting within that second are told apart in practice, but it is not guaranteed. On
+  every filesystem a holder judged gone by the heartbeat alone (another host) is really gone only
+  if the clocks of the hosts (or the object store's) agree to within a minute or so.
+  """
+
+  def __init__(self, path: epath.Path, holder: Holder):
+    self.path, self.holder, self._text = path, holder, holder.to_json()
+    self._stop = threading.Event()
+    self._thread = None
+
+  @classmethod
+  def acquire(cls, workdir: epath.PathLike) -> 'WorkdirLock':
+    """Takes the lock of `workdir` (which exists); WorkdirError naming the holder if held."""
+    path = epath.Path(workdir) / LOCK_FILE
+    lock = cls(path, Holder.current())
+    for _ in range(20):
+      if _create_exclusive(path, lock._text):
+        break
+      try:
+        seen, age = path.read_text(), time.time() - path.stat().mtime
+      except FileNotFoundError:
+        continue  # released meanwhile: try again
+      holder = Holder.parse(seen)
+      if holder is None:
+        if age < 10:  # the O_EXCL fallback is writing it: look again
+          time.sleep(0.5)
+          continue
+        reason, who = 'the file is damaged', 'an unknown holder'
+      else:
+        reason, who = holder.gone(age), holder.describe()
+        if reason is None:
+          raise WorkdirError(
+              f'{workdir} is in use by another trainer ({who}; lock file {path}). Two trainers '
+              f'in one workdir would mix their checkpoints and metrics: wait for it to finish, '
+              f'stop it, or use another --workdir. If that process no longer exists, delete '
+              f'{path}')
+      if _take_over(path, seen, lock._text):
+        logging.warning('Took over the lock %s from %s: %s.', path, who, reason)
+        break
+    else:
+      raise WorkdirError(f'could not take the lock {path}: other trainers keep taking it over; '
+                         f'start one trainer per workdir')
+    lock._thread = threading.Thread(target=lock._heartbeat, name='bigbatch-lock', daemon=True)
+    lock._thread.start()
+    return lock
+
+  def _heartbeat(self) -> None:
+    lost = False
+    while not self._stop.wait(HEARTBEAT_S):
+      try:
+        if self.path.read_text() != self._text:
+          if not lost:
+            logging.error('The lock %s is no longer this trainer\'s; another trainer took it '
+                          'over and may be writing the same workdir.', self.path)
+          lost = True
+          continue
+        if is_object_store(self.path):
+          self.path.write_text(self._text)
+        else:
+          os.utime(self.path)
+      except Exception as e:  # pylint: disable=broad-except  (a lost beat must not end the run)
+        logging.warning('Could not touch the lock %s: %s', self.path, e)
+
+  def stop_heartbeat(self) -> None:
+    self._stop.set()
+    if self._thread is not None and self._thread is not threading.current_thread():
+      self._thread.join()
+
+  def release(self) -> None:
+    """Stops the heartbeat and deletes the lock file if it is still this trainer's."""
+    self.stop_heartbeat()
+    try:
+      if self.path.read_text() == self._text:
+        self.path.unlink()
+    except FileNotFoundError:
+      pass
+
+
+def _take_over(path: epath.Path, seen: str, text: str) -> bool:
+  """Replaces the stale lock whose text was `seen` with `text`; False if another trainer got
+  there first (or the lock changed since it was judged), and the caller looks again."""
+  claim = path.with_name(f'{path.name}.takeover-{hashlib.sha256(seen.encode()).hexdigest()[:16]}')
+  if not _create_exclusive(claim, text):
+    try:  # a claim lives milliseconds; one left by a trainer killed in between is removed
+      if time.time() - claim.stat().mtime > 60:
+        claim.unlink(missing_ok=True)
+    except FileNotFoundError:
+      pass
+    return False
+  try:
+    try:
+      if path.read_text() != seen:
+        return False
+    except FileNotFoundError:
+      return False
+    _replace(path, text)
+    return True
+  finally:
+    claim.unlink(missing_ok=True)
+
+
+def restart(workdir: epath.PathLike, lock: WorkdirLock) -> tuple[str | None, WorkdirLock]:
+  """--restart_from_scratch while holding `lock`: the workdir is set aside with its lock, so no
+  other trainer can start in it meanwhile; the copy of the lock there is deleted and the lock of
+  the new, empty workdir taken. Returns (where the old run went, the new lock)."""
+  lock.stop_heartbeat()
+  moved = set_aside(workdir)
+  if moved:
+    (epath.Path(moved) / LOCK_FILE).unlink(missing_ok=True)
+  ensure_writable(workdir)
+  return moved, WorkdirLock.acquire(workdir)
