@@ -142,13 +142,18 @@ class Checkpointer:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
   def recorded_config(self, steps: list[int] | None = None) -> tuple[int, dict] | None:
-    """(step, config) of the newest checkpoint (of `steps`, default all) whose metadata reads and
-    records the config it was written under; None if none does (none written, or all written
+    """(step, config) of the newest checkpoint (of `steps`, default all) whose record reads and
+    holds the config it was written under; None if none does (none written, or all written
     before checkpoints recorded their config). What resume is checked against
-    (workdir.check_compatible)."""
+    (workdir.check_compatible).
+
+    Reads the record's JSON file itself (orbax's JsonSave writes <step>/meta/metadata), not
+    through orbax, whose restore ends in a barrier of all processes: this runs on process 0 alone.
+    """
     for step in reversed(self.all_steps() if steps is None else steps):
       try:
-        config = self.metadata(step).get('config')
+        config = workdir_lib.read_json(
+            os.path.join(self.directory, str(step), 'meta', 'metadata')).get('config')
       except Exception:  # pylint: disable=broad-except  (unreadable: restore reports it)
         continue
       if isinstance(config, dict):
