@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 import time
 from typing import Any, Callable
 
@@ -110,7 +111,7 @@ class Log(Hook):
     self.progress = metrics_lib.Progress(total_steps=run.total,
                                          global_batch=run.config.global_batch,
                                          start_step=run.start, now=time.monotonic())
-    devices = jax.devices()
+    devices = list(run.trainer.mesh.devices.flat)
     peak = flops.peak_flops_per_device(devices[0], run.config.model.dtype)
     self.throughput = Throughput(run.flops_per_step, lambda: run.batches.wait_seconds,
                                  time.monotonic(), peak * len(devices) if peak else None)
@@ -161,22 +162,26 @@ class Checkpoint(Hook):
 
 
 class Preemption(Hook):
-  """SIGTERM to any process (Cloud TPU and SLURM send it before preemption) stops all of them at
-  the same update, with a checkpoint of it; the run then raises loop.Preempted."""
+  """SIGTERM (Cloud TPU and SLURM send it before preemption) or SIGINT to any process stops all
+  of them at the same update, with a checkpoint of it; the run then raises loop.Preempted, with
+  the signal this process received (SIGTERM where only another process got one)."""
   order = 60
 
-  def __init__(self, sync, received: Callable[[], bool], preempted: type[Exception]):
+  def __init__(self, sync, received: Callable[[], int], preempted: type[Exception]):
+    """received(): the signal number this process received, 0 if none."""
     self.sync, self.received, self.preempted = sync, received, preempted
 
   def after_step(self, run, done: int) -> None:
-    if self.sync(self.received()):
+    signum = int(self.received())
+    if self.sync(bool(signum)):
+      signum = signum or signal.SIGTERM
       run.flush_logs()
       if run.last_good != done:
         run.save(done)
       run.ckpt.wait()
-      logging.warning('SIGTERM: checkpoint written at step %d in %s; exiting.', done,
-                      run.ckpt_dir)
-      raise self.preempted(done)
+      logging.warning('%s: checkpoint written at step %d in %s; exiting.',
+                      signal.Signals(signum).name, done, run.ckpt_dir)
+      raise self.preempted(done, signum)
 
 
 class Profile(Hook):
@@ -199,7 +204,7 @@ class Profile(Hook):
                    self.directory)
 
 
-def standard(run, *, sigterm_received: Callable[[], bool], preempt_sync,
+def standard(run, *, sigterm_received: Callable[[], int], preempt_sync,
              preempted: type[Exception]) -> list[Hook]:
   """The hooks every run has, scheduled from its config."""
   c = run.config
