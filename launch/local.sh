@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # N local processes on CPU with emulated devices: the multi-host code path of a pod, on one machine.
 #
+# Usage: launch/local.sh [options] [--] BIGBATCH_FLAGS...
+#        launch/local.sh --help
+#
 #   launch/local.sh --processes=2 --devices_per_process=4 -- \
 #       --config=configs/quickstart.py --workdir=/tmp/bb_2x4
 #
@@ -20,6 +23,7 @@
 #   --port=P                 coordinator port (default: a free port)
 #   --log_dir=DIR            also write each process's output to DIR/process_<i>.log
 #   --dry-run                print the commands instead of running them
+#   --help                   print this and exit (after `--`, --help goes to bigbatch.main)
 # Environment: PYTHON (default python3).
 # Works with bash 3.2 (macOS) and later.
 set -euo pipefail
@@ -37,6 +41,9 @@ while [[ $# -gt 0 ]]; do
     --port=*) port="${1#*=}" ;;
     --log_dir=*) log_dir="${1#*=}" ;;
     --dry-run|--dry_run) dry_run=1 ;;
+    --help|-h)
+      sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
+      exit 0 ;;
     --) shift; args+=("$@"); break ;;
     *) args+=("$1") ;;
   esac

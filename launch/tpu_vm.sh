@@ -2,11 +2,15 @@
 # Cloud TPU VMs and pod slices: create, install, train on every worker, resubmit after
 # preemption, delete.
 #
+# Usage: launch/tpu_vm.sh COMMAND --name=NAME --zone=ZONE [options] [bigbatch flags]
+#        launch/tpu_vm.sh --help
+#
 #   launch/tpu_vm.sh up --name=bb-64k --zone=us-central2-b --accelerator_type=v4-128 --spot \
 #       --config=configs/r50_64k.py --workdir=gs://BUCKET/r50_64k
 #
 # Commands:
-#   create  create the TPU VM (one host) or pod slice (several hosts, "workers")
+#   create  create the TPU VM (one host) or pod slice (several hosts, "workers"); with --spot
+#           or --queued through a queued resource, waiting until it is ACTIVE
 #   setup   copy this checkout to every worker and install it there (bigbatch[tpu]) into a
 #           fresh virtual environment ~/bigbatch-venv on Python --python, with the versions CI
 #           verified (.ci/constraints.txt; libtpu as jax[tpu] asks). The image's own python3
@@ -16,13 +20,14 @@
 #           --worker=all, streaming every worker's output here (each worker also keeps it in
 #           ~/bigbatch-run.log). JAX finds the other workers itself (Cloud TPU metadata).
 #           When the run stops for a preemption (exit 75 after SIGTERM, or the VM was
-#           preempted), it recreates the VM if needed, sets it up again and reruns the same
-#           command, which resumes from the newest checkpoint in --workdir; at most
-#           --max_restarts times.
+#           preempted), it recreates the VM if needed (deleting and requesting the queued
+#           resource again), sets it up again and reruns the same command, which resumes from
+#           the newest checkpoint in --workdir; at most --max_restarts times.
 #   up      create + setup + run
 #   logs    follow worker 0's ~/bigbatch-run.log (e.g. from another terminal)
-#   status  print the VM's state (READY, PREEMPTED, ...)
-#   delete  delete the VM
+#   status  print the VM's state (READY, PREEMPTED, ...); with --spot/--queued first the
+#           queued resource's (WAITING_FOR_RESOURCES, ACTIVE, SUSPENDED, ...)
+#   delete  delete the VM (with --spot/--queued: the queued resource and its VM)
 #
 # Options:
 #   --name=NAME               TPU VM name (required)
@@ -32,11 +37,20 @@
 #   --runtime_version=VER     TPU VM software version (default tpu-ubuntu2204-base; v5e
 #                             and later: v2-alpha-tpuv5-lite or newer)
 #   --python=VER              Python of the workers' venv (default 3.11, as CI; >= 3.11)
-#   --spot                    a Spot VM: cheaper, may be preempted (the run then resumes)
+#   --spot                    Spot capacity: cheaper, may be preempted (the run then resumes).
+#                             Requested as Cloud TPU recommends, through a queued resource
+#                             (`gcloud compute tpus queued-resources create NAME --node-id=NAME
+#                             ... --spot`): the request waits in the queue until capacity is
+#                             free instead of failing when there is none
+#   --queued                  on-demand capacity through a queued resource (waits for capacity)
+#   --valid_until=DURATION    with --spot/--queued: give up a request not filled within
+#                             DURATION (e.g. 6h, 2d; gcloud's --valid-until-duration)
 #   --max_restarts=N          resubmissions after preemption (default 10)
 #   --config=... --workdir=...  and any other bigbatch flag, passed to bigbatch.main; the
 #                             workdir must be shared by all workers and survive the VM: gs://
 #   --dry-run                 print every command instead of running it
+#   --help                    print this and exit
+# Environment: TPU_VM_POLL_SECONDS, seconds between checks of a queued request (default 60).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -51,6 +65,8 @@ accelerator_type='v4-8'
 runtime_version='tpu-ubuntu2204-base'
 python='3.11'
 spot=0
+queued=0
+valid_until=''
 max_restarts=10
 dry_run=0
 train_args=()
@@ -63,6 +79,9 @@ while [[ $# -gt 0 ]]; do
     --runtime_version=*) runtime_version="${1#*=}" ;;
     --python=*) python="${1#*=}" ;;
     --spot) spot=1 ;;
+    --queued) queued=1 ;;
+    --valid_until=*) valid_until="${1#*=}" ;;
+    --help|-h) command=help ;;
     --max_restarts=*) max_restarts="${1#*=}" ;;
     --dry-run|--dry_run) dry_run=1 ;;
     --) shift; train_args+=("$@"); break ;;
@@ -71,18 +90,29 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 
+# The comment block above, as text: on stdout for --help (exit 0), on stderr for a mistake.
 usage() {
-  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//' >&2
-  exit 1
+  local text
+  text="$(sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//')"
+  if [[ $1 -eq 0 ]]; then echo "$text"; else echo "$text" >&2; fi
+  exit "$1"
 }
 case "$command" in
+  help|--help|-h) usage 0 ;;
   create|setup|run|up|logs|status|delete) ;;
-  *) usage ;;
+  *) usage 1 ;;
 esac
 if [[ -z "$name" || -z "$zone" ]]; then
   echo "tpu_vm.sh: --name and --zone are required" >&2
   exit 1
 fi
+# Spot capacity goes through a queued resource of the same name as its VM.
+[[ $spot -eq 1 ]] && queued=1
+if [[ -n "$valid_until" && $queued -eq 0 ]]; then
+  echo "tpu_vm.sh: --valid_until needs --spot or --queued" >&2
+  exit 1
+fi
+poll_seconds="${TPU_VM_POLL_SECONDS:-60}"
 
 # Shell-quotes one word only where it needs it, so dry-run lines read naturally and paste back.
 quote() {
@@ -113,13 +143,66 @@ run_cmd() {
 where=(--zone="$zone")
 [[ -n "$project" ]] && where+=(--project="$project")
 tpu=(gcloud compute tpus tpu-vm)
+qr=(gcloud compute tpus queued-resources)
 archive="${TMPDIR:-/tmp}/bigbatch-$name.tar.gz"
 
 create() {
+  if [[ $queued -eq 0 ]]; then
+    run_cmd "${tpu[@]}" create "$name" "${where[@]}" --accelerator-type="$accelerator_type" \
+        --version="$runtime_version"
+    return
+  fi
   local extra=()
   [[ $spot -eq 1 ]] && extra+=(--spot)
-  run_cmd "${tpu[@]}" create "$name" "${where[@]}" --accelerator-type="$accelerator_type" \
-      --version="$runtime_version" ${extra[@]+"${extra[@]}"}
+  [[ -n "$valid_until" ]] && extra+=(--valid-until-duration="$valid_until")
+  run_cmd "${qr[@]}" create "$name" --node-id="$name" "${where[@]}" \
+      --accelerator-type="$accelerator_type" --runtime-version="$runtime_version" \
+      ${extra[@]+"${extra[@]}"}
+  wait_active
+}
+
+queued_state() {
+  "${qr[@]}" describe "$name" "${where[@]}" --format='value(state.state)' 2>/dev/null ||
+      echo UNKNOWN
+}
+
+# A queued request is filled when capacity frees up: minutes to hours for a large Spot slice.
+wait_active() {
+  if [[ $dry_run -eq 1 ]]; then
+    echo "# repeated every ${poll_seconds}s until the state is ACTIVE:"
+    run_cmd "${qr[@]}" describe "$name" "${where[@]}" --format='value(state.state)'
+    return
+  fi
+  local current last='' unknown=0
+  while :; do
+    current="$(queued_state)"
+    if [[ "$current" != "$last" ]]; then
+      echo "tpu_vm.sh: queued resource $name: $current" >&2
+      last="$current"
+    fi
+    # UNKNOWN: describe failed; tolerated a few times (a network error), not forever (no such
+    # request).
+    [[ "$current" == UNKNOWN ]] && unknown=$((unknown + 1)) || unknown=0
+    case "$current" in
+      ACTIVE) return 0 ;;
+      FAILED|SUSPENDED|UNKNOWN)
+        if [[ "$current" != UNKNOWN || $unknown -ge 5 ]]; then
+          echo "tpu_vm.sh: the queued resource $name is $current; see" \
+              "\`gcloud compute tpus queued-resources describe $name --zone=$zone\`" >&2
+          return 1
+        fi ;;
+    esac
+    sleep "$poll_seconds"
+  done
+}
+
+delete() {
+  if [[ $queued -eq 1 ]]; then
+    # --force deletes the VM first; a request still waiting or suspended has none.
+    run_cmd "${qr[@]}" delete "$name" "${where[@]}" --force --quiet
+  else
+    run_cmd "${tpu[@]}" delete "$name" "${where[@]}" --quiet
+  fi
 }
 
 setup() {
@@ -179,8 +262,9 @@ train() {
     restarts=$((restarts + 1))
     echo "tpu_vm.sh: preempted (exit $status, VM $current); restart $restarts of $max_restarts" >&2
     if [[ "$current" != READY ]]; then
-      # A preempted Spot VM cannot be restarted; it is deleted and created anew.
-      run_cmd "${tpu[@]}" delete "$name" "${where[@]}" --quiet || true
+      # A preempted Spot VM cannot be restarted; it is deleted and created anew (a suspended
+      # queued resource likewise: deleted and requested again).
+      delete || true
       create
       setup
     fi
@@ -194,6 +278,10 @@ case "$command" in
   up) create; setup; train ;;
   logs) run_cmd "${tpu[@]}" ssh "$name" "${where[@]}" --worker=0 \
             --command='tail -n +1 -F ~/bigbatch-run.log' ;;
-  status) run_cmd "${tpu[@]}" describe "$name" "${where[@]}" --format='value(state)' ;;
-  delete) run_cmd "${tpu[@]}" delete "$name" "${where[@]}" --quiet ;;
+  status)
+    if [[ $queued -eq 1 ]]; then
+      run_cmd "${qr[@]}" describe "$name" "${where[@]}" --format='value(state.state)'
+    fi
+    run_cmd "${tpu[@]}" describe "$name" "${where[@]}" --format='value(state)' ;;
+  delete) delete ;;
 esac
