@@ -12,6 +12,7 @@ LARS and LAMB are built from the trust-ratio transform in `bigbatch.trust_ratio`
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import functools
 import math
 import re
@@ -30,6 +31,9 @@ from bigbatch.fields import ConfigError
 OPTIMIZERS = ('sgd', 'adamw', 'lars', 'lamb')
 SCALING_RULES = ('linear', 'sqrt', 'none', 'table')
 DECAYS = ('cosine', 'polynomial', 'step', 'linear', 'constant')
+# How a duration in epochs (num_epochs, warmup, step boundaries, the lr.table warmup) becomes
+# steps; see `epochs_to_steps`.
+EPOCH_STEPS = ('floor_per_epoch', 'total_examples_floor', 'total_examples_ceil')
 
 # lr_fn(step, peak_lr) -> lr. `peak_lr` may be a traced scalar: it lives in the optimizer state.
 LrFn = Callable[[jax.typing.ArrayLike, jax.typing.ArrayLike], jax.Array]
@@ -51,6 +55,7 @@ class Derived:
   # not of the update count. total_steps counts the updates actually made.
   phases: tuple['Phase', ...] = ()
   schedule_steps: int = 0  # the lr schedule's length in initial-batch steps (phases only)
+  epoch_steps: str = 'floor_per_epoch'  # config.lr.epoch_steps: how epochs became steps above
 
   def as_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -95,6 +100,15 @@ def defaults() -> dict[str, Any]:
       'lr.boundaries_epochs': placeholder(tuple),
       'lr.boundaries_steps': placeholder(tuple),
       'lr.decay_factor': 0.1,
+      # How durations in epochs become steps (`epochs_to_steps`): floor_per_epoch counts an
+      # epoch as floor(N / B) steps, one pass of the input pipeline's permutation;
+      # total_examples_floor / _ceil count e epochs as e * N examples, floor or ceil of e N / B
+      # steps, as the TPU ImageNet recipes do (configs/r50_*.py say which source rounds how).
+      # The default stays floor_per_epoch because the digits, synthetic and CIFAR configs and
+      # the shipped studies were run with it: their step budgets and the results in docs/ are
+      # in those steps, and at small N / B the conventions differ a lot (digits at batch 512:
+      # 3 or 3.5 steps per epoch).
+      'lr.epoch_steps': 'floor_per_epoch',
       'optimizer.name': 'sgd',  # sgd | adamw | lars | lamb
       'optimizer.momentum': 0.9,  # sgd, lars
       'optimizer.nesterov': False,  # sgd, lars
@@ -117,6 +131,7 @@ def validate(config) -> None:
   fields.choice(config, 'optimizer.name', OPTIMIZERS)
   fields.choice(config, 'lr.scaling', SCALING_RULES)
   fields.choice(config, 'lr.decay', DECAYS)
+  fields.choice(config, 'lr.epoch_steps', EPOCH_STEPS)
   fields.positive(config, 'lr.base_lr')
   fields.positive(config, 'lr.base_batch')
   for path in ('lr.warmup_init_lr', 'lr.end_lr', 'optimizer.weight_decay'):
@@ -206,7 +221,37 @@ def _scaling(rule: str, ratio: float) -> float:
                     f'table')
 
 
-def _boundaries(config, steps_per_epoch: int, total_steps: int) -> tuple[int, ...]:
+def epochs_to_steps(epochs: float, num_train_examples: int, global_batch: int,
+                    rule: str = 'floor_per_epoch') -> int:
+  """The steps of a duration of `epochs` epochs at `global_batch`, by config.lr.epoch_steps:
+
+    floor_per_epoch       round(epochs * floor(N / B)): epochs counted in passes of the input
+                          pipeline, whose remainder of N mod B examples each pass drops
+    total_examples_floor  floor(epochs * N / B): the whole batches of epochs * N examples
+                          (tensorflow/tpu lars_util.py: w_epochs * num_train_images // batch)
+    total_examples_ceil   ceil(epochs * N / B): at least epochs * N examples (the LAMB
+                          authors' runs: 3,519 steps for 90 epochs at 32k, 1,760 at 64k)
+
+  Either way the data stays where the input pipeline puts it: step s reads batch s mod
+  floor(N / B) of epoch s // floor(N / B)'s permutation, so a run counted in examples makes
+  more steps than epochs * floor(N / B) and goes on into the next permutation.
+  """
+  n, batch = int(num_train_examples), int(global_batch)
+  if rule == 'floor_per_epoch':
+    return round(epochs * (n // batch))
+  # Exact rational arithmetic from the decimal the config wrote: 0.1 epochs is 1/10, not the
+  # binary float just above it, so an exact whole number of steps never rounds the wrong way.
+  examples = fractions.Fraction(repr(float(epochs))) * n
+  if rule == 'total_examples_floor':
+    return math.floor(examples / batch)
+  if rule == 'total_examples_ceil':
+    return math.ceil(examples / batch)
+  raise ConfigError(f'config.lr.epoch_steps={rule!r} is unknown; choose one of '
+                    f'{", ".join(EPOCH_STEPS)}')
+
+
+def _boundaries(config, to_steps: Callable[[float], int], steps_per_epoch: int,
+                total_steps: int) -> tuple[int, ...]:
   lr = config.lr
   if lr.decay != 'step':
     # Boundaries of another decay would not be used; leaving them out keeps the logged
@@ -217,7 +262,7 @@ def _boundaries(config, steps_per_epoch: int, total_steps: int) -> tuple[int, ..
     steps = tuple(int(b) for b in given)
   elif lr.boundaries_epochs:
     field, given = 'lr.boundaries_epochs', tuple(lr.boundaries_epochs)
-    steps = tuple(round(e * steps_per_epoch) for e in given)
+    steps = tuple(to_steps(e) for e in given)
   else:
     raise ConfigError('config.lr.decay=step needs boundaries; set --config.lr.boundaries_epochs='
                       '"(30,60,80)" or lr.boundaries_steps')
@@ -262,10 +307,25 @@ def derive(config, num_train_examples: int) -> Derived:
     raise ConfigError(f'config.global_batch={batch} is larger than the {n} training examples '
                       f'(0 steps per epoch); set --config.global_batch to at most {n}')
 
+  lr = config.lr
+  # A config recorded before lr.epoch_steps existed counted epochs the one way there was.
+  rule = lr.get('epoch_steps', 'floor_per_epoch')
+  if rule not in EPOCH_STEPS:
+    raise ConfigError(f'config.lr.epoch_steps={rule!r} is unknown; choose one of '
+                      f'{", ".join(EPOCH_STEPS)}')
+  if rule != 'floor_per_epoch' and config.get('batch_schedule'):
+    # Phases start at whole passes of the input pipeline and the schedule under them is a
+    # function of the passes seen (epochs_seen), so there an epoch is floor(N / B) steps.
+    raise ConfigError(f'config.batch_schedule counts epochs as passes of the input pipeline; '
+                      f'config.lr.epoch_steps={rule!r} cannot apply to it: set '
+                      f'lr.epoch_steps=floor_per_epoch or drop the batch schedule')
+  to_steps = functools.partial(epochs_to_steps, num_train_examples=n, global_batch=batch,
+                               rule=rule)
+
   if config.num_steps is not None:
     field, total_steps = 'num_steps', int(config.num_steps)
   elif config.num_epochs is not None:
-    field, total_steps = 'num_epochs', round(config.num_epochs * steps_per_epoch)
+    field, total_steps = 'num_epochs', to_steps(config.num_epochs)
   else:
     raise ConfigError('config.num_epochs and config.num_steps are both unset; '
                       'set --config.num_epochs=... or --config.num_steps=...')
@@ -273,14 +333,13 @@ def derive(config, num_train_examples: int) -> Derived:
     raise ConfigError(f'config.{field}={config[field]} gives {total_steps} steps at '
                       f'{steps_per_epoch} steps/epoch; train for at least one step')
 
-  lr = config.lr
   row = _table_row(config) if lr.scaling == 'table' else None
   if row is not None and row[2] is not None:
-    field, warmup_steps = 'lr.table', round(row[2] * steps_per_epoch)
+    field, warmup_steps = 'lr.table', to_steps(row[2])
   elif lr.warmup_steps is not None:
     field, warmup_steps = 'lr.warmup_steps', int(lr.warmup_steps)
   elif lr.warmup_epochs is not None:
-    field, warmup_steps = 'lr.warmup_epochs', round(lr.warmup_epochs * steps_per_epoch)
+    field, warmup_steps = 'lr.warmup_epochs', to_steps(lr.warmup_epochs)
   else:
     field, warmup_steps = None, 0
   if warmup_steps < 0:
@@ -302,9 +361,10 @@ def derive(config, num_train_examples: int) -> Derived:
       total_steps=phases[-1].end_step if phases else total_steps,
       warmup_steps=warmup_steps,
       peak_lr=peak_lr,
-      boundaries_steps=_boundaries(config, steps_per_epoch, total_steps),
+      boundaries_steps=_boundaries(config, to_steps, steps_per_epoch, total_steps),
       phases=phases,
       schedule_steps=total_steps if phases else 0,
+      epoch_steps=rule,
   )
 
 
