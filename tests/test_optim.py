@@ -357,3 +357,57 @@ def test_clipping_comes_first():
   params = {'w': jnp.ones((4,))}
   u, _ = jax.jit(opt.tx.update)({'w': jnp.full((4,), 5.0)}, opt.tx.init(params), params)  # norm 10
   np.testing.assert_allclose(u['w'], -0.1 * 0.5, rtol=1e-6)
+
+
+# --- Epochs counted in passes or in examples (config.lr.epoch_steps) -------------------------
+
+@pytest.mark.parametrize('rule, steps', [('floor_per_epoch', (25, 2, 10)),
+                                         ('total_examples_floor', (26, 2, 10)),
+                                         ('total_examples_ceil', (27, 3, 11))])
+def test_epoch_steps_rules(rule, steps):
+  # N = 1,050, B = 100: 10 whole batches per pass, 10.5 batches of examples per epoch.
+  c = _config(**{'global_batch': 100, 'num_epochs': 2.5, 'lr.warmup_epochs': 0.25,
+                 'lr.decay': 'step', 'lr.boundaries_epochs': (1.0,), 'lr.epoch_steps': rule})
+  optim.validate(c)
+  d = optim.derive(c, 1050)
+  assert (d.total_steps, d.warmup_steps, d.boundaries_steps[0]) == steps
+  # The data position is the input pipeline's whatever the rule: 10 steps per pass.
+  assert d.steps_per_epoch == 10 and d.epoch_steps == rule
+  assert json.loads(json.dumps(d.as_dict()))['epoch_steps'] == rule
+
+
+def test_epoch_steps_default_is_floor_per_epoch():
+  """The default keeps every config that does not choose a rule on today's step counts."""
+  assert optim.defaults()['lr.epoch_steps'] == 'floor_per_epoch'
+  assert config_lib.base_config().lr.epoch_steps == 'floor_per_epoch'
+  d = optim.derive(_goyal_8k(), IMAGENET_TRAIN)
+  assert (d.total_steps, d.warmup_steps, d.epoch_steps) == (14040, 780, 'floor_per_epoch')
+
+
+def test_epochs_in_examples_are_exact_decimals():
+  # 0.3 * 1,000 / 100 is 2.9999999999999996 in floats: floor would lose a step that 3 whole
+  # batches of the 300 examples do fill.
+  assert optim.epochs_to_steps(0.3, 1000, 100, 'total_examples_floor') == 3
+  assert optim.epochs_to_steps(0.3, 1000, 100, 'total_examples_ceil') == 3
+  assert optim.epochs_to_steps(0.7, 1000, 100, 'total_examples_ceil') == 7
+  # ImageNet at 64k, the TPU reference's own expressions.
+  assert optim.epochs_to_steps(16, IMAGENET_TRAIN, 65536, 'total_examples_floor') == (
+      16 * IMAGENET_TRAIN // 65536) == 312
+  assert optim.epochs_to_steps(90, IMAGENET_TRAIN, 65536, 'total_examples_floor') == 1759
+  assert optim.epochs_to_steps(90, IMAGENET_TRAIN, 65536, 'total_examples_ceil') == 1760
+  assert optim.epochs_to_steps(90, IMAGENET_TRAIN, 65536, 'floor_per_epoch') == 1710
+
+
+def test_epoch_steps_errors():
+  with pytest.raises(config_lib.ConfigError, match='lr.epoch_steps'):
+    optim.validate(_config(**{'lr.epoch_steps': 'examples'}))
+  with pytest.raises(config_lib.ConfigError, match='lr.epoch_steps'):
+    optim.derive(_config(**{'global_batch': 100, 'num_epochs': 2.0,
+                            'lr.epoch_steps': 'examples'}), 1050)
+  # A batch schedule counts epochs in passes of the pipeline; examples cannot apply to it.
+  c = _config(**{'global_batch': 100, 'num_epochs': 4.0, 'batch_schedule': ((2, 2),),
+                 'lr.epoch_steps': 'total_examples_floor'})
+  with pytest.raises(config_lib.ConfigError, match='batch_schedule'):
+    optim.derive(c, 1050)
+  c.lr.epoch_steps = 'floor_per_epoch'
+  assert optim.derive(c, 1050).total_steps == 20 + 10  # 2 epochs of 10, then 2 of 5
