@@ -24,18 +24,21 @@ from bigbatch import hooks as hooks_lib
 from bigbatch import input_pipeline
 from bigbatch import metrics as metrics_lib
 from bigbatch import sharding
+from bigbatch import signals
 from bigbatch import trainer as trainer_lib
 from bigbatch import workdir as workdir_lib
 from bigbatch.study import hooks as study_hooks
 
 
 class Preempted(Exception):
-  """SIGTERM arrived; a checkpoint of `step` was written. main exits with EXIT_PREEMPTED."""
+  """SIGTERM (or SIGINT) arrived; a checkpoint of `step` was written. main exits with
+  EXIT_PREEMPTED (EXIT_INTERRUPTED for SIGINT)."""
 
-  def __init__(self, step: int):
-    super().__init__(f'preempted (SIGTERM): checkpoint written at step {step}; rerun the same '
-                     f'command to resume')
-    self.step = step
+  def __init__(self, step: int, signum: int = signal.SIGTERM):
+    what = 'interrupted (SIGINT)' if signum == signal.SIGINT else 'preempted (SIGTERM)'
+    super().__init__(f'{what}: checkpoint written at step {step}; rerun the same command to '
+                     f'resume')
+    self.step, self.signum = step, signum
 
 
 class DataError(RuntimeError):
@@ -43,7 +46,8 @@ class DataError(RuntimeError):
 
 
 class NonFiniteError(RuntimeError):
-  """Too many consecutive steps with a non-finite loss or gradient."""
+  """Too many consecutive steps with a non-finite loss, gradient or update, or a state holding a
+  non-finite value where it would be checkpointed or returned."""
 
 
 def load_dataset(config):
@@ -107,32 +111,55 @@ class PhasedBatches:
 
 
 class _SigtermFlag:
-  """Records SIGTERM (sent by Cloud TPU and SLURM before preemption) for the loop to act on at
-  the next step boundary; the previous handler is restored on exit."""
+  """Records SIGTERM (sent by Cloud TPU and SLURM before preemption) and SIGINT (^C) for the loop
+  to act on at the next step boundary, where the Preemption hook checkpoints and stops. Until
+  the first update of this process has been dispatched (its compilation can take minutes) there
+  is nothing new to checkpoint, so a signal stops the run at once (signals.Interrupted), as a
+  second SIGINT does (^C ^C: stop without waiting for the checkpoint). The previous handlers
+  (bigbatch/main.py's, which raise) are restored on exit."""
 
   def __init__(self):
-    self.received = False
-    self._previous = None
+    self.signum = 0  # the first signal recorded; 0: none
+    self.before_first_step = True
+    self._previous = {}
+
+  @property
+  def received(self) -> bool:
+    return bool(self.signum)
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in signals.NAMES}
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.received = True
+    if self.before_first_step:
+      signals.raise_interrupted(signum, frame, 'before the first update of this run was '
+                                'dispatched (while it compiled)')
+    if signum == signal.SIGINT == self.signum:
+      signals.raise_interrupted(signum, frame, 'twice: stopped without waiting for the '
+                                'checkpoint of the current update')
+    self.signum = self.signum or signum
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._previous = {}
 
 
 @jax.jit
-def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.floating)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+def _finite_leaves(tree) -> list[jax.Array]:
+  return [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+          if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+
+
+def nonfinite_paths(tree) -> list[str]:
+  """The '/'-joined paths of `tree`'s float leaves that hold a non-finite value."""
+  paths = [jax.tree_util.keystr(path, simple=True, separator='/')
+           for path, x in jax.tree_util.tree_leaves_with_path(tree)
+           if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  flags = jax.device_get(_finite_leaves(tree))
+  return [p for p, ok in zip(paths, flags) if not ok]
 
 
 class Run:
@@ -170,8 +197,8 @@ class Run:
       lr = float(device_metrics['lr'])
       last = f'step {self.last_good} in {self.ckpt_dir}' if self.last_good else 'none'
       raise NonFiniteError(
-          f'step {step}: the loss or gradients were not finite for {streak} consecutive '
-          f'step(s) (lr {lr:.4g}); no update was applied. Last good checkpoint: {last}. Lower '
+          f'step {step}: the loss, gradients or update were not finite for {streak} '
+          f'consecutive step(s) (lr {lr:.4g}); none of them was applied. Last good checkpoint: {last}. Lower '
           f'the lr, add warmup or clipping (optimizer.clip_grad_norm), then resume or start over')
 
   def flush_logs(self) -> None:
@@ -179,10 +206,22 @@ class Run:
       pending, self.pending = self.pending, None
       self.write_logs(*pending)
 
+  def check_state_finite(self, step: int, what: str) -> None:
+    """Raises NonFiniteError if the state holds a non-finite value. train_step never applies a
+    non-finite update, so this is the last line: a restored or fine-tuned start (init_from), or
+    an overflow the step's check could not see, stops the run instead of being checkpointed or
+    reported as a result."""
+    bad = nonfinite_paths(self.state)
+    if bad:
+      last = f'step {self.last_good} in {self.ckpt_dir}' if self.last_good else 'none'
+      raise NonFiniteError(
+          f'step {step}: the state holds non-finite values ({", ".join(bad[:3])}'
+          f'{", ..." if len(bad) > 3 else ""}), so it was not {what}. Last good checkpoint: '
+          f'{last}. Lower the lr, add warmup or clipping (optimizer.clip_grad_norm), then resume '
+          f'or start over')
+
   def save(self, step: int) -> None:
-    if not bool(_all_finite(self.state)):  # never write a checkpoint holding a non-finite value
-      logging.error('Not saving step %d: the state holds a non-finite value.', step)
-      return
+    self.check_state_finite(step, 'checkpointed')  # never a checkpoint with a non-finite value
     self.ckpt.save(step, self.state, config=self.config)
     self.last_good = step
 
@@ -203,10 +242,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   `hooks` run beside the standard ones (bigbatch/hooks.py); `cache` shares compiled steps with
   earlier runs in this process (a study's trials). Returns the final evaluation metrics. Raises
-  Preempted after writing a checkpoint on SIGTERM, NonFiniteError, workdir.WorkdirError and
-  checkpoint.CheckpointError with actionable messages.
+  Preempted after writing a checkpoint on SIGTERM, NonFiniteError, workdir.WorkdirError (also
+  when another trainer holds the workdir) and checkpoint.CheckpointError with actionable
+  messages.
   """
   config_lib.validate(config, jax.device_count())
+  # The workdir's lock, before anything is written there and before minutes of data loading and
+  # compiling, so a second trainer is refused at once. Process 0 holds it for all processes. An
+  # evaluation (mode=eval) only reads checkpoints and writes eval-<step>.json: it may run beside
+  # the trainer, so it takes no lock.
+  lock = None
+  if config.mode == 'train':
+    lock = _on_process_0(functools.partial(_lock_workdir, workdir,
+                                           check_layout=not restart_from_scratch))
+  try:
+    return _train_and_evaluate(config, workdir, lock, restart_from_scratch=restart_from_scratch,
+                               hooks=hooks, cache=cache)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _on_process_0(fn: Callable[[], Any]) -> Any:
+  """fn() on process 0 (None elsewhere), with its outcome on every process: an error there stops
+  all of them at once with its message (a WorkdirError elsewhere), instead of leaving the others
+  waiting for process 0 in their next collective until the heartbeat timeout."""
+  result, failure, message = None, None, ''
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+    except Exception as e:  # pylint: disable=broad-except  (re-raised below)
+      failure = e
+      message = str(e) if isinstance(e, workdir_lib.WorkdirError) else (
+          f'process 0 failed to prepare the workdir ({type(e).__name__}: {e})')
+  message = bytes(distributed.from_process_0(list(message.encode()))).decode()
+  if failure is not None:
+    raise failure
+  if message:
+    raise workdir_lib.WorkdirError(message)
+  return result
+
+
+def _lock_workdir(workdir: str, *, check_layout: bool) -> workdir_lib.WorkdirLock:
+  """Creates the workdir and takes its lock; then checks that nothing of the wrong kind sits
+  where bigbatch writes (not before --restart_from_scratch, which sets all of it aside)."""
+  workdir_lib.ensure_writable(workdir)
+  lock = workdir_lib.WorkdirLock.acquire(workdir)
+  try:
+    if check_layout:
+      workdir_lib.check_layout(workdir)
+  except BaseException:
+    lock.release()
+    raise
+  return lock
+
+
+def _train_and_evaluate(config, workdir: str, lock: workdir_lib.WorkdirLock | None, *,
+                        restart_from_scratch: bool, hooks: Sequence[Any],
+                        cache: trainer_lib.CompileCache | None) -> dict[str, float]:
   if config.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir',
                       os.path.expanduser(config.compilation_cache_dir))
@@ -222,13 +315,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ckpt_dir = os.path.join(workdir, 'checkpoints')
 
   # Nothing is written before the config, the derived values and the workdir have been checked.
-  if restart_from_scratch and is_main:
-    moved = workdir_lib.set_aside(workdir)
-    if moved:
-      logging.warning('--restart_from_scratch: the previous run in %s was moved to %s.',
-                      workdir, moved)
-  if is_main:
+  def prepare():
+    if restart_from_scratch:  # with the lock held, so no other trainer starts in it meanwhile
+      moved = workdir_lib.restart(lock) if lock else workdir_lib.set_aside(workdir)
+      if moved:
+        logging.warning('--restart_from_scratch: the previous run in %s was moved to %s.',
+                        workdir, moved)
     workdir_lib.ensure_writable(workdir)
+  _on_process_0(prepare)
   # Multi-host: nobody looks at the workdir before process 0 has set it aside or created it, and
   # all act on process 0's view of it (a shared directory may lag on some hosts); acting on
   # different views would run different collectives.
@@ -238,8 +332,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     steps = distributed.from_process_0(ckpt.all_steps())
   else:
     ckpt, steps = None, []
-  workdir_lib.check_compatible(workdir, config, num_train=dataset.num_train,
-                               resume_step=steps[-1] if steps else 0)
+  # Checked against the config the newest checkpoint was written under (config.json only when no
+  # checkpoint records one), so a missing config.json does not let another experiment resume.
+  _on_process_0(lambda: workdir_lib.check_compatible(
+      workdir, config, num_train=dataset.num_train, resume_step=steps[-1] if steps else 0,
+      checkpoint_config=ckpt.recorded_config(steps) if ckpt else None))
   if ckpt is None:
     ckpt = checkpoint_lib.Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
   state, start = distributed.restore_latest(ckpt, trainer.state)
@@ -289,7 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             start=start, ckpt=ckpt, writer=writer, batches=batches,
             flops_per_step=flops_per_step)
   sigterm = _SigtermFlag()
-  all_hooks = [*hooks_lib.standard(run, sigterm_received=lambda: sigterm.received,
+  all_hooks = [*hooks_lib.standard(run, sigterm_received=lambda: sigterm.signum,
                                    preempt_sync=distributed.PreemptionSync(),
                                    preempted=Preempted),
                *study_hooks.hooks_for(config, workdir), *hooks]
@@ -306,6 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         for h in all_hooks:
           batch = h.before_step(run, done, batch)
         run.state, run.metrics = trainer.train_step(run.state, batch)
+        sigterm.before_first_step = False  # compiled and dispatched: a signal now checkpoints
         # The device is busy with this step: read what the previous one left behind.
         run.check_finite()
         run.previous = (done, run.metrics)
@@ -314,6 +412,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if run.should_stop:
           break
       run.check_finite()
+      # A run never ends in success with non-finite parameters (or BN statistics, EMA, ...).
+      run.check_state_finite(int(run.state.step), 'returned as the result')
       for h in all_hooks:
         h.end(run)
   finally:

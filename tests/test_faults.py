@@ -25,6 +25,7 @@ from bigbatch import workdir as workdir_lib
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 sys.path.insert(0, ROOT)
 from configs import quickstart  # noqa: E402
+import faults  # noqa: E402  (tests/faults.py)
 
 # 1437 digits / 128 = 11 steps per epoch; accumulation on; checkpoints every 4 steps.
 STEPS = 16
