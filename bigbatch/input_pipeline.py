@@ -252,13 +252,6 @@ def _close_open_datasets():
     dataset.close()
 
 
-def create(config, *, process_index: int | None = None,
-           process_count: int | None = None) -> Dataset:
-  """Deprecated alias of `bigbatch.data.create`, kept while its callers move there."""
-  from bigbatch import data  # pylint: disable=g-import-not-at-top  # removed with this alias
-  return data.create(config, process_index=process_index, process_count=process_count)
-
-
 # ---------------------------------------------------------------------------------------------
 # Global arrays and prefetching.
 
