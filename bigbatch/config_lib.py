@@ -106,8 +106,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     fields.positive(config, path)
   for a, b in (('num_epochs', 'num_steps'), ('eval_every_epochs', 'eval_every_steps')):
     if fields.get(config, a) is not None and fields.get(config, b) is not None:
-      raise ConfigError(f'config.{a} and config.{b} are both set; set only one of them, and '
-                        f'remove the other from the config file or set it to None there')
+      raise ConfigError(f'config.{a} and config.{b} are both set; set only one of them: '
+                        f'unset the other with --config.{a}=None or --config.{b}=None, or set '
+                        f'it to None in the config file')
   if config.num_epochs is None and config.num_steps is None:
     raise ConfigError('config.num_epochs and config.num_steps are both unset; '
                       'set --config.num_epochs=... or --config.num_steps=...')

@@ -6,16 +6,36 @@ VMs and inside SLURM steps; elsewhere --coordinator_address, --num_processes, --
 """
 from __future__ import annotations
 
+if __name__ == '__main__':
+  # `python -m bigbatch.main`: a SIGTERM or SIGINT during the imports below (seconds) finds
+  # nothing started: one line and the documented exit code, not a silent 143 or a traceback,
+  # until main() installs the handlers of the run (bigbatch/signals.py).
+  import os as _os
+  import signal as _signal
+
+  def _stop_at_startup(signum, frame):
+    del frame
+    _os.write(2, f'bigbatch: stopped: {_signal.Signals(signum).name} during startup; nothing '
+                 f'was written; rerun the same command\n'.encode())
+    _os._exit(75 if signum == _signal.SIGTERM else 130)  # EXIT_PREEMPTED, EXIT_INTERRUPTED
+
+  for _s in (_signal.SIGTERM, _signal.SIGINT):
+    _signal.signal(_s, _stop_at_startup)
+
 import functools
+import os
+import signal
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
 from bigbatch import config_lib
 from bigbatch import distributed
+from bigbatch import signals
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, e.g. configs/quickstart.py or configs/x.py:arg.',
@@ -48,7 +68,15 @@ EXIT_NONFINITE = 3  # loss/gradients non-finite for too many consecutive steps
 EXIT_CHECKPOINT_ERROR = 4  # no readable checkpoint, or one that does not fit the model
 EXIT_SAVE_ERROR = 5  # a checkpoint could not be written (disk full, permissions)
 EXIT_DATA_ERROR = 6  # the data set cannot be read
-EXIT_PREEMPTED = 75  # SIGTERM: checkpoint written; rerun the same command (EX_TEMPFAIL)
+# SIGTERM (at any moment): the checkpoint of the current update written if one was taken since
+# the start or the last checkpoint; rerun the same command (EX_TEMPFAIL; launch/slurm.sbatch
+# requeues on it).
+EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130  # SIGINT (^C): the same, but not requeued (128 + SIGINT, as shells say)
+
+
+def _signal_exit(signum: int) -> int:
+  return EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED
 
 
 def _fail(kind: str, error: Exception, code: int):
@@ -58,7 +86,15 @@ def _fail(kind: str, error: Exception, code: int):
 
 def run(config, workdir: str, *, restart_from_scratch: bool = False, hooks=()) -> dict:
   """Validates, then trains (`hooks`: extra loop hooks, bigbatch/hooks.py). Errors a user can
-  fix become one line on stderr and an exit code."""
+  fix, and SIGTERM or SIGINT at any moment, become one line on stderr and an exit code."""
+  with signals.raising():  # the step loop installs its own handlers (loop._SigtermFlag)
+    try:
+      return _run(config, workdir, restart_from_scratch=restart_from_scratch, hooks=hooks)
+    except signals.Interrupted as e:
+      _fail('stopped', e, _signal_exit(e.signum))
+
+
+def _run(config, workdir: str, *, restart_from_scratch: bool, hooks) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   try:
     # Before TensorFlow is imported or anything is written.
@@ -86,7 +122,7 @@ def run(config, workdir: str, *, restart_from_scratch: bool = False, hooks=()) -
   except loop.NonFiniteError as e:
     _fail('non-finite values', e, EXIT_NONFINITE)
   except loop.Preempted as e:
-    _fail('stopped', e, EXIT_PREEMPTED)
+    _fail('stopped', e, _signal_exit(e.signum))
 
 
 def _root_cause(e: BaseException) -> BaseException:
@@ -95,17 +131,47 @@ def _root_cause(e: BaseException) -> BaseException:
   return e
 
 
+def _unset_overrides(argv) -> tuple[list[str], list[str]]:
+  """argv without its `--config.FIELD=None` arguments, and those FIELDs. config_flags parses an
+  override by the field's type and refuses None for a number, yet a field such as num_epochs
+  must be unset to set num_steps instead: main sets them to None after loading."""
+  prefix = f'--{_CONFIG.name}.'
+  rest, unset = [], []
+  for a in argv:
+    if a.startswith(prefix) and a.endswith('=None'):
+      unset.append(a[len(prefix):-len('=None')])
+    else:
+      rest.append(a)
+  return rest, unset
+
+
+def _flag_error(message: str):
+  print(f'bigbatch: flag error: {message}', file=sys.stderr)
+  sys.exit(EXIT_FLAG_ERROR)
+
+
 def _parse_flags(argv):
-  """absl's parser, with the config file loaded here: a bad flag, a missing config file or an
-  unknown --config.field becomes one line and exit code 1 instead of a chained traceback."""
+  """absl's parser, with the config file loaded here: a bad flag, a missing or failing config
+  file, a bad config argument or an unknown --config.field becomes one line naming the reason
+  and exit code 1 instead of a chained traceback."""
+  argv, unset = _unset_overrides(argv)
+  config_arg = next((a for a in argv if a.startswith('--config=')), '--config')
+  original, sys.argv = sys.argv, list(argv)  # config_flags finds --config.* overrides there
   try:
     rest = flags.FLAGS(argv)
-    _CONFIG.value.get('seed')  # config_flags defers a load failure to the first use
+    config = _CONFIG.value  # config_flags defers a load failure to the first use
+    config.get('seed')
   except Exception as e:  # pylint: disable=broad-except
     cause = _root_cause(e)
     reason = ' '.join(str(cause).replace("\\'", "'").split()).strip('\'"')
-    config_arg = next((a for a in argv if a.startswith('--config=')), '--config')
-    if isinstance(e, flags.Error) and not isinstance(cause, (OSError, KeyError, AttributeError)):
+    if 'Error whilst parsing config file' in str(e):
+      # get_config raised (a bad `file.py:ARG`, or a bug in the file): ml_collections puts the
+      # reason after a traceback on the following lines; it is the root cause.
+      message = f'{config_arg}: the config file\'s get_config failed: {reason}' + (
+          '' if isinstance(cause, config_lib.ConfigError) else f' ({type(cause).__name__})')
+    elif isinstance(cause, AttributeError) and 'get_config' in str(cause):
+      message = f'{config_arg}: the config file defines no get_config(arg=None) function'
+    elif isinstance(e, flags.Error) and not isinstance(cause, (OSError, KeyError, AttributeError)):
       message = str(e).splitlines()[0]
     elif 'Failed loading config file' in str(cause):
       last = str(cause).strip().splitlines()[-1].strip()
@@ -115,11 +181,18 @@ def _parse_flags(argv):
       message = f'a --config.* override names no config field: {detail}'
     else:
       message = f'{reason} ({type(cause).__name__})'
-    print(f'bigbatch: flag error: {message}', file=sys.stderr)
-    sys.exit(1)
+    _flag_error(message)
+  finally:
+    sys.argv = original
+  for path in unset:
+    *parents, leaf = path.split('.')
+    node = config
+    for p in parents:
+      node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      _flag_error(f'a --config.* override names no config field: --config.{path}=None')
+    node[leaf] = None
   return rest
-
-
 class _QuietLibraries:
   """Drops INFO lines from orbax (a dozen per checkpoint), keeping its warnings and errors."""
 
@@ -148,8 +221,23 @@ def main(argv, hooks=()):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  _start_distributed()
-  result = run(_CONFIG.value, _WORKDIR.value, restart_from_scratch=_RESTART.value, hooks=hooks)
+  try:
+    with signals.raising():
+      try:
+        _start_distributed()  # may wait minutes for the other processes
+      except signals.Interrupted as e:
+        _fail('stopped', e, _signal_exit(e.signum))
+      result = run(_CONFIG.value, _WORKDIR.value, restart_from_scratch=_RESTART.value,
+                   hooks=hooks)
+  except SystemExit as e:
+    if signals.raised is not None:
+      # A compilation the signal interrupted goes on in XLA's thread, and the interpreter's
+      # teardown beneath it can crash (SIGSEGV instead of the exit code): leave without it.
+      logging.flush()
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(e.code if isinstance(e.code, int) else 1)
+    raise
   logging.info('Final evaluation: %s', result)
 
 
