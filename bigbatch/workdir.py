@@ -413,18 +413,32 @@ class WorkdirLock:
   if the clocks of the hosts (or the object store's) agree to within a minute or so.
   """
 
-  def __init__(self, path: epath.Path, holder: Holder):
-    self.path, self.holder, self._text = path, holder, holder.to_json()
+  def __init__(self, workdir: epath.PathLike):
+    self.workdir, self.path = workdir, epath.Path(workdir) / LOCK_FILE
+    self.holder, self._text = None, ''
     self._stop = threading.Event()
     self._thread = None
 
   @classmethod
   def acquire(cls, workdir: epath.PathLike) -> 'WorkdirLock':
     """Takes the lock of `workdir` (which exists); WorkdirError naming the holder if held."""
-    path = epath.Path(workdir) / LOCK_FILE
-    lock = cls(path, Holder.current())
+    lock = cls(workdir)
+    lock._take()
+    return lock
+
+  def _take(self) -> None:
+    try:
+      self._take_or_raise()
+    except OSError as e:  # the lock's path is a directory, the disk is full, ...
+      raise WorkdirError(f'cannot take the lock {self.path}: {e.strerror or e}; check the '
+                         f'workdir, or use another --workdir') from None
+
+  def _take_or_raise(self) -> None:
+    path, workdir = self.path, self.workdir
+    self.holder = Holder.current()
+    self._text = self.holder.to_json()
     for _ in range(20):
-      if _create_exclusive(path, lock._text):
+      if _create_exclusive(path, self._text):
         break
       try:
         seen, age = path.read_text(), time.time() - path.stat().mtime
@@ -444,15 +458,15 @@ class WorkdirLock:
               f'in one workdir would mix their checkpoints and metrics: wait for it to finish, '
               f'stop it, or use another --workdir. If that process no longer exists, delete '
               f'{path}')
-      if _take_over(path, seen, lock._text):
+      if _take_over(path, seen, self._text):
         logging.warning('Took over the lock %s from %s: %s.', path, who, reason)
         break
     else:
       raise WorkdirError(f'could not take the lock {path}: other trainers keep taking it over; '
                          f'start one trainer per workdir')
-    lock._thread = threading.Thread(target=lock._heartbeat, name='bigbatch-lock', daemon=True)
-    lock._thread.start()
-    return lock
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._heartbeat, name='bigbatch-lock', daemon=True)
+    self._thread.start()
 
   def _heartbeat(self) -> None:
     lost = False
@@ -509,13 +523,15 @@ def _take_over(path: epath.Path, seen: str, text: str) -> bool:
     claim.unlink(missing_ok=True)
 
 
-def restart(workdir: epath.PathLike, lock: WorkdirLock) -> tuple[str | None, WorkdirLock]:
+def restart(lock: WorkdirLock) -> str | None:
   """--restart_from_scratch while holding `lock`: the workdir is set aside with its lock, so no
-  other trainer can start in it meanwhile; the copy of the lock there is deleted and the lock of
-  the new, empty workdir taken. Returns (where the old run went, the new lock)."""
+  other trainer can start in it meanwhile; the copy of the lock there is deleted and `lock` takes
+  the lock of the new, empty workdir (WorkdirError if another trainer got there first). Returns
+  where the old run went."""
   lock.stop_heartbeat()
-  moved = set_aside(workdir)
+  moved = set_aside(lock.workdir)
   if moved:
     (epath.Path(moved) / LOCK_FILE).unlink(missing_ok=True)
-  ensure_writable(workdir)
-  return moved, WorkdirLock.acquire(workdir)
+  ensure_writable(lock.workdir)
+  lock._take()  # pylint: disable=protected-access
+  return moved
