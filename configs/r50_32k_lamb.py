@@ -10,6 +10,11 @@ lr * ||w|| / ||r + wd w|| * (r + wd w), biases and BN parameters without weight 
 ratio 1. The peak lr and weight decay are NOT taken from that source: the values below (sqrt
 scaling from 0.004 at batch 256 -> 0.045 at 32k, wd 0.01, 5 warmup epochs, polynomial decay)
 are our starting point, to be swept with the study tool before trusting a number.
+
+Epochs are counted in examples and rounded up, as the authors' run.sh counts them: 90 epochs of
+1,281,167 examples at 32,768 are ceil(3,518.8) = 3,519 steps (the README's 3,519 iterations;
+their 64k run: ceil(1,759.4) = 1,760), where 39 whole batches per epoch would give 3,510. The
+5 warmup epochs are ceil(195.5) = 196 steps (the authors warm up 782 steps, 20 epochs).
 """
 from bigbatch import config_lib
 
@@ -19,6 +24,7 @@ def get_config(arg=None):
   c = config_lib.imagenet_resnet50(config_lib.base_config())
   c.global_batch = args.batch
   c.num_epochs = 90.0
+  c.lr.epoch_steps = 'total_examples_ceil'  # fastalgo/imagenet_resnet50_lamb run.sh: 3,519 steps
   c.model.dtype = 'bfloat16'
   c.model.norm = 'batch'
   c.model.bn_group_size = 64

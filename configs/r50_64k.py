@@ -14,6 +14,12 @@ momentum, biases and BN parameters skipped (no ratio, no decay); peak lr and war
 the TPU table by batch: <= 16k: 25 / 5 epochs, 32k: 34 / 12, above: 41 / 16; warmup from 0, then
 polynomial decay of power 2 to 0; label smoothing 0.1; weight decay 1e-4 (the tensorflow/tpu
 ResNet default); BN statistics over groups of 64 examples; 90 epochs.
+
+Epochs are counted in examples, as the reference counts them: warmup steps are
+w_epochs * 1,281,167 // batch (lars_util.py), and 90 epochs of 1,281,167 examples, in whole
+batches, are floor(90 * 1,281,167 / batch) steps. At 64k: 312 warmup steps (16 x 19.55) and
+1,759 steps in all, where 19 whole batches per epoch would give 304 and 1,710 (2.8% fewer
+examples). The data order is unchanged: 19 batches of each epoch's permutation, then the next.
 """
 from bigbatch import config_lib
 
@@ -35,6 +41,7 @@ def get_config(arg=None):
   c.optimizer.weight_decay = 1e-4
   c.optimizer.weight_decay_exclude = r'(^|/)(bias|scale)$'
   c.optimizer.trust_ratio_exclude = r'(^|/)(bias|scale)$'
+  c.lr.epoch_steps = 'total_examples_floor'  # lars_util.py: w_epochs * N // batch
   c.lr.scaling = 'table'
   c.lr.table = TPU_LARS_TABLE
   c.lr.warmup_init_lr = 0.0

@@ -120,9 +120,12 @@ def test_baseline_is_the_same_recipe_at_256():
                                                       (65536, 41.0, 16)])
 def test_64k_lars_follows_the_tpu_reference_table(batch, peak, warmup_epochs):
   config = load('r50_64k', f'batch={batch}')
-  derived, lrs = _lr_at_epochs(config, [0, warmup_epochs, 90])
+  derived = optim.derive(config, config_lib.IMAGENET_TRAIN_EXAMPLES)
   assert derived.peak_lr == peak
-  assert derived.warmup_steps == round(warmup_epochs * derived.steps_per_epoch)
+  # lars_util.py: w_steps = w_epochs * num_train_images // train_batch_size.
+  assert derived.warmup_steps == warmup_epochs * config_lib.IMAGENET_TRAIN_EXAMPLES // batch
+  lr_fn = optim.lr_schedule(config, derived)
+  lrs = [float(lr_fn(s, derived.peak_lr)) for s in (0, derived.warmup_steps, derived.total_steps)]
   np.testing.assert_allclose(lrs, [0.0, peak, 0.0], atol=1e-6)  # from 0, poly-2 decay to 0
   # Halfway through the decay, power 2: peak * (1/2)^2.
   mid = (derived.warmup_steps + derived.total_steps) // 2
@@ -160,3 +163,62 @@ def test_face_baseline_is_the_public_recipe():
   big = load('face_64k_lamb')
   assert big.global_batch == 65536 and big.optimizer.name == 'lamb'
   assert optim.derive(big, NUM_TRAIN['face_recordio']).peak_lr == pytest.approx(2e-3 * 4)
+
+
+# --- Recipes counted as their sources count them (docs/references.md) ------------------------
+# (config, arg, overrides, total steps, warmup steps, step-decay boundaries), each number the
+# source's own: tensorflow/tpu lars_util.py warms up over w_epochs * 1,281,167 // batch steps and
+# 90 epochs of 1,281,167 examples are floor(90 N / B) steps; the LAMB authors' run.sh trains
+# 3,519 steps at 32k (README: "3519 iterations"), 1,760 at 64k, and warms up 782 steps for 20
+# epochs at 32k; Nado et al. train 2,512 steps; Goyal et al.'s recipe counts whole batches per
+# epoch (facebookresearch/pycls: a drop_last loader, the lr set by epoch).
+SOURCE_STEPS = [
+    ('r50_64k', None, {}, 1759, 312, ()),
+    ('r50_64k', 'batch=32768', {}, 3518, 469, ()),
+    ('r50_64k', 'batch=16384', {}, 7037, 390, ()),
+    ('r50_32k_lamb', None, {}, 3519, 196, ()),  # 5 warmup epochs: ours, ceil(195.5)
+    ('r50_32k_lamb', None, {'warmup_epochs': 20.0}, 3519, 782, ()),  # the authors' warmup
+    ('r50_32k_lamb', 'batch=65536', {}, 1760, 98, ()),
+    ('r50_32k_nesterov', None, {}, 2512, 195, ()),
+    ('r50_8k_goyal', None, {}, 14040, 780, (4680, 9360, 12480)),
+    ('r50_baseline', None, {}, 450360, 25020, (150120, 300240, 400320)),
+]
+
+
+@pytest.mark.parametrize('name, arg, lr_overrides, total, warmup, boundaries', SOURCE_STEPS)
+def test_imagenet_recipes_count_steps_as_their_sources(name, arg, lr_overrides, total, warmup,
+                                                       boundaries):
+  config = load(name, arg)
+  for key, value in lr_overrides.items():
+    config.lr[key] = value
+  n = config_lib.IMAGENET_TRAIN_EXAMPLES
+  derived = optim.derive(config, n)
+  assert (derived.total_steps, derived.warmup_steps, derived.boundaries_steps) == (
+      total, warmup, boundaries)
+  # Only the schedule is counted in examples: the input pipeline still makes floor(N / B)
+  # steps per pass of its permutation, so the data each step reads is where it was.
+  assert derived.steps_per_epoch == n // config.global_batch
+
+
+def test_64k_recipe_sees_90_epochs_of_examples():
+  """The issue this guards against: 19 whole batches per epoch ran 1,710 steps, 2.8% short of
+  90 epochs; 1,759 steps are 90 epochs less than one batch."""
+  config = load('r50_64k')
+  n = config_lib.IMAGENET_TRAIN_EXAMPLES
+  derived = optim.derive(config, n)
+  seen = derived.total_steps * config.global_batch
+  assert 90 * n - config.global_batch < seen <= 90 * n
+  # A run past 90 whole passes of 19 batches goes on into the next permutations.
+  assert divmod(derived.total_steps - 1, derived.steps_per_epoch) == (92, 10)
+
+
+def test_configs_without_an_imagenet_source_keep_floor_per_epoch():
+  """The default rule is today's: every config but the ImageNet recipes derives the steps it
+  derived before lr.epoch_steps existed (the shipped studies' budgets among them)."""
+  for name in CONFIGS:
+    if not name.startswith('r50_'):
+      config = load(name)
+      if 'base' in config:  # a study: its experiment config, and no variant changes the rule
+        assert 'epoch_steps' not in str(config.variants), name
+        config = config.base
+      assert config.lr.epoch_steps == 'floor_per_epoch', name
