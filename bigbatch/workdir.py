@@ -446,7 +446,7 @@ class WorkdirLock:
         continue  # released meanwhile: try again
       holder = Holder.parse(seen)
       if holder is None:
-        if age < 10:  # the O_EXCL fallback is writing it: look again
+        if age < 5:  # the O_EXCL fallback is writing it: look again
           time.sleep(0.5)
           continue
         reason, who = 'the file is damaged', 'an unknown holder'
