@@ -162,8 +162,10 @@ create() {
 }
 
 queued_state() {
-  "${qr[@]}" describe "$name" "${where[@]}" --format='value(state.state)' 2>/dev/null ||
-      echo UNKNOWN
+  local out
+  out="$("${qr[@]}" describe "$name" "${where[@]}" --format='value(state.state)' 2>/dev/null)" ||
+      out=''
+  echo "${out:-UNKNOWN}"
 }
 
 # A queued request is filled when capacity frees up: minutes to hours for a large Spot slice.

@@ -353,6 +353,15 @@ def test_tpu_vm_stops_when_the_queued_request_fails(fakes):
   assert not any('tpu-vm' in a for a in fakes.argvs())
 
 
+def test_tpu_vm_tolerates_a_few_failed_checks_of_the_request_but_not_many(fakes):
+  create = ['create', *TPU, '--queued']
+  _ok(fakes.run('tpu_vm.sh', *create, rules={
+      'queued-resources describe': [[1, ''], [0, ''], [0, 'ACTIVE']]}))
+  proc = fakes.run('tpu_vm.sh', *create, rules={'queued-resources describe': [[1, '']] * 5})
+  assert proc.returncode == 1 and 'the queued resource bb-64k is UNKNOWN' in proc.stderr
+  assert sum('describe' in a for a in fakes.argvs()) == 3 + 5
+
+
 def test_tpu_vm_requests_a_preempted_spot_slice_again_and_resumes(fakes):
   # The first run ends as the VM is preempted (ssh fails: 255); the VM is PREEMPTED.
   proc = _ok(fakes.run('tpu_vm.sh', 'run', *TPU, '--spot', '--max_restarts=2', rules={
