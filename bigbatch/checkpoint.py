@@ -233,5 +233,10 @@ class Checkpointer:
   def close(self) -> None:
     try:
       self.wait()
-    finally:
-      self._manager.close()
+    except SaveError:
+      try:  # orbax's close waits again and re-raises the same failure: report it once
+        self._manager.close()
+      except Exception:  # pylint: disable=broad-except
+        pass
+      raise
+    _saving('closing the checkpoints', self.directory, self._manager.close)
