@@ -167,7 +167,8 @@ def _parse_flags(argv):
     if 'Error whilst parsing config file' in str(e):
       # get_config raised (a bad `file.py:ARG`, or a bug in the file): ml_collections puts the
       # reason after a traceback on the following lines; it is the root cause.
-      message = f'{config_arg}: the config file\'s get_config failed: {reason}' + (
+      detail = ' '.join(str(cause).split())
+      message = f'{config_arg}: the config file\'s get_config failed: {detail}' + (
           '' if isinstance(cause, config_lib.ConfigError) else f' ({type(cause).__name__})')
     elif isinstance(cause, AttributeError) and 'get_config' in str(cause):
       message = f'{config_arg}: the config file defines no get_config(arg=None) function'

@@ -136,9 +136,11 @@ def validate(config) -> None:
   fields.positive(config, 'lr.base_batch')
   for path in ('lr.warmup_init_lr', 'lr.end_lr', 'optimizer.weight_decay'):
     fields.finite(config, path, low=0.0)
-  for path in ('lr.power', 'lr.decay_factor', 'optimizer.momentum', 'optimizer.b1',
-               'optimizer.b2', 'optimizer.eps', 'optimizer.trust_coefficient'):
+  for path in ('lr.power', 'lr.decay_factor', 'optimizer.momentum', 'optimizer.eps',
+               'optimizer.trust_coefficient'):
     fields.finite(config, path)
+  for path in ('optimizer.b1', 'optimizer.b2'):  # 1 would divide by 1 - b^t = 0 (bias correction)
+    fields.finite(config, path, low=0.0, high=1.0, high_open=True)
   fields.positive(config, 'optimizer.clip_grad_norm', allow_none=True)
   fields.finite(config, 'lr.warmup_epochs', low=0.0, allow_none=True)
   fields.finite(config, 'lr.warmup_steps', low=0, allow_none=True)
@@ -146,6 +148,18 @@ def validate(config) -> None:
                ('lr.boundaries_epochs', 'lr.boundaries_steps')):
     if fields.get(config, a) is not None and fields.get(config, b) is not None:
       raise ConfigError(f'config.{a} and config.{b} are both set; set only one of them')
+  for path in ('lr.boundaries_epochs', 'lr.boundaries_steps'):
+    given = fields.get(config, path)
+    if given is not None and not all(_number(b) and b > 0 for b in given):
+      raise ConfigError(f'config.{path}={tuple(given)}: expected finite numbers > 0, e.g. '
+                        f'(30, 60, 80)')
+  if config.lr.table:
+    for row in config.lr.table:
+      if not (len(row) == 3 and _number(row[0]) and row[0] > 0 and _number(row[1])
+              and row[1] > 0 and (row[2] is None or _number(row[2]) and row[2] >= 0)):
+        raise ConfigError(f'config.lr.table row {tuple(row)!r}: expected (max_batch, peak_lr, '
+                          f'warmup_epochs or None) with finite numbers, max_batch and peak_lr '
+                          f'> 0, warmup_epochs >= 0')
   if config.lr.decay == 'step' and not (config.lr.boundaries_epochs or config.lr.boundaries_steps):
     raise ConfigError('config.lr.decay=step needs boundaries; set --config.lr.boundaries_epochs='
                       '"(30,60,80)" or lr.boundaries_steps')
@@ -156,6 +170,11 @@ def validate(config) -> None:
       raise ConfigError(f'config.{path}: not a valid regex ({e}); fix the pattern') from None
   if config.batch_schedule:
     batch_phases(config, 1 << 62)  # the schedule's form; batch vs data size comes later
+
+
+def _number(x) -> bool:
+  """A finite int or float (not a bool, a string or None)."""
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def batch_phases(config, num_train_examples: int) -> tuple[Phase, ...]:
@@ -169,7 +188,8 @@ def batch_phases(config, num_train_examples: int) -> tuple[Phase, ...]:
                       f'num_steps)')
   rows = [(0, 1)]
   for row in schedule:
-    if (len(row) != 2 or int(row[0]) != row[0] or int(row[1]) != row[1]
+    if (len(row) != 2 or not all(map(_number, row)) or int(row[0]) != row[0]
+        or int(row[1]) != row[1]
         or not rows[-1][0] < row[0] < config.num_epochs or not row[1] > rows[-1][1]):
       raise ConfigError(
           f'{field}={tuple(schedule)}: expected ((epoch, multiplier), ...) with whole epochs '
@@ -353,6 +373,9 @@ def derive(config, num_train_examples: int) -> Derived:
     peak_lr = float(row[1])
   else:
     peak_lr = float(lr.base_lr) * _scaling(lr.scaling, batch / lr.base_batch)
+  if not peak_lr <= float(jnp.finfo(jnp.float32).max):  # the lr lives in float32 opt state
+    raise ConfigError(f'config.lr: the peak lr {peak_lr:.4g} at batch {batch} is not finite in '
+                      f'float32; lower config.lr.base_lr')
   phases = batch_phases(config, n)
   return Derived(
       num_train_examples=n,

@@ -79,6 +79,7 @@ def validate(config) -> None:
   fields.positive(config, 'model.width')
   fields.finite(config, 'model.bn_momentum', low=0.0, high=1.0)
   fields.positive(config, 'model.bn_epsilon')
+  fields.finite(config, 'model.dropout', low=0.0, high=1.0, high_open=True)
   if m.bn_group_size is not None and m.norm != 'batch':
     raise fields.ConfigError(f'config.model.bn_group_size={m.bn_group_size} needs '
                              f'model.norm=batch (it is {m.norm!r}); unset bn_group_size or set '
