@@ -306,13 +306,24 @@ def _train_and_evaluate(config, workdir: str, lock: workdir_lib.WorkdirLock | No
   mesh = sharding.make_mesh(config)
   distributed.log_topology(config, mesh)
   dataset = load_dataset(config)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  ckpt, steps = None, []
+  if not restart_from_scratch:  # (that workdir is set aside below: nothing to check)
+    # Resume is checked against the config the newest checkpoint was written under (config.json
+    # only when no checkpoint records one), so a missing config.json does not let another
+    # experiment resume; and before the model is built and compiled, so a refusal is quick.
+    if distributed.from_process_0(workdir_lib.isdir(ckpt_dir)):
+      ckpt = checkpoint_lib.Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
+      steps = distributed.from_process_0(ckpt.all_steps())
+    _on_process_0(lambda: workdir_lib.check_compatible(
+        workdir, config, num_train=dataset.num_train, resume_step=steps[-1] if steps else 0,
+        checkpoint_config=ckpt.recorded_config(steps) if ckpt else None))
   trainer = trainer_lib.build(config, mesh, num_train=dataset.num_train,
                               image_shape=dataset.image_shape,
                               num_classes=dataset.num_classes, cache=cache)
   trainer.task.check_startup()
   derived = trainer.optimizer.derived
   is_main = jax.process_index() == 0
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
 
   # Nothing is written before the config, the derived values and the workdir have been checked.
   def prepare():
@@ -327,16 +338,6 @@ def _train_and_evaluate(config, workdir: str, lock: workdir_lib.WorkdirLock | No
   # all act on process 0's view of it (a shared directory may lag on some hosts); acting on
   # different views would run different collectives.
   distributed.sync('workdir ready')
-  if distributed.from_process_0(workdir_lib.isdir(ckpt_dir)):
-    ckpt = checkpoint_lib.Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
-    steps = distributed.from_process_0(ckpt.all_steps())
-  else:
-    ckpt, steps = None, []
-  # Checked against the config the newest checkpoint was written under (config.json only when no
-  # checkpoint records one), so a missing config.json does not let another experiment resume.
-  _on_process_0(lambda: workdir_lib.check_compatible(
-      workdir, config, num_train=dataset.num_train, resume_step=steps[-1] if steps else 0,
-      checkpoint_config=ckpt.recorded_config(steps) if ckpt else None))
   if ckpt is None:
     ckpt = checkpoint_lib.Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
   state, start = distributed.restore_latest(ckpt, trainer.state)
