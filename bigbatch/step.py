@@ -70,6 +70,22 @@ def global_norm(tree, *, sharded, axes: Sequence[str]) -> jax.Array:
   return jnp.sqrt(total)
 
 
+def all_finite(tree, axes: Sequence[str]) -> jax.Array:
+  """Whether every float value in `tree` is finite on every device: a leaf that differs across
+  devices (a sharded parameter, its optimizer state) is checked on all of them, so every device
+  decides alike. An exact test (isfinite), not a norm, which could overflow on finite values."""
+  common, local = [], []
+  for x in jax.tree.leaves(tree):
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+      bad = jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
+      (local if any(varying(x, a) for a in axes) else common).append(bad)
+  total = sum(common, jnp.zeros((), jnp.int32))
+  if local:
+    spread = sum(local, jnp.zeros((), jnp.int32))
+    total = total + lax.psum(spread, tuple(a for a in axes if varying(spread, a)))
+  return total == 0
+
+
 def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
                tx: optax.GradientTransformation, lr_fn: Callable,
                axes: Sequence[str] = ('data',), ema_decay: float | None = None,
@@ -135,10 +151,13 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
-  # A non-finite loss or gradient leaves params, optimizer state and BN statistics as they were
-  # (the data step still advances). optax.apply_if_finite would cover the optimizer alone, and
-  # applies the bad update after max_consecutive_errors; the host decides when to stop instead.
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # A non-finite loss or gradient, or an update that makes a parameter, the optimizer state or a
+  # BN statistic non-finite (a finite gradient times an lr overflowing, a second moment
+  # overflowing), leaves params, optimizer state and BN statistics as they were (the data step
+  # still advances). optax.apply_if_finite would cover the gradient alone, and applies the bad
+  # update after max_consecutive_errors; the host decides when to stop instead.
+  finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            & all_finite((params, opt_state, batch_stats), axes))
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
   new_state = state.replace(
