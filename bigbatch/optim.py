@@ -134,6 +134,10 @@ def validate(config) -> None:
   fields.choice(config, 'lr.epoch_steps', EPOCH_STEPS)
   fields.positive(config, 'lr.base_lr')
   fields.positive(config, 'lr.base_batch')
+  if config.lr.scaling != 'table':  # the peak lr, known before the data set (derive rechecks)
+    _check_peak_lr(config.lr.base_lr * _scaling(config.lr.scaling,
+                                                 config.global_batch / config.lr.base_batch),
+                   config.global_batch)
   for path in ('lr.warmup_init_lr', 'lr.end_lr', 'optimizer.weight_decay'):
     fields.finite(config, path, low=0.0)
   for path in ('lr.power', 'lr.decay_factor', 'optimizer.momentum', 'optimizer.eps',
@@ -170,6 +174,12 @@ def validate(config) -> None:
       raise ConfigError(f'config.{path}: not a valid regex ({e}); fix the pattern') from None
   if config.batch_schedule:
     batch_phases(config, 1 << 62)  # the schedule's form; batch vs data size comes later
+
+
+def _check_peak_lr(peak_lr: float, batch: int) -> None:
+  if not peak_lr <= float(jnp.finfo(jnp.float32).max):  # the lr lives in float32 opt state
+    raise ConfigError(f'config.lr: the peak lr {peak_lr:.4g} at batch {batch} is not finite in '
+                      f'float32; lower config.lr.base_lr')
 
 
 def _number(x) -> bool:
@@ -373,9 +383,7 @@ def derive(config, num_train_examples: int) -> Derived:
     peak_lr = float(row[1])
   else:
     peak_lr = float(lr.base_lr) * _scaling(lr.scaling, batch / lr.base_batch)
-  if not peak_lr <= float(jnp.finfo(jnp.float32).max):  # the lr lives in float32 opt state
-    raise ConfigError(f'config.lr: the peak lr {peak_lr:.4g} at batch {batch} is not finite in '
-                      f'float32; lower config.lr.base_lr')
+  _check_peak_lr(peak_lr, batch)
   phases = batch_phases(config, n)
   return Derived(
       num_train_examples=n,
