@@ -15,8 +15,10 @@ network differs:
   reference   flax's examples/imagenet ResNet, nn.BatchNorm(axis_name='batch')
   ours        bigbatch.models.resnet, sync BN over 'batch'
   ours ghost  the same with ghost BN (groups of --ghost examples)
-plus, with --trainer, bigbatch's own trainer step (bigbatch.train.build: shard_map, scan over
+plus, with --trainer, bigbatch's own trainer step (bigbatch.trainer.build: shard_map, scan over
 microbatches, label smoothing, metrics) with SGD, which is what a run executes.
+
+Prints a markdown table; docs/performance.md quotes it (section 'accelerator-bn').
 """
 from __future__ import annotations
 
@@ -36,16 +38,20 @@ from bigbatch.models import resnet  # noqa: E402
 
 
 def ours(depth: int, num_classes: int, *, ghost: int | None = None, width: int = 64,
-         dtype=jnp.bfloat16, axis_name: str | None = ref.AXIS) -> resnet.Model:
+         dtype=jnp.bfloat16, axis_name: str | None = ref.AXIS,
+         stage_depths: tuple[int, ...] | None = None) -> resnet.Model:
   """bigbatch's ResNet with sync BN over axis_name, or ghost BN of `ghost` examples."""
   norm = layers.Norm('batch', group_size=ghost, axis_name=axis_name, dtype=dtype)
   return resnet.Model(num_classes=num_classes, norm=norm, width=width, dtype=dtype, depth=depth,
-                      conv_impl='xla')
+                      stage_depths=stage_depths, conv_impl='xla')
 
 
 def reference(depth: int, num_classes: int, *, width: int = 64, dtype=jnp.bfloat16,
-              axis_name: str | None = ref.AXIS) -> ref.ResNet:
-  return ref.resnet(depth, num_classes, dtype=dtype, axis_name=axis_name, num_filters=width)
+              axis_name: str | None = ref.AXIS,
+              stage_depths: tuple[int, ...] | None = None) -> ref.ResNet:
+  """flax's example ResNet of the same depth (or blocks per stage) and width."""
+  model = ref.resnet(depth, num_classes, dtype=dtype, axis_name=axis_name, num_filters=width)
+  return model if stage_depths is None else model.clone(stage_sizes=tuple(stage_depths))
 
 
 def step_cost(model, image_shape, batch: int) -> dict:
@@ -70,11 +76,10 @@ def _cost(step, *args) -> dict:
 
 def trainer_step_cost(depth: int, image_shape, batch: int) -> dict:
   """bigbatch's trainer step (SGD, sync BN, k=1) on one device, bf16, conv_impl='xla'."""
-  # Imported here: the rows above need only the model, and the trainer pulls in the input
-  # pipeline and metric writers.
+  # Imported here: the rows above need only the models.
   from bigbatch import config_lib  # pylint: disable=g-import-not-at-top
   from bigbatch import sharding  # pylint: disable=g-import-not-at-top
-  from bigbatch import train  # pylint: disable=g-import-not-at-top
+  from bigbatch import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.imagenet_resnet50(config_lib.base_config())
   c.model.depth = depth
   c.model.dtype = 'bfloat16'
@@ -85,8 +90,10 @@ def trainer_step_cost(depth: int, image_shape, batch: int) -> dict:
   c.num_steps = 1000
   devices = jax.devices()[:1]
   config_lib.validate(c, len(devices))
-  trainer = train.build(c, sharding.make_mesh(c, devices), num_train=1_281_167,
-                        image_shape=tuple(image_shape), num_classes=1000)
+  # initialize=False: an abstract state (shapes and shardings) is all that lowering needs.
+  trainer = trainer_lib.build(c, sharding.make_mesh(c, devices),
+                              num_train=config_lib.IMAGENET_TRAIN_EXAMPLES,
+                              image_shape=tuple(image_shape), num_classes=1000, initialize=False)
   s = trainer.batch_sharding
   abstract_batch = {'image': jax.ShapeDtypeStruct((1, batch, *image_shape), jnp.float32,
                                                   sharding=s),

@@ -4,7 +4,12 @@ Big models are only shape-evaluated; anything run is tiny."""
 from __future__ import annotations
 
 import functools
+import os
+import pathlib
 import re
+import subprocess
+import sys
+import textwrap
 
 import flax.linen as nn
 import jax
@@ -17,6 +22,8 @@ from bigbatch import config_lib
 from bigbatch import models
 from bigbatch.models import layers
 from bigbatch.models import resnet
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _model(name, num_classes=10, axis_name=None, **model_fields):
@@ -271,11 +278,9 @@ def test_each_norm_trains_forward_and_backward(name, norm, group_size):
     assert 'batch_stats' not in variables and not stats
 
 
-def test_sync_bn_over_8_devices_equals_bn_over_the_whole_batch():
-  expected, _, _, variables = _train_grads('resnet')
-  model, shape = _tiny('resnet', conv_impl='xla', axis_name='data')
-  assert shape[0] == 8
-
+def _sync_grads(model, variables):
+  """The summed gradient of a sync-BN model over 8 devices, as the trainer computes it: a jitted
+  shard_map and the sharding of its batch."""
   def per_device(x):
     # As in the trainer: device-varying parameters keep each gradient local (that of this
     # device's loss, through the cross-device BN statistics) until the one explicit psum.
@@ -284,9 +289,116 @@ def test_sync_bn_over_8_devices_equals_bn_over_the_whole_batch():
     return jax.lax.psum(grads, 'data')
 
   mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Explicit,))
-  x = jax.device_put(_images(shape, seed=1), NamedSharding(mesh, P('data')))
-  got = _jit(jax.shard_map(per_device, mesh=mesh, in_specs=P('data'), out_specs=P()))(x)
+  return (_jit(jax.shard_map(per_device, mesh=mesh, in_specs=P('data'), out_specs=P())),
+          NamedSharding(mesh, P('data')))
+
+
+def test_sync_bn_over_8_devices_equals_bn_over_the_whole_batch():
+  expected, _, _, variables = _train_grads('resnet')
+  model, shape = _tiny('resnet', conv_impl='xla', axis_name='data')
+  assert shape[0] == 8
+  grads_fn, sharding = _sync_grads(model, variables)
+  got = grads_fn(jax.device_put(_images(shape, seed=1), sharding))
   _assert_trees_close(got, expected)
+
+
+def _all_reduce_operands(lowered_text: str) -> list[str]:
+  """The operand types of each all-reduce in lowered StableHLO, e.g. 'tensor<2x1x1x1x8xf32>'."""
+  return re.findall(r'"stablehlo\.all_reduce"\(.*?\}\) : \(([^)]*)\)', lowered_text, re.S)
+
+
+@pytest.mark.parametrize('group_size', [None, 2])
+def test_one_collective_per_bn_layer_forward_and_backward(group_size):
+  """Sync BN reduces both moments in one all-reduce per layer in the forward pass and one in the
+  backward pass (their cotangents); ghost BN needs none. The rest are the gradients' psum."""
+  model, _ = _tiny('resnet', conv_impl='xla', axis_name='data', bn_group_size=group_size)
+  shape = (16, 16, 16, 3)  # 2 examples per device: a ghost group of 2
+  variables = _random_variables(model, shape)
+  grads_fn, sharding = _sync_grads(model, variables)
+  text = grads_fn.lower(jax.device_put(_images(shape), sharding)).as_text()
+  operands = _all_reduce_operands(text)
+  params = _paths(variables['params'])
+  num_norms = sum(1 for k in params if re.search(r'norm\d?/scale$', k))
+  moments = [o for o in operands if re.fullmatch(r'tensor<2x1x1x1x\d+xf32>', o)]
+  assert len(moments) == (2 * num_norms if group_size is None else 0)
+  # Everything else all-reduced is a gradient (one psum per parameter, or fewer if combined).
+  param_types = {f'tensor<{"x".join(map(str, p.shape))}xf32>' for p in params.values()}
+  rest = [t.strip() for o in operands if o not in moments for t in o.split(', ')]
+  assert rest and set(rest) <= param_types
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('group_size', [None, 4])
+def test_batch_norm_is_flax_batch_norm_and_near_float64(dtype, group_size):
+  """One-pass statistics: the output and running statistics of flax's nn.BatchNorm (on each
+  ghost group), and float32-accurate statistics even where E[x^2] - E[x]^2 cancels."""
+  rng = np.random.default_rng(0)
+  # Channel means up to 100x their spread (most of E[x^2] cancels), and a constant channel.
+  loc = np.array([0.0, -2.0, 5.0, 30.0, 100.0, 7.0])
+  spread = np.array([1.0, 0.5, 3.0, 1.0, 1.0, 0.0])
+  c, n = len(loc), 16
+  x = jnp.asarray(rng.normal(size=(n, 5, 5, c)) * spread + loc, dtype)  # as a conv hands it on
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  variables = {'params': {'scale': f32(1 + 0.1 * rng.normal(size=c)),
+                          'bias': f32(0.1 * rng.normal(size=c))},
+               'batch_stats': {'mean': f32(rng.normal(size=c)), 'var': f32(1 + rng.random(c))}}
+  ours = layers.BatchNorm(use_running_average=False, group_size=group_size, momentum=0.75,
+                          dtype=dtype)
+  y, stats = _jit(lambda v, x: ours.apply(v, x, mutable=['batch_stats']))(variables, x)
+  stats = stats['batch_stats']
+  assert y.dtype == jnp.dtype(dtype) and bool(jnp.all(jnp.isfinite(y)))
+
+  flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.75, dtype=dtype)
+  g = group_size or n
+  flax_y, flax_stats = [], []
+  for i in range(0, n, g):
+    yi, si = _jit(lambda v, x: flax_bn.apply(v, x, mutable=['batch_stats']))(variables, x[i:i + g])
+    flax_y.append(yi)
+    flax_stats.append(si['batch_stats'])
+  # Flax's statistics; the output differs by rounding only: a unit of the output, and x * a + b
+  # against flax's (x - mean) * a + bias rounds float32 terms of size |x| a before they cancel.
+  ulp = 2**-23 if dtype == 'float32' else 2**-7
+  x64 = np.asarray(f32(x), np.float64).reshape(n // g, -1, c)
+  mean64, var64 = x64.mean(1), x64.var(1)
+  a = np.abs(np.asarray(variables['params']['scale'])) / np.sqrt(var64.min(0) + 1e-5)
+  rounding = 2**-21 * (4 + np.abs(loc) * a)  # float32 rounding of x * a and b, in y
+  flax_y = f32(jnp.concatenate(flax_y))
+  for ch in range(c):
+    np.testing.assert_allclose(f32(y)[..., ch], flax_y[..., ch], rtol=ulp,
+                               atol=ulp + rounding[ch], err_msg=f'channel {ch}')
+  for k in ('mean', 'var'):  # ghost BN: the mean of the groups' updates
+    want = np.mean([s[k] for s in flax_stats], axis=0)
+    np.testing.assert_allclose(stats[k], want, rtol=1e-5, atol=1e-6, err_msg=k)
+
+  # Against float64: each statistic within float32 summation error over its group (the bound
+  # for any summation order), which float32 accumulation meets and bf16 would miss by 2^16.
+  batch = lambda k, old: (np.asarray(stats[k], np.float64) - 0.75 * np.asarray(old)) / 0.25
+  bound = lambda m: x64.shape[1] * 2**-24 * np.mean(m, axis=0) + 1e-6
+  assert np.all(np.abs(batch('mean', variables['batch_stats']['mean']) - mean64.mean(0))
+                <= bound(np.abs(x64).mean(1)))
+  assert np.all(np.abs(batch('var', variables['batch_stats']['var']) - var64.mean(0))
+                <= bound((x64**2).mean(1)))
+  # The output matches float64 to the output's precision plus what that variance error makes.
+  scale, bias = (np.asarray(variables['params'][k], np.float64) for k in ('scale', 'bias'))
+  want = ((x64 - mean64[:, None]) / np.sqrt(var64[:, None] + 1e-5) * scale + bias).reshape(x.shape)
+  # (The mean's error shifts the output by up to its bound over the spread.)
+  var_rel = bound((x64**2).mean(1)) / np.maximum(var64.mean(0), 1e-30)
+  shift = bound(np.abs(x64).mean(1)) / np.sqrt(np.maximum(var64.mean(0), 1e-30)) * np.abs(scale)
+  for ch in range(c - 1):
+    np.testing.assert_allclose(f32(y)[..., ch], want[..., ch], rtol=ulp + var_rel[ch],
+                               atol=2 * ulp + shift[ch] + rounding[ch], err_msg=f'channel {ch}')
+  # A constant channel: the variance clips at 0 and the output is its bias.
+  np.testing.assert_allclose(f32(y)[..., -1], bias[-1], atol=1e-3)
+
+
+def test_stem_pool_padding_keeps_torchvision_windows():
+  """The stem's max pool drops the trailing padding no window reaches: same output."""
+  for size in (1, 2, 7, 8, 16, 17, 112, 113):
+    x = _images((1, size, size, 2), seed=size)
+    pads = tuple(resnet.pool_padding(size, 3, 2, 1) for _ in range(2))
+    want = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    np.testing.assert_array_equal(nn.max_pool(x, (3, 3), strides=(2, 2), padding=pads), want)
+    assert sum(pads[0]) <= 2
 
 
 @pytest.mark.parametrize('name', ['resnet', 'cifar_resnet'])
@@ -321,3 +433,66 @@ def test_config_rejects_bad_resnet_fields(name, field, value, message):
   c.model[field] = value
   with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
     config_lib.validate(c, 8)
+
+
+def test_bytes_accessed_not_above_the_flax_example():
+  """The CPU stand-in for benchmarks/accelerator.py: XLA's cost analysis of the compiled
+  flax-style bf16 train step touches no more bytes with bigbatch's ResNet (sync BN, ghost BN)
+  than with flax's example network and its nn.BatchNorm, at the same FLOPs."""
+  if str(ROOT) not in sys.path:  # benchmarks/ is not a package of the install
+    sys.path.insert(0, str(ROOT))
+  from benchmarks import bytes_accessed  # pylint: disable=g-import-not-at-top
+  net = dict(width=16, stage_depths=(1, 1, 1, 1))
+  shape, batch = (32, 32, 3), 8
+  reference = bytes_accessed.step_cost(bytes_accessed.reference(18, 10, **net), shape, batch)
+  for ghost in (None, 4):
+    ours = bytes_accessed.step_cost(bytes_accessed.ours(18, 10, ghost=ghost, **net), shape, batch)
+    assert ours['bytes accessed'] <= reference['bytes accessed'], (ghost, ours, reference)
+    # The same network (XLA's count includes elementwise work, which differs a little).
+    assert ours['flops'] == pytest.approx(reference['flops'], rel=0.03), ghost
+
+
+_NO_TENSORFLOW = """
+import sys
+class NoTensorFlow:
+  def find_spec(self, name, path=None, target=None):
+    if name == 'tensorflow' or name.startswith('tensorflow.'):
+      raise ImportError(f'No module named {name!r} (blocked by the test)')
+    return None
+sys.meta_path.insert(0, NoTensorFlow())
+sys.path.insert(0, '.')
+"""
+
+
+def _run_without_tensorflow(code: str, timeout: int):
+  """Runs `code` in a process where importing tensorflow fails, on 2 CPU devices."""
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  proc = subprocess.run([sys.executable, '-c', _NO_TENSORFLOW + textwrap.dedent(code)], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_accelerator_benchmark_imports_without_tensorflow():
+  """benchmarks/accelerator.py must run where TensorFlow is not installed, as on a fresh GPU
+  machine (clu's metric writers import it at import time): nothing it imports may need it."""
+  _run_without_tensorflow("""
+      from benchmarks import accelerator
+      from benchmarks import bytes_accessed
+      assert 'tensorflow' not in sys.modules
+      assert 'clu.metric_writers' not in sys.modules
+  """, timeout=300)
+
+
+@pytest.mark.slow
+def test_accelerator_benchmark_runs_without_tensorflow():
+  """And it runs there: its smoke mode (tiny ResNet-18) through the flax reference, our network
+  in the same step and the trainer step, over 2 devices."""
+  _run_without_tensorflow("""
+      from benchmarks import accelerator
+      results = accelerator.main(['--smoke', '--batch=4', '--steps=1', '--warmup=0',
+                                  '--rows=reference,ours-flax-step,trainer-sgd'])
+      assert sorted(results) == ['ours-flax-step', 'reference', 'trainer-sgd'], results
+      assert all(r['img_s'] > 0 for r in results.values())
+      assert 'tensorflow' not in sys.modules
+  """, timeout=1800)

@@ -11,15 +11,20 @@ microbatch. Under gradient accumulation the trainer averages the k microbatch re
 running <- m * running + (1 - m) * mean_k(batch_stat): one update per optimizer step.
 Variances are biased (divide by n), as in flax.
 
-Cost, as flax's `nn.BatchNorm` (use_fast_variance): the statistics take one pass over the
-activations, var = E[x^2] - E[x]^2 with both moments reduced together in float32, and sync BN
-issues one collective per layer (both moments in one pmean) forward and one backward.
-Numerics: from bf16 activations (exact in float32) the cancellation costs about
-log2(mean^2 / var) of float32's 24 bits, so a channel whose mean is 100x its spread still keeps
-~11 bits of its variance, more than the bf16 output holds; a variance lost entirely (a constant
-channel) clips to 0. A shift by the running mean would remove the cancellation for free on GPU,
-but XLA:CPU then keeps x - shift in memory for the backward pass (one more float32 activation
-per layer), and the step's bytes are this module's budget (benchmarks/bytes_accessed.py).
+Cost: the statistics take one pass over the activations, var = E[x^2] - E[x]^2 with both moments
+reduced together in float32 (flax's `nn.BatchNorm` with its default use_fast_variance), and sync
+BN issues one collective per layer forward (both moments in one pmean) and one backward. The
+output is x * a + b with per-channel (per-group) a and b, whose backward pass needs only the
+per-group sums of dy and dy * x (benchmarks/bytes_accessed.py: fewer bytes than flax's layer).
+
+Numerics: bf16 activations are exact in float32; the cancellation in E[x^2] - E[x]^2 multiplies
+float32's rounding of E[x^2] by E[x^2] / var, which matters only for a channel whose mean is
+many times its spread (tests/test_resnet.py bounds it), and a variance lost entirely (a constant
+channel) clips to 0. x * a + b rounds both terms at |mean| / std before they cancel: an absolute
+error of ~2^-24 |mean| / std in y, far below bf16's resolution. Taking the moments about a
+per-channel shift (the running mean) would remove the cancellation and cost nothing on GPU, but
+XLA:CPU then keeps x - shift in memory for the backward pass, one float32 activation per layer,
+and the CPU step's bytes are what bytes_accessed.py holds against the flax example.
 """
 from __future__ import annotations
 
@@ -83,8 +88,12 @@ class BatchNorm(nn.Module):
       # of both moments makes that one all-reduce per layer, as in the forward pass.
       moments = jax.lax.pcast(moments, self.axis_name, to='varying')
     mean, var = _mean_var(moments)
-    mul = jax.lax.rsqrt(var + self.epsilon) * per_channel(scale)
-    y = (xg - mean) * mul + per_channel(bias)
+    # y = x * a + b, a and b per channel (and group): the backward pass then reduces dy and
+    # dy * x per group and derives every other gradient from those per-channel sums, where
+    # (x - mean) * a + bias would keep x - mean in memory for its reduction and reduce dy again
+    # over all groups for the bias.
+    a = jax.lax.rsqrt(var + self.epsilon) * per_channel(scale)
+    y = xg * a + (per_channel(bias) - mean * a)
 
     if not self.is_initializing():
       mean, var = _mean_var(running)

@@ -45,6 +45,16 @@ def make_conv(features: int, kernel: int, strides: int, *, norm: layers.Norm, dt
                    dtype=dtype, kernel_init=CONV_INIT, impl=impl, name=name)
 
 
+def pool_padding(n: int, kernel: int, stride: int, pad: int) -> tuple[int, int]:
+  """torchvision's padding `pad` on each side, less the trailing rows no window reaches.
+
+  The windows, and so the output, are the same; on an even input (112 after the stem at 224) the
+  last padded row and column are dropped, which saves a pass over them forward and backward.
+  """
+  out = (n + 2 * pad - kernel) // stride + 1
+  return pad, (out - 1) * stride + kernel - n - pad
+
+
 class _Block(nn.Module):
   """Fields and the shortcut shared by both block types."""
   norm: layers.Norm
@@ -149,7 +159,8 @@ class Model(nn.Module):
                   name='stem_conv')(x)
     x = nn.relu(self.norm(train, name='stem_norm')(x))
     # Max pooling pads with -inf, so torchvision's padding=1 is exact here too.
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=tuple(
+        pool_padding(n, 3, 2, 1) for n in x.shape[1:3]))
     for i, n in enumerate(depths):
       for j in range(n):
         x = block(norm=self.norm, dtype=self.dtype, conv_impl=self.conv_impl,
