@@ -27,6 +27,7 @@ processes) and the machine's load average beside it. Cores needed = accelerator 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -219,7 +220,7 @@ def main():
                  **{'data.tfds_name': BENCH, 'data.image_size': 224})
       pipelines.append((f'imagenet2012-style 224 ({fmt}, tf.data)', 64,
                         lambda c=c: stepper(data.create(c, process_index=0, process_count=1))))
-      if fmt == 'array_record':
+      if fmt == 'array_record' and importlib.util.find_spec('grain'):  # optional: pip install grain
         pipelines.append((f'imagenet2012-style 224 (array_record, Grain, {workers} workers)', 64,
                           lambda d=data_dir: grain_steps(d, 224, 64, workers)))
     only = [o for o in args.only.split(',') if o]
@@ -247,7 +248,7 @@ def main():
   if only:  # a partial run does not replace the section
     return
   tfdata = next(v for k, v in results.items() if 'array_record, tf.data' in k)
-  grain = next(v for k, v in results.items() if 'Grain' in k)
+  grain = next((v for k, v in results.items() if 'Grain' in k), None)
   loads = [v[3] for v in results.values()]
   readers = [1 / v[2] for k, v in results.items() if 'imagenet2012' in k]
   busy = {k: v[0] / v[1] for k, v in results.items()}
@@ -259,6 +260,9 @@ def main():
             f'{busy["digits 8x8x1"]:.2f} of a core); the load-independent bound is the busiest '
             f'thread: the ImageNet-style readers allow {min(readers):.1f} to {max(readers):.1f} '
             f'cores, none is held to one by a serial stage.')
+  if grain is None:
+    grain = (float('nan'),) * 4
+    note += '\n\nGrain is not installed (pip install grain): its row and figure are missing.'
   if grain[1] > 1.05 * tfdata[1]:
     choice = (f'\n\n**Grain measured {grain[1] / tfdata[1]:.2f}x the img/s per core of tf.data '
               f'in this run**: re-evaluate the reader choice below on a quiet machine.')
