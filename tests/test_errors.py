@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 import subprocess
@@ -45,7 +46,8 @@ CONFIG_ROWS = {
     'ghost-bn-group': ({'model.bn_group_size': 3}, 2, ['bn_group_size=3', 'divisor of 16']),
     'accumulation-zero': ({'accumulation_steps': 0}, 2, ['accumulation_steps=0', 'positive']),
     'eval-batch': ({'eval_batch': 100}, 2, ['config.eval_batch=100', 'multiple of 8']),
-    'length-twice': ({'num_steps': 10}, 2, ['num_epochs and config.num_steps', 'only one']),
+    'length-twice': ({'num_steps': 10}, 2, ['num_epochs and config.num_steps', 'only one',
+                                            '--config.num_epochs=None']),
     'batch-larger-than-data': ({'global_batch': 4096}, 2, ['4096', '1437 training examples']),
     'warmup-too-long': ({'lr.warmup_epochs': 50.0}, 2, ['warmup', 'train longer']),
     'step-decay-no-boundaries': ({'lr.decay': 'step'}, 2, ['boundaries']),
@@ -60,6 +62,21 @@ CONFIG_ROWS = {
     'face-data-task': ({'data.name': 'face_synthetic'}, 2, ['face data set', 'task=face']),
     'face-trust-ratio': ({'task': 'face', 'data.name': 'face_synthetic', 'optimizer.name': 'lars'},
                          2, ['task=face', 'trust_ratio_exclude']),
+    # Non-finite numbers: refused before anything runs, not met as NaN parameters.
+    'lr-inf': ({'lr.base_lr': math.inf}, 2, ['config.lr.base_lr=inf', 'finite']),
+    'lr-nan': ({'lr.base_lr': math.nan}, 2, ['config.lr.base_lr=nan', 'finite']),
+    'lr-overflow': ({'lr.base_lr': 1e38, 'lr.base_batch': 16}, 2,
+                    ['peak lr 8e+38', 'float32', 'lower config.lr.base_lr']),
+    'boundaries-nan': ({'lr.decay': 'step', 'lr.boundaries_epochs': (10.0, math.nan)}, 2,
+                       ['config.lr.boundaries_epochs=(10.0, nan)', 'finite']),
+    'lr-table-inf': ({'lr.scaling': 'table', 'lr.table': ((1024, math.inf, None),)}, 2,
+                     ['config.lr.table row (1024, inf, None)', 'finite']),
+    'batch-schedule-inf': ({'batch_schedule': ((math.inf, 2),)}, 2,
+                           ['config.batch_schedule=((inf, 2),)', 'whole epochs']),
+    'dropout-nan': ({'model.dropout': math.nan}, 2, ['config.model.dropout=nan', 'finite']),
+    'adam-b2-one': ({'optimizer.name': 'adamw', 'optimizer.b2': 1.0}, 2,
+                    ['config.optimizer.b2=1.0', 'in [0.0, 1.0)']),
+    'width-zero': ({'model.width': 0}, 2, ['config.model.width=0', 'positive']),
 }
 
 
@@ -173,6 +190,20 @@ CLI_ROWS = {
     'missing-config-file': (['--config=configs/nope.py', '--workdir={wd}'], 1, 'nope.py'),
     'config-error-cli': (['--config=configs/quickstart.py', '--workdir={wd}',
                           '--config.global_batch=100'], 2, 'config.global_batch=100'),
+    # get_config's own error, not only "Error whilst parsing config file:".
+    'config-arg-unknown': (['--config=configs/quickstart.py:stepz=5', '--workdir={wd}'], 1,
+                           "get_config failed: config argument 'stepz' is unknown"),
+    'config-arg-type': (['--config=configs/quickstart.py:steps=abc', '--workdir={wd}'], 1,
+                        "get_config failed: invalid literal for int() with base 10: 'abc"),
+    'config-no-get-config': (['--config={no_get_config}', '--workdir={wd}'], 1,
+                             'defines no get_config(arg=None) function'),
+    'unset-with-none': (['--config=configs/quickstart.py', '--workdir={wd}',
+                         '--config.num_epochs=None'], 2, 'num_steps are both unset'),
+    'unset-unknown-field': (['--config=configs/quickstart.py', '--workdir={wd}',
+                             '--config.num_epochz=None'], 1,
+                            'names no config field: --config.num_epochz=None'),
+    'nonfinite-cli': (['--config=configs/quickstart.py', '--workdir={wd}',
+                       '--config.lr.base_lr=inf'], 2, 'config.lr.base_lr=inf'),
 }
 
 
@@ -180,16 +211,33 @@ CLI_ROWS = {
 def test_command_line_rows(row, tmp_path):
   args, code, word = CLI_ROWS[row]
   workdir = tmp_path / 'wd'
+  no_get_config = tmp_path / 'no_get_config.py'
+  no_get_config.write_text('def get_confg():\n  return None\n')
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
              JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, '-m', 'bigbatch.main',
-                         *[a.format(wd=workdir) for a in args]],
+                         *[a.format(wd=workdir, no_get_config=no_get_config) for a in args]],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == code, proc.stderr
   assert 'Traceback' not in proc.stderr
   errors = [l for l in proc.stderr.splitlines() if word in l]
   assert errors, proc.stderr
+  if row.startswith(('config-arg', 'config-no', 'unset', 'nonfinite')):
+    assert len([l for l in proc.stderr.splitlines() if l.startswith('bigbatch:')]) == 1
   assert not workdir.exists()
+
+
+def _rows_of_other_test_files() -> set[str]:
+  """The rows other test files stand for: their module-level DOC_ROWS."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  rows = set()
+  for name in sorted(os.listdir(os.path.dirname(__file__))):
+    if name.startswith('test_') and name.endswith('.py') and name != 'test_errors.py':
+      with open(os.path.join(os.path.dirname(__file__), name)) as f:
+        if not re.search(r'^DOC_ROWS\b', f.read(), re.M):
+          continue
+      rows |= set(importlib.import_module(name[:-3]).DOC_ROWS)
+  return rows
 
 
 def test_docs_table_lists_every_row():
@@ -198,6 +246,6 @@ def test_docs_table_lists_every_row():
   tested = set(CONFIG_ROWS) | set(CLI_ROWS) | {
       'workdir-other-experiment', 'workdir-not-writable', 'checkpoint-other-model',
       'checkpoint-none-readable', 'disk-full', 'corrupt-data', 'nonfinite-stop',
-      'checkpoint-corrupt-latest', 'preempted'}
+      'checkpoint-corrupt-latest', 'preempted', *_rows_of_other_test_files()}
   assert documented == tested
   assert len(documented) >= 20

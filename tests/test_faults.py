@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +17,10 @@ import pytest
 
 from bigbatch import checkpoint
 from bigbatch import config_lib
+from bigbatch import hooks as hooks_lib
 from bigbatch import loop
 from bigbatch import main
+from bigbatch import optim
 from bigbatch import sharding
 from bigbatch import trainer as trainer_lib
 from bigbatch import workdir as workdir_lib
@@ -26,6 +29,10 @@ ROOT = os.path.join(os.path.dirname(__file__), '..')
 sys.path.insert(0, ROOT)
 from configs import quickstart  # noqa: E402
 import faults  # noqa: E402  (tests/faults.py)
+
+# docs/errors.md rows these tests stand for (besides the first ones listed in test_errors.py).
+DOC_ROWS = ('sigterm-at-startup', 'sigterm-during-setup', 'sigterm-before-first-update',
+            'sigint', 'sigint-twice', 'nonfinite-update', 'nonfinite-state')
 
 # 1437 digits / 128 = 11 steps per epoch; accumulation on; checkpoints every 4 steps.
 STEPS = 16
@@ -126,6 +133,115 @@ def test_sigterm_writes_checkpoint_and_exits_75(tmp_path, monkeypatch, capsys):
   assert 'checkpoint written at step 3' in capsys.readouterr().err
   assert checkpoint.Checkpointer(str(workdir / 'checkpoints')).latest_step() == 3
   assert signal.getsignal(signal.SIGTERM) is not None  # handler restored, not left installed
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+class _Send(hooks_lib.Hook):
+  """Sends `signum` to this process `times` times: at the loop's start ('start', before the
+  first step), before update `at` is dispatched ('before') or after it ('after')."""
+  order = 5  # before the evaluation and checkpoint hooks
+
+  def __init__(self, signum, where, at=0, times=1):
+    self.signum, self.where, self.at, self.times = signum, where, at, times
+
+  def _send(self):
+    for _ in range(self.times):
+      os.kill(os.getpid(), self.signum)
+
+  def start(self, run):
+    if self.where == 'start':
+      self._send()
+
+  def before_step(self, run, done, batch):
+    if self.where == 'before' and done == self.at:
+      self._send()
+    return batch
+
+  def after_step(self, run, done):
+    if self.where == 'after' and done == self.at:
+      self._send()
+
+
+# id: (signal, where, update, times, exit code, words of the one line, checkpoints after)
+SIGNAL_ROWS = {
+    # Outside the step loop (data loading, restore, the hooks' start): main's handlers.
+    'sigterm-during-setup': (signal.SIGTERM, 'start', 0, 1, 75,
+                             ['SIGTERM outside the training steps', 'rerun the same command'], []),
+    # In the loop before the first update was dispatched (its compilation): nothing to save.
+    'sigterm-before-first-update': (signal.SIGTERM, 'before', 1, 1, 75,
+                                    ['SIGTERM before the first update'], []),
+    # ^C: the next update is checkpointed, exit 130 (launch/slurm.sbatch requeues only 75).
+    'sigint': (signal.SIGINT, 'after', 3, 1, 130,
+               ['interrupted (SIGINT): checkpoint written at step 3'], [3]),
+    # ^C ^C: stop at once; checkpoints already written stay.
+    'sigint-twice': (signal.SIGINT, 'after', 6, 2, 130, ['SIGINT twice'], [4]),
+}
+
+
+@pytest.mark.parametrize('row', sorted(SIGNAL_ROWS))
+def test_signal_rows(row, tmp_path, capsys):
+  signum, where, at, times, code, words, steps = SIGNAL_ROWS[row]
+  handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  with pytest.raises(SystemExit) as e:
+    main.run(_config(num_steps=8), str(tmp_path), hooks=[_Send(signum, where, at, times)])
+  assert e.value.code == code
+  err = capsys.readouterr().err
+  assert 'Traceback' not in err
+  lines = [l for l in err.splitlines() if l.startswith('bigbatch:')]
+  assert len(lines) == 1, err[-3000:]
+  for w in words:
+    assert w in lines[0], (w, lines[0])
+  ckpt_dir = str(tmp_path / 'checkpoints')
+  assert (checkpoint.Checkpointer(ckpt_dir).all_steps() if os.path.isdir(ckpt_dir) else []) == steps
+  # The handlers of the run are gone again (pytest's ^C still works).
+  assert {s: signal.getsignal(s) for s in handlers} == handlers
+
+
+def _start(workdir, *extra):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  return subprocess.Popen(
+      [sys.executable, '-m', 'bigbatch.main', f'--config=configs/quickstart.py:steps={STEPS}',
+       f'--workdir={workdir}', *OVERRIDES, *extra], cwd=ROOT, env=env,
+      stderr=subprocess.PIPE, text=True)
+
+
+def _one_stop_line(stderr: str, words):
+  assert 'Traceback' not in stderr
+  lines = [l for l in stderr.splitlines() if l.startswith('bigbatch:')]
+  assert len(lines) == 1 and all(w in lines[0] for w in words), stderr[-3000:]
+
+
+def test_sigterm_at_startup_exits_75(tmp_path):
+  """During the imports, before main runs: one line, 75, nothing written."""
+  proc = _start(tmp_path / 'wd')
+  time.sleep(3)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == main.EXIT_PREEMPTED, stderr[-3000:]
+  _one_stop_line(stderr, ['stopped', 'SIGTERM', 'rerun the same command'])
+
+
+@pytest.mark.slow
+def test_sigterm_during_data_loading_and_compilation_exits_75(tmp_path):
+  """The real command, signalled from outside once setup has begun (the mesh is logged before
+  the data set is read and the step compiled); the interpreter's teardown is skipped, so an
+  interrupted compilation cannot turn 75 into a crash."""
+  proc = _start(tmp_path / 'wd')
+  seen = []
+  for line in proc.stderr:
+    seen.append(line)
+    if 'Topology:' in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+  rest = proc.stderr.read()
+  proc.wait(timeout=120)
+  assert proc.returncode == main.EXIT_PREEMPTED, (''.join(seen) + rest)[-3000:]
+  _one_stop_line(''.join(seen) + rest, ['stopped: SIGTERM', 'rerun the same command'])
+  assert not os.path.isdir(tmp_path / 'wd' / 'checkpoints') or not os.listdir(
+      tmp_path / 'wd' / 'checkpoints')
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -242,6 +358,52 @@ def test_nonfinite_batch_is_skipped_and_counted():
   for x, y in zip(jax.tree.leaves((before.params, before.opt_state, before.batch_stats)),
                   jax.tree.leaves((after.params, after.opt_state, after.batch_stats))):
     np.testing.assert_array_equal(x, y)
+
+
+def test_update_that_overflows_the_parameters_is_not_applied():
+  """Finite loss and gradients, but lr x gradient overflows float32: the guard sees the new
+  parameters, not only the loss and the gradient norm. (One label for the whole batch makes the
+  output bias's gradient about -0.9, so float32's largest lr overflows it.)"""
+  config = _config(global_batch=64, accumulation_steps=1)
+  trainer = trainer_lib.build(config, sharding.make_mesh(config), num_train=1437,
+                              image_shape=(8, 8, 1), num_classes=10)
+  state = trainer.state.replace(opt_state=optim.set_peak_lr(
+      trainer.state.opt_state, float(np.finfo(np.float32).max)))
+  state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, trainer.state))
+  before = jax.device_get(state)
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.normal(size=(1, 64, 8, 8, 1)).astype(np.float32),
+           'label': np.zeros((1, 64), np.int32)}
+  new, metrics = trainer.train_step(state, jax.device_put(batch, trainer.batch_sharding))
+  assert np.isfinite(float(metrics['loss'])) and np.isfinite(float(metrics['grad_norm']))
+  assert int(metrics['nonfinite_streak']) == 1
+  after = jax.device_get(new)
+  for x, y in zip(jax.tree.leaves((before.params, before.opt_state, before.batch_stats)),
+                  jax.tree.leaves((after.params, after.opt_state, after.batch_stats))):
+    np.testing.assert_array_equal(x, y)
+
+
+class _PoisonState(hooks_lib.Hook):
+  """Makes the parameters NaN after update `at`, past the step's guard (as a bug or a bad
+  fine-tuning start would)."""
+  order = 5
+
+  def __init__(self, at):
+    self.at = at
+
+  def after_step(self, run, done):
+    if done == self.at:
+      run.state = run.state.replace(params=jax.tree.map(lambda p: p * jnp.nan, run.state.params))
+
+
+def test_nonfinite_state_is_never_checkpointed_nor_a_success(tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    main.run(_config(num_steps=8), str(tmp_path), hooks=[_PoisonState(8)])
+  assert e.value.code == main.EXIT_NONFINITE
+  lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith('bigbatch:')]
+  assert len(lines) == 1 and 'step 8: the state holds non-finite values (params/' in lines[0]
+  assert 'not checkpointed' in lines[0] and 'Last good checkpoint: step 4' in lines[0]
+  assert checkpoint.Checkpointer(str(tmp_path / 'checkpoints')).all_steps() == [4]
 
 
 @pytest.mark.parametrize('policy,expected_streak', [('skip', 3), ('stop', 1)])
