@@ -55,8 +55,8 @@ ROWS = ('reference', 'reference-fp16', 'ours-flax-step', 'ours-plain-jit', 'trai
 LABELS = {
     'reference': 'flax examples/imagenet `train_step` (bf16, nn.BatchNorm, sync)',
     'reference-fp16': 'same, its GPU default (float16 + dynamic loss scale)',
-    'ours-flax-step': "bigbatch's ResNet-50 in that same step (sync BN)",
-    'ours-plain-jit': "bigbatch's ResNet-50 module in a plain `jax.jit` step (one device)",
+    'ours-flax-step': "bigbatch's ResNet in that same step (sync BN)",
+    'ours-plain-jit': "bigbatch's ResNet module in a plain `jax.jit` step (one device)",
     'trainer-sgd': 'bigbatch trainer step, SGD, sync BN',
     'trainer-lars': 'bigbatch trainer step, LARS',
     'trainer-ghost32': 'bigbatch trainer step, ghost BN of 32',
