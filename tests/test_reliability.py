@@ -274,6 +274,36 @@ def test_second_trainer_exits_2_naming_the_holder(tmp_path):
   assert _snapshot(workdir) == before
 
 
+@pytest.mark.slow
+def test_two_real_trainers_on_one_workdir(tmp_path):
+  """The worst case of the issue: a second trainer started while the first runs. It is refused
+  (exit 2, naming the first), and the first's metrics hold each step once."""
+  workdir = tmp_path / 'wd'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  first = subprocess.Popen(
+      [sys.executable, '-m', 'bigbatch.main', '--config=configs/quickstart.py:steps=100000',
+       f'--workdir={workdir}', '--config.model.width=8', '--config.log_every_steps=1',
+       '--config.eval_every_epochs=1000'], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.monotonic() + 300
+    metrics_file = workdir / 'metrics.jsonl'
+    while not metrics_file.exists() or not metrics_file.stat().st_size:
+      assert first.poll() is None and time.monotonic() < deadline
+      time.sleep(1)
+    second = _cli(workdir, '--config.log_every_steps=1', steps=100000)
+    assert second.returncode == 2, second.stderr[-2000:]
+    (line,) = _error_lines(second.stderr)
+    assert f'in use by another trainer (PID {first.pid} on ' in line
+  finally:
+    first.kill()
+    first.wait()
+  steps = [json.loads(l)['step'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()
+           if l.endswith('}')]
+  assert steps == sorted(set(steps))
+
+
 # ----------------------------------------------------------------------------- 2. metrics
 
 
@@ -390,28 +420,36 @@ _ENOSPC = ("RESOURCE_EXHAUSTED: Error writing \"params.conv0.kernel/0\" in OCDBT
            "file \"/w/checkpoints/4.orbax-checkpoint-tmp/state/ocdbt.process_0/\": Failed to "
            "write 797560 bytes to file 6: No space left on device [os_error_code='28']")
 
-# (name, exception raised by orbax, the reason in the SaveError; None: not a storage error)
+def _wrapped():
+  """What orbax raises from its background thread: its own error, caused by tensorstore's."""
+  try:
+    raise ValueError(_ENOSPC)
+  except ValueError as inner:
+    try:
+      raise RuntimeError('background save failed') from inner
+    except RuntimeError as e:
+      return e
+
+
+# (name, a function giving the exception orbax raises, the reason in the SaveError; None: not a
+# storage error, raised as it is)
 STORAGE_CASES = [
-    ('tensorstore disk full', ValueError(_ENOSPC), 'No space left on device (RESOURCE_EXHAUSTED)'),
-    ('tensorstore permission', ValueError('PERMISSION_DENIED: 403 storage.objects.create'),
+    ('tensorstore disk full', lambda: ValueError(_ENOSPC),
+     'No space left on device (RESOURCE_EXHAUSTED)'),
+    ('tensorstore permission', lambda: ValueError('PERMISSION_DENIED: 403 storage.objects.create'),
      'PERMISSION_DENIED: 403 storage.objects.create (PERMISSION_DENIED)'),
-    ('OSError', OSError(errno.ENOSPC, 'No space left on device'), 'No space left on device'),
-    ('wrapped by orbax\'s thread', RuntimeError('background save failed'), 'No space left'),
-    ('a bug, not storage', ValueError('INVALID_ARGUMENT: bad shape'), None),
-    ('a plain ValueError', ValueError('RESOURCE_EXHAUSTED is a word here'), None),
+    ('OSError', lambda: OSError(errno.ENOSPC, 'No space left on device'),
+     'No space left on device'),
+    ('wrapped by orbax\'s thread', _wrapped, 'No space left on device (RESOURCE_EXHAUSTED)'),
+    ('a bug, not storage', lambda: ValueError('INVALID_ARGUMENT: bad shape'), None),
+    ('a plain ValueError', lambda: ValueError('RESOURCE_EXHAUSTED is a word here'), None),
 ]
 
 
-@pytest.mark.parametrize('name,error,reason', STORAGE_CASES, ids=[c[0] for c in STORAGE_CASES])
-def test_storage_errors_become_save_errors(name, error, reason):
-  if name.startswith('wrapped'):
-    try:
-      try:
-        raise ValueError(_ENOSPC)
-      except ValueError as inner:
-        raise error from inner
-    except RuntimeError as e:
-      error = e
+@pytest.mark.parametrize('name,make,reason', STORAGE_CASES, ids=[c[0] for c in STORAGE_CASES])
+def test_storage_errors_become_save_errors(name, make, reason):
+  del name
+  error = make()
 
   def save():
     raise error
