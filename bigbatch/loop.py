@@ -252,6 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # evaluation (mode=eval) only reads checkpoints and writes eval-<step>.json: it may run beside
   # the trainer, so it takes no lock.
   lock = None
+  created = not distributed.from_process_0(workdir_lib.exists(workdir))
   if config.mode == 'train':
     lock = _on_process_0(functools.partial(_lock_workdir, workdir,
                                            check_layout=not restart_from_scratch))
@@ -261,6 +262,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   finally:
     if lock is not None:
       lock.release()
+      # A run refused before it wrote anything (a config error that needed the data set's
+      # size) leaves no directory behind.
+      if created and jax.process_index() == 0:
+        workdir_lib.remove_if_empty(workdir)
 
 
 def _on_process_0(fn: Callable[[], Any]) -> Any:

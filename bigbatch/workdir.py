@@ -242,6 +242,16 @@ def ensure_writable(workdir: epath.PathLike) -> None:
                        f'writable --workdir') from None
 
 
+def remove_if_empty(workdir: epath.PathLike) -> None:
+  """Deletes the workdir if nothing is in it (a run that stopped before writing anything)."""
+  path = epath.Path(workdir)
+  try:
+    if path.is_dir() and not any(path.iterdir()):
+      path.rmdir()
+  except OSError:
+    pass  # another trainer wrote there meanwhile, or it is not ours to delete: leave it
+
+
 def record(workdir: epath.PathLike, config) -> None:
   (epath.Path(workdir) / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
 
