@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import re
@@ -136,7 +137,15 @@ def test_workdir_not_writable(tmp_path, capsys):
 
 
 def test_checkpoint_of_another_model(trained, capsys):
-  os.remove(trained / 'config.json')  # past the workdir guard, as after a manual cleanup
+  # Past the workdir guards, as for checkpoints written before they recorded their config and a
+  # config.json removed by hand: the restore itself must still refuse a model that does not fit.
+  os.remove(trained / 'config.json')
+  for step in os.listdir(trained / 'checkpoints'):
+    meta = trained / 'checkpoints' / step / 'meta' / 'metadata'
+    if meta.exists():
+      record = json.loads(meta.read_text())
+      record.pop('config', None)
+      meta.write_text(json.dumps(record))
   before = _snapshot(trained)
   with pytest.raises(SystemExit) as e:
     main.run(_set(_short(), **{'model.width': 16}), str(trained))
