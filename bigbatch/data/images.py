@@ -2,17 +2,8 @@
 
 `create(config, ...)` returns an `input_pipeline.Dataset` whose batches stream from tf.data.
 `config.data.name` picks the preprocessing; `config.data.tfds_name` (default: the same name) picks
-the TFDS data set read with it, so a small local set can stand in for a real one:
-
-  name          train                                          eval                      image
-  imagenet2012  inception crop (area 8%..100% of the image,    shorter side resized to   [S, S, 3]
-                aspect 3/4..4/3), resized to S; random flip    S / 0.875, center crop S
-  cifar10       zero padding of 4 px (black, before            none                      stored
-                normalization, as He et al. 2016 and
-                torchvision's RandomCrop(32, padding=4)),
-                random crop of the stored size; random flip
-  mnist         none                                           none                      stored
-then x / 255 standardized per channel with the data set's usual constants (below). S is
+the TFDS data set read with it, so a small local set can stand in for a real one. The
+preprocessing of each name (crops, flips, normalization) is tabled in image_preprocess.py. S is
 config.data.image_size (224 for ImageNet; the base config's 8 is the synthetic data's). cifar10 and
 mnist keep the stored size (32x32x3, 28x28x1); a stand-in whose images vary in size is resized to
 S x S first. Output: float32 images [H, W, C], int32 labels.
