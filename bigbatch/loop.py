@@ -19,6 +19,7 @@ import ml_collections
 from bigbatch import checkpoint as checkpoint_lib
 from bigbatch import config_lib
 from bigbatch import data
+from bigbatch import derive as derive_lib
 from bigbatch import distributed
 from bigbatch import hooks as hooks_lib
 from bigbatch import input_pipeline
@@ -365,10 +366,7 @@ def _train_and_evaluate(config, workdir: str, lock: workdir_lib.WorkdirLock | No
   if start is not None:
     logging.info('Resumed from the checkpoint at step %d in %s.', start, ckpt_dir)
   start = int(start or 0)
-  info = {'derived': derived.as_dict(), 'mesh': dict(mesh.shape),
-          'devices': jax.device_count(), 'processes': jax.process_count(),
-          'examples_per_device_per_microbatch':
-              config.global_batch // (config.accumulation_steps * mesh.shape['data'])}
+  info = derive_lib.run_info(config, derived, mesh)  # what --print_derived shows, too
   logging.info('Derived hyperparameters: %s', json.dumps(info))
   if is_main:
     workdir_lib.record(workdir, config)
