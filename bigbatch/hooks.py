@@ -85,6 +85,9 @@ class Throughput:
     self._waited = waited
     self._last = (now, waited())
 
+  def restart_clock(self, now: float) -> None:
+    self._last = (now, self._waited())
+
   def rates(self, steps_per_sec: float | None, now: float) -> dict[str, float]:
     waited = self._waited()
     (then, waited_then), self._last = self._last, (now, waited)
@@ -108,9 +111,12 @@ class Log(Hook):
 
   def start(self, run) -> None:
     self.writer = run.writer
-    self.progress = metrics_lib.Progress(total_steps=run.total,
-                                         global_batch=run.config.global_batch,
-                                         start_step=run.start, now=time.monotonic())
+    phases, per_epoch = run.derived.phases, run.derived.steps_per_epoch
+    self.progress = metrics_lib.Progress(
+        total_steps=run.total, global_batch=run.config.global_batch, start_step=run.start,
+        now=time.monotonic(),
+        epoch_of=(lambda s: epochs_at(s, phases)) if phases else (lambda s: s / per_epoch))
+    self.first = run.start + 1
     devices = list(run.trainer.mesh.devices.flat)
     peak = flops.peak_flops_per_device(devices[0], run.config.model.dtype)
     self.throughput = Throughput(run.flops_per_step, lambda: run.batches.wait_seconds,
@@ -127,6 +133,13 @@ class Log(Hook):
 
   def after_step(self, run, done: int) -> None:
     run.flush_logs()  # the previous logged step's metrics are ready by now
+    if done == self.first and not self.every(run, done):
+      # The first update of this process is dispatched: its compilation (seconds to minutes)
+      # is over and is left out of the first interval's rates and the ETA. (A run that logs
+      # this update keeps the interval: it is all it has.)
+      now = time.monotonic()
+      self.progress.restart_clock(done, now)
+      self.throughput.restart_clock(now)
     if self.every(run, done):
       run.pending = (done, run.metrics)
 

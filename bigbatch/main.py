@@ -23,9 +23,11 @@ if __name__ == '__main__':
     _signal.signal(_s, _stop_at_startup)
 
 import functools
+import logging as std_logging
 import os
 import signal
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -36,6 +38,10 @@ from ml_collections import config_flags
 from bigbatch import config_lib
 from bigbatch import distributed
 from bigbatch import signals
+
+# TensorFlow (the input pipeline) prints C++ start-up lines (CPU instruction sets, no CUDA
+# driver) that are not the user's business: its errors only, unless the user set it.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, e.g. configs/quickstart.py or configs/x.py:arg.',
@@ -80,7 +86,14 @@ def _signal_exit(signum: int) -> int:
 
 
 def _fail(kind: str, error: Exception, code: int):
-  print(f'bigbatch: {kind}: {error}', file=sys.stderr)
+  # Whatever other threads logged goes out first, then the line in one write, so it is never
+  # split or interleaved with a library's background log (orbax's save threads log while a
+  # failing run ends).
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  sys.stderr.write(f'bigbatch: {kind}: {error}\n')
+  sys.stderr.flush()
   sys.exit(code)
 
 
@@ -194,11 +207,51 @@ def _parse_flags(argv):
       _flag_error(f'a --config.* override names no config field: --config.{path}=None')
     node[leaf] = None
   return rest
-class _QuietLibraries:
-  """Drops INFO lines from orbax (a dozen per checkpoint), keeping its warnings and errors."""
+_OWN_CODE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # bigbatch/
+
+
+class _QuietLibraries(std_logging.Filter):
+  """At the default verbosity, bigbatch's own lines and the warnings of other libraries: orbax
+  writes a dozen INFO lines per checkpoint, TFDS and jax a few at start-up. Their errors are cut
+  to their first line: when a checkpoint write fails, orbax logs the same exception with its
+  traceback from four threads (~300 lines) before the run reports it in one line of its own.
+  `--verbosity=1` (absl's -v 1) shows everything as it was logged."""
 
   def filter(self, record) -> bool:
-    return record.levelno > logging.INFO or '/orbax/' not in record.pathname
+    if logging.get_verbosity() >= logging.DEBUG or record.pathname.startswith(_OWN_CODE):
+      return True
+    if record.levelno < std_logging.WARNING:
+      return False
+    if record.levelno >= std_logging.ERROR and (
+        '/orbax/' in record.pathname or record.name == 'asyncio'):
+      message = record.getMessage()
+      if record.name == 'asyncio' and 'orbax' not in message:
+        return True
+      if 'Task exception was never retrieved' in message:
+        return False  # orbax's failed write, which its own error record already reported
+      first = message.strip().splitlines()[0] if message.strip() else message
+      record.msg, record.args = first[:300], ()
+      record.exc_info = record.exc_text = record.stack_info = None
+    return True
+
+
+class _ConsoleFormat(std_logging.Formatter):
+  """`HH:MM:SS message` (`HH:MM:SS WARNING: message` for warnings and errors) instead of absl's
+  prefix of level, date, microseconds, thread id and file: the progress lines stay readable.
+  `--verbosity=1` keeps absl's prefix."""
+
+  def format(self, record) -> str:
+    text = super().format(record)
+    stamp = time.strftime('%H:%M:%S', time.localtime(record.created))
+    level = f'{record.levelname}: ' if record.levelno >= std_logging.WARNING else ''
+    return f'{stamp} {level}{text}'
+
+
+def _quiet_console() -> None:
+  handler = logging.get_absl_handler()
+  handler.addFilter(_QuietLibraries())
+  if logging.get_verbosity() < logging.DEBUG:
+    handler.setFormatter(_ConsoleFormat())
 
 
 def _start_distributed():
@@ -221,7 +274,8 @@ def _start_distributed():
 def main(argv, hooks=()):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  _quiet_console()
+  started = time.monotonic()
   try:
     with signals.raising():
       try:
@@ -239,7 +293,10 @@ def main(argv, hooks=()):
       sys.stderr.flush()
       os._exit(e.code if isinstance(e.code, int) else 1)
     raise
-  logging.info('Final evaluation: %s', result)
+  import jax  # pylint: disable=g-import-not-at-top
+  from bigbatch import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    print(metrics_lib.summary(_WORKDIR.value, result, time.monotonic() - started), flush=True)
 
 
 def cli(hooks=()) -> None:

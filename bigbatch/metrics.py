@@ -5,10 +5,12 @@ machine-readable log that a resumed run can truncate back to its checkpoint.
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
+import statistics
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from absl import logging
 from clu import metric_writers
@@ -169,14 +171,29 @@ def create_writer(workdir: epath.PathLike, *, is_main: bool, resume_step: int = 
 
 
 class Progress:
-  """Rates and ETA between logged steps; the clock is passed in, so it is testable."""
+  """Rates between logged steps, and the progress line; the clock is passed in, so it is
+  testable.
+
+  The ETA is (steps left) / (the median step rate of the last few log intervals), and the
+  interval that holds the step function's compilation is left out of it: the first ETA of a run
+  is not minutes too long, and one interval slowed by an evaluation or a checkpoint does not make
+  it jump. `restart_clock` (the Log hook calls it once the first update was dispatched, i.e.
+  compiled) moves the interval's start past the compilation.
+  """
+
+  RECENT = 8  # log intervals the ETA's median rate is taken over
 
   def __init__(self, *, total_steps: int, global_batch: int, start_step: int = 0,
-               now: float | None = None):
+               now: float | None = None, epoch_of: Callable[[int], float] | None = None):
     self.total_steps = total_steps
     self.global_batch = global_batch
+    self.epoch_of = epoch_of
     self._last_step = start_step
     self._last_time = now
+    self._recent: collections.deque[float] = collections.deque(maxlen=self.RECENT)
+
+  def restart_clock(self, step: int, now: float) -> None:
+    self._last_step, self._last_time = step, now
 
   def rates(self, step: int, now: float) -> dict[str, float]:
     if self._last_time is None or step <= self._last_step:
@@ -184,19 +201,25 @@ class Progress:
       return {}
     steps_per_sec = (step - self._last_step) / max(now - self._last_time, 1e-9)
     self._last_step, self._last_time = step, now
+    self._recent.append(steps_per_sec)
     return {'train/steps_per_sec': steps_per_sec,
             'train/examples_per_sec': steps_per_sec * self.global_batch}
 
+  def eta_seconds(self, step: int) -> float | None:
+    if not self._recent:
+      return None
+    return (self.total_steps - step) / statistics.median(self._recent)
+
   def line(self, step: int, values: Mapping[str, float]) -> str:
-    parts = [f'step {step}/{self.total_steps}']
+    parts = [f'step {step}/{self.total_steps}' + (
+        f' (epoch {self.epoch_of(step):.1f})' if self.epoch_of else '')]
     for key, fmt in (('train/loss', 'loss {:.4f}'), ('train/accuracy', 'acc {:.3f}'),
-                     ('train/lr', 'lr {:.4g}'), ('train/steps_per_sec', '{:.2f} steps/s'),
-                     ('train/examples_per_sec', '{:.0f} ex/s')):
+                     ('train/lr', 'lr {:.4g}'), ('train/examples_per_sec', '{:,.0f} ex/s')):
       if key in values:
         parts.append(fmt.format(values[key]))
-    rate = values.get('train/steps_per_sec')
-    if rate:
-      parts.append('ETA ' + _duration((self.total_steps - step) / rate))
+    eta = self.eta_seconds(step)
+    if eta is not None:
+      parts.append('ETA ' + _duration(eta))
     return ' | '.join(parts)
 
 
@@ -205,3 +228,59 @@ def _duration(seconds: float) -> str:
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
   return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
+
+
+def _lower_is_better(key: str) -> bool:
+  return 'loss' in key or 'error' in key or 'eer' in key.split('/')[-1]
+
+
+def read_rows(path: epath.PathLike) -> list[dict[str, Any]]:
+  """metrics.jsonl's rows in file order; damaged lines (the resume repairs them) are skipped."""
+  rows = []
+  for line in epath.Path(path).read_bytes().decode('utf-8', errors='replace').splitlines():
+    if _row_step(line) is not None:
+      rows.append(json.loads(line))
+  return rows
+
+
+def summary(workdir: str, final: Mapping[str, float], seconds: float) -> str:
+  """The table a finished run prints: each evaluation metric's final value and its best (with
+  the step), the last training loss, the wall time, and where the files are. Higher is better
+  but for losses and error rates; counts (eval/examples) are left out."""
+  root = epath.Path(workdir)
+  rows = []
+  if (root / 'metrics.jsonl').exists():
+    try:
+      rows = read_rows(root / 'metrics.jsonl')
+    except OSError:  # the summary is a courtesy: the run itself has succeeded
+      rows = []
+  best: dict[str, tuple[float, int]] = {}
+  last_train: dict[str, float] = {}
+  for row in rows:
+    for k, v in row.items():
+      if not isinstance(v, (int, float)) or k == 'step':
+        continue
+      if k.startswith('train/'):
+        last_train[k] = v
+      elif k in final:
+        lower = _lower_is_better(k)
+        if k not in best or (v < best[k][0] if lower else v > best[k][0]):
+          best[k] = (v, row['step'])
+  keys = [k for k in final if not k.endswith('/examples')]
+  table = [('metric', 'final', 'best (step)')]
+  for k in keys:
+    b = best.get(k)
+    table.append((k, f'{final[k]:.4f}', f'{b[0]:.4f} ({b[1]})' if b else '-'))
+  for k in ('train/loss', 'train/accuracy'):
+    if k in last_train:
+      table.append((k, f'{last_train[k]:.4f}', '-'))
+  widths = [max(len(r[i]) for r in table) for i in range(3)]
+  lines = [f'Finished in {_duration(seconds)}.' + (
+      f' {int(final["eval/examples"]):,} held-out examples.' if 'eval/examples' in final else '')]
+  lines += ['  ' + '  '.join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+  present = [name for name in ('metrics.jsonl', 'tensorboard', 'checkpoints', 'derived.json')
+             if (root / name).exists()]
+  lines.append(f'Files in {workdir}: {", ".join(present) or "none"}.')
+  if 'metrics.jsonl' in present:
+    lines.append(f'Plot: python -m bigbatch.plot {workdir}')
+  return '\n'.join(lines)
