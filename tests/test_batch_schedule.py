@@ -97,6 +97,7 @@ def test_data_position_is_exact_across_phases_and_on_resume():
     np.testing.assert_array_equal(resumed[s]['image'], full[s]['image'])
 
 
+@pytest.mark.slow
 def test_training_with_a_schedule_compiles_once_per_batch_size(tmp_path):
   c = _config(num_epochs=2.0, batch_schedule=((1, 2),), eval_every_epochs=1.0,
               **{'lr.boundaries_epochs': None, 'lr.decay': 'cosine'})

@@ -40,9 +40,9 @@ def load(name, arg=None):
   return module.get_config(arg)
 
 
-# Two in the default suite (SGD on ImageNet and CIFAR ResNets); the others compile their own
+# One in the default suite (SGD on an ImageNet ResNet); the others compile their own
 # optimizers' steps and run with the slow tests.
-_FAST = ('r50_8k_goyal', 'cifar10_small_batch')
+_FAST = ('r50_8k_goyal',)
 
 
 @pytest.mark.parametrize('name', [

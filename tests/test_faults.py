@@ -104,6 +104,7 @@ def _killed_then_resumed(uninterrupted, tmp_path, fault):
   return proc
 
 
+@pytest.mark.slow
 def test_sigkill_during_async_save_resumes_bitwise(uninterrupted, tmp_path):
   proc = _killed_then_resumed(uninterrupted, tmp_path, 'kill_during_save:8')
   assert 'at step 4 ' in proc.stderr or 'step 4 in' in proc.stderr  # the save of 8 never finished
@@ -119,6 +120,7 @@ def test_sigkill_right_after_epoch_boundary_resumes_bitwise(uninterrupted, tmp_p
   _killed_then_resumed(uninterrupted, tmp_path, 'kill_after_step:12')  # epoch 1 starts at 11
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_identical_metrics(tmp_path):
   for name in ('a', 'b'):
     loop.train_and_evaluate(_config(num_steps=6), str(tmp_path / name))
@@ -439,6 +441,7 @@ def test_restart_with_a_different_experiment_is_refused(tmp_path, capsys):
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == before
 
 
+@pytest.mark.slow
 def test_observing_and_extending_changes_are_allowed(tmp_path):
   loop.train_and_evaluate(_short(), str(tmp_path))
   # Constant lr: 8 steps give the first 4 the same lr, so extending is allowed.
@@ -446,12 +449,14 @@ def test_observing_and_extending_changes_are_allowed(tmp_path):
   assert checkpoint.Checkpointer(str(tmp_path / 'checkpoints')).latest_step() == 8
 
 
+@pytest.mark.slow
 def test_extending_a_decaying_schedule_is_refused(tmp_path):
   loop.train_and_evaluate(_short(**{'lr.decay': 'cosine'}), str(tmp_path))
   with pytest.raises(workdir_lib.WorkdirError, match='lr of steps already run'):
     loop.train_and_evaluate(_short(num_steps=8, **{'lr.decay': 'cosine'}), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_restart_from_scratch_sets_the_old_run_aside(tmp_path):
   workdir = tmp_path / 'wd'
   loop.train_and_evaluate(_short(), str(workdir))

@@ -97,6 +97,7 @@ def _tiny(steps=4, **fields):
   return config
 
 
+@pytest.mark.slow
 def test_ema_of_parameters_is_updated_and_evaluated(tmp_path):
   config = _tiny(ema_decay=0.75)
   trainer = trainer_lib.build(config, sharding.make_mesh(config), num_train=1437,

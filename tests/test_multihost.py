@@ -158,6 +158,7 @@ def _wait_all(procs, timeout):
 # ----------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_two_processes_continue_a_one_process_run_and_match_it(reference, tmp_path):
   """(a) 2x4 steps equal 1x8 steps; (c) 1x8 -> 2x4 -> 1x8 through checkpoints; one writer.
 

@@ -435,6 +435,7 @@ def test_config_rejects_bad_resnet_fields(name, field, value, message):
     config_lib.validate(c, 8)
 
 
+@pytest.mark.slow
 def test_bytes_accessed_not_above_the_flax_example():
   """The CPU stand-in for benchmarks/accelerator.py: XLA's cost analysis of the compiled
   flax-style bf16 train step touches no more bytes with bigbatch's ResNet (sync BN, ghost BN)

@@ -143,6 +143,7 @@ def test_a_bad_variant_field_fails_before_any_trial_runs(tmp_path):
   assert not os.path.exists(tmp_path / 'trials')
 
 
+@pytest.mark.slow
 def test_quick_sweep_end_to_end_compiles_once_per_batch_size_and_resumes(tmp_path, monkeypatch):
   study = study_digits.get_config('quick')
   cache = trainer_lib.CompileCache()

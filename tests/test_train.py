@@ -79,7 +79,7 @@ def _reorder_for_one_microbatch(batch, devices):
   return out
 
 
-@pytest.mark.parametrize('optimizer', ['sgd', 'lamb'])
+@pytest.mark.parametrize('optimizer', ['sgd', pytest.param('lamb', marks=pytest.mark.slow)])
 def test_accumulation_equals_one_large_batch_with_ghost_bn(optimizer):
   g = 4
   acc = [_batch(4, 64, seed=s) for s in range(2)]  # 4 microbatches of 64 = 8 per device
