@@ -260,8 +260,8 @@ def test_bad_real_sets_raise_clear_errors(face_sets, tmp_path):
   config = _real_config('face_recordio', tmp_path)
   config.global_batch = config.eval_batch = 1
   ds = _create(config)
-  with pytest.raises(recordio.RecordIOError, match=r'train\.rec: byte \d+: image record 1 has '
-                     r'label 5\.0'):
+  with pytest.raises(faces.FaceDataError, match=r'train\.rec: record 1, byte \d+: image label '
+                     r'5\.0 is not an identity in 0\.\.0; copy train\.rec and train\.idx again'):
     ds.train_batch(0)
 
 
@@ -270,24 +270,31 @@ def test_bad_real_sets_raise_clear_errors(face_sets, tmp_path):
 
 def test_verification_bins(face_sets, tmp_path):
   root, pixels, _, encoded = face_sets
-  insightface.save_bin(tmp_path / 'pairs.bin', encoded[:6], [True, False, True])
+  order = np.arange(22) % 7  # 11 pairs: the protocol's 10 folds need 10 or more
+  issame = [bool(b) for b in np.arange(11) % 2]
+  insightface.save_bin(tmp_path / 'pairs.bin', [encoded[i] for i in order], issame)
   # As MXNet's Python 2 tools left them: images as uint8 arrays, issame as a numpy array.
   with open(tmp_path / 'arrays.bin', 'wb') as f:
-    pickle.dump(([np.frombuffer(e, np.uint8) for e in encoded[:4]], np.array([False, True])), f,
-                protocol=2)
+    pickle.dump(([np.frombuffer(encoded[i], np.uint8) for i in order[:20]],
+                 np.arange(10) % 3 == 0), f, protocol=2)
   config = _real_config('face_folder', root / 'folder',
                         verification_bins=['pairs.bin', str(tmp_path / 'arrays.bin')])
   config.data.face_root = str(tmp_path)
   sets = faces.verification_sets(config)
   assert sorted(sets) == ['arrays', 'pairs']
-  np.testing.assert_array_equal(sets['pairs'][0], faces.normalize(pixels[:6]))
-  np.testing.assert_array_equal(sets['pairs'][1], [True, False, True])
-  np.testing.assert_array_equal(sets['arrays'][0], faces.normalize(pixels[:4]))
+  np.testing.assert_array_equal(sets['pairs'][0], faces.normalize(pixels[order]))
+  np.testing.assert_array_equal(sets['pairs'][1], issame)
+  np.testing.assert_array_equal(sets['arrays'][0], faces.normalize(pixels[order[:20]]))
+  np.testing.assert_array_equal(sets['arrays'][1], np.arange(10) % 3 == 0)
   np.testing.assert_array_equal(faces.verification_sets(config, as_uint8=True)['arrays'][0],
-                                pixels[:4])
+                                pixels[order[:20]])
   # Other sizes are resized to data.image_size.
   resized = face_files.decode_images(encoded[:1], 4)
   assert resized.shape == (1, 4, 4, 3) and resized.dtype == np.uint8
+  # Fewer pairs than folds would fail at the first evaluation: refused when read.
+  insightface.save_bin(tmp_path / 'pairs.bin', encoded[:6], [True, False, True])
+  with pytest.raises(faces.FaceDataError, match=r'pairs\.bin: 3 pairs; .* at least 10'):
+    faces.verification_sets(config)
 
 
 class _Hostile:

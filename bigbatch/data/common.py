@@ -13,6 +13,13 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+
+class DataError(RuntimeError):
+  """A data set that cannot be read (missing, corrupt or inconsistent files), raised by a source
+  whose message already names the files, where in them (record, byte offset) and the fix: one
+  line, reported as it is (bigbatch/main.py: exit 6)."""
+
+
 # Fixed seed of every generated data set (inputs, teachers, face identities). Deliberately not
 # config.seed: a study that varies the training seed must see the same data set.
 SYNTHETIC_SEED = 0x5EED_DA7A

@@ -37,6 +37,7 @@ from bigbatch.data import common
 from bigbatch.data import face_arrays
 from bigbatch.data import face_files
 from bigbatch.data import face_synthetic
+from bigbatch.face import verification
 from bigbatch.third_party import insightface
 
 FACE_DATASETS = ('face_synthetic', 'face_folder', 'face_recordio')
@@ -176,14 +177,20 @@ def create(config, *, process_index: int, process_count: int,
         train_source=faces.source(face_synthetic.SPLIT_TRAIN),
         eval_source=faces.source(face_synthetic.SPLIT_EVAL), process_index=process_index,
         process_count=process_count, **common_args)
-  images = open_images(config)
-  if d.face_cache:
-    array = face_arrays.convert(images, os.path.abspath(os.path.expanduser(d.face_cache)),
-                                d.image_size, parallel=d.num_parallel_calls)
-    stream = face_arrays.array_stream(array)
-  else:
-    stream = functools.partial(face_files.decode_stream, images, d.image_size,
-                               d.num_parallel_calls)
+  try:
+    images = open_images(config)
+    if d.face_cache:
+      cache = os.path.abspath(os.path.expanduser(d.face_cache))
+      array = face_arrays.convert(images, cache, d.image_size, parallel=d.num_parallel_calls)
+      stream = face_arrays.array_stream(array)
+    else:
+      stream = functools.partial(face_files.decode_stream, images, d.image_size,
+                                 d.num_parallel_calls)
+  except OSError as e:  # a folder that cannot be listed, a cache that cannot be written, ...
+    path = e.filename or d.face_root
+    raise FaceDataError(f'{path}: {e.strerror or e} (config.data.face_root={d.face_root!r}, '
+                        f'config.data.face_cache={d.face_cache!r}); fix the path or its '
+                        'permissions') from None
   num_train = images.num_examples
   reader = FaceReader(stream, num_train, min(d.num_eval, num_train), d.face_flip)
   dataset = input_pipeline.Dataset(
@@ -192,6 +199,11 @@ def create(config, *, process_index: int, process_count: int,
       train_reader=reader.train, eval_reader=reader.eval, process_index=process_index,
       process_count=process_count, **common_args)
   return input_pipeline.close_at_exit(dataset)
+
+
+BIN_FIX = ('replace it with a good copy from its source (InsightFace\'s lfw.bin, cfp_fp.bin, '
+           '... are pickles of (2N encoded images, N issame flags)), or remove it from '
+           'config.data.verification_bins')
 
 
 def verification_sets(config, *, as_uint8: bool = False
@@ -203,6 +215,10 @@ def verification_sets(config, *, as_uint8: bool = False
   normalized per batch with `normalize`. face_synthetic: {'synthetic': held-out pairs} (already
   float; as_uint8 does not apply). Real sets: one entry per data.verification_bins file, named
   by its file name without '.bin', paths relative to data.face_root unless absolute.
+
+  Every file is read whole and every image decoded here (the face task does it at startup), so
+  a missing, refused, malformed or undecodable file is a FaceDataError naming it before training,
+  not at the first evaluation hours in.
   """
   d = config.data
   if d.name == 'face_synthetic':
@@ -210,15 +226,29 @@ def verification_sets(config, *, as_uint8: bool = False
     return {'synthetic': faces.verification_pairs(d.verification_pairs,
                                                   d.verification_identities)}
   out = {}
-  for path in d.verification_bins or ():
-    path = os.path.expanduser(path)
+  for entry in d.verification_bins or ():
+    path = os.path.expanduser(entry)
     if not os.path.isabs(path) and d.face_root:
       path = os.path.join(os.path.expanduser(d.face_root), path)
     name = os.path.basename(path)
     name = name[:-4] if name.endswith('.bin') else name
     if name in out:
       raise fields.ConfigError(f'config.data.verification_bins names {name!r} twice')
-    bins, issame = insightface.load_bin(path)
-    images = face_files.decode_images(bins, d.image_size, d.num_parallel_calls)
+    if not os.path.isfile(path):
+      relative = '' if os.path.isabs(os.path.expanduser(entry)) else (
+          ', relative to config.data.face_root' if d.face_root else
+          ', relative to the current directory (config.data.face_root is unset)')
+      raise FaceDataError(f'{path}: missing (config.data.verification_bins entry {entry!r}'
+                          f'{relative}); fix the path, or remove the entry')
+    try:
+      bins, issame = insightface.load_bin(path)
+    except insightface.BinFileError as e:
+      raise FaceDataError(f'{str(e).rstrip(".")}; {BIN_FIX}') from None
+    if len(issame) < verification.NUM_FOLDS:
+      raise FaceDataError(f'{path}: {len(issame)} pairs; the verification protocol\'s '
+                          f'{verification.NUM_FOLDS} folds need at least '
+                          f'{verification.NUM_FOLDS}; {BIN_FIX}')
+    images = face_files.decode_images(bins, d.image_size, d.num_parallel_calls, name=path,
+                                      fix=BIN_FIX)
     out[name] = (images if as_uint8 else normalize(images), issame)
   return out

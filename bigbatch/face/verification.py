@@ -26,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 
+NUM_FOLDS = 10  # the protocol's folds: a pair set needs at least this many pairs
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
 FAR_THRESHOLDS = np.arange(0, 4, 0.001)
 
@@ -102,7 +103,7 @@ def _sci(x: float) -> str:
   return f'{float(mantissa):g}e{int(exponent)}'
 
 
-def evaluate(embeddings_2NxD: np.ndarray, issame_N: np.ndarray, nfolds: int = 10,
+def evaluate(embeddings_2NxD: np.ndarray, issame_N: np.ndarray, nfolds: int = NUM_FOLDS,
              far_target: float = 1e-3) -> dict[str, float]:
   """Verification metrics of consecutive-pair embeddings (module docstring).
 

@@ -170,7 +170,8 @@ def _read_at(fd: int, path, size: int, offset: int) -> tuple[bytes, int]:
     magic, lrec = struct.unpack('<II', head)
     if magic != MAGIC:
       raise _error(path, pos, f'bad magic 0x{magic:08x} (expected 0x{MAGIC:08x})' +
-                   ('' if pos == offset else f' in the record that started at byte {offset}'))
+                   (': no record starts here' if pos == offset else
+                    f' in the record that started at byte {offset}'))
     cflag, length = lrec >> 29, lrec & MAX_PART_LENGTH
     if cflag > _END:
       raise _error(path, pos, f'continuation flag {cflag} is not 0..3')
@@ -222,7 +223,10 @@ class RecordIOReader:
     """The payload of the record starting at byte `offset`."""
     if not 0 <= offset < self.size:
       raise _error(self.rec_path, offset, f'offset outside the file ({self.size} bytes)')
-    return _read_at(self._fd, self.rec_path, self.size, offset)[0]
+    try:
+      return _read_at(self._fd, self.rec_path, self.size, offset)[0]
+    except OSError as e:  # EIO from a failing disk, a file on a lost network mount, ...
+      raise _error(self.rec_path, offset, f'reading failed ({e.strerror or e})') from None
 
   def __iter__(self) -> Iterator[tuple[int, bytes]]:
     """(byte offset, payload) of every record in file order; raises at the first damage."""
@@ -279,10 +283,13 @@ def read_index(idx_path, rec_size: int | None = None) -> tuple[np.ndarray, np.nd
                           f'{line[:60]!r}') from None
     if key in seen:
       raise RecordIOError(f'{where}: key {key} appears twice')
-    if offset < 0 or offset % 4 or (rec_size is not None and offset >= rec_size):
-      raise RecordIOError(f'{where}: offset {offset} of key {key} cannot start a record (must be '
-                          f'4-aligned and inside the .rec' +
-                          (f' of {rec_size} bytes)' if rec_size is not None else ')'))
+    if rec_size is not None and offset >= rec_size:
+      raise RecordIOError(f'{where}: offset {offset} of record {key} is not inside the .rec '
+                          f'({rec_size} bytes): the .rec is truncated, or the .idx belongs to '
+                          'another .rec')
+    if offset < 0 or offset % 4:
+      raise RecordIOError(f'{where}: offset {offset} of record {key} cannot start a record (must '
+                          'be 4-aligned and not negative)')
     seen.add(key)
     keys.append(key)
     offsets.append(offset)
@@ -312,17 +319,24 @@ class IndexedRecordIOReader:
     except KeyError:
       raise RecordIOError(f'{self.idx_path}: byte 0: key {key} is not in the index') from None
 
+  def _where(self, key: int) -> str:
+    return f'record {key}, which {os.path.basename(self.idx_path)} puts at byte {self.offset(key)}'
+
   def read(self, key: int) -> bytes:
     """The payload of record `key`."""
     offset = self.offset(key)
     try:
       return self._rec.read_at(offset)
     except RecordIOError as e:
-      raise RecordIOError(f'{e} (key {key} of {self.idx_path})') from None
+      raise RecordIOError(f'{e} ({self._where(key)})') from None
 
   def read_unpacked(self, key: int) -> tuple[IRHeader, bytes]:
     """(header, image bytes) of record `key`."""
-    return unpack(self.read(key), path=self.rec_path, offset=self.offset(key))
+    payload = self.read(key)
+    try:
+      return unpack(payload, path=self.rec_path, offset=self.offset(key))
+    except RecordIOError as e:
+      raise RecordIOError(f'{e} (record {key})') from None
 
   def __iter__(self) -> Iterator[tuple[int, bytes]]:
     """(key, payload) in index order."""
