@@ -153,3 +153,36 @@ def test_unprepared_custom_tfds_set_is_said_unknown(tmp_path):
   text = derive.format(d)
   assert 'not prepared' in text and 'global batch' in text
   assert _files(tmp_path) == []
+
+
+def test_face_folder_is_counted_from_its_listing(tmp_path):
+  """A real face set's size comes from listing (or indexing) it, never decoding it."""
+  for identity, n in (('alice', 3), ('bob', 2), ('carol', 0)):
+    (tmp_path / identity).mkdir()
+    for i in range(n):
+      (tmp_path / identity / f'{i}.jpg').write_bytes(b'')  # listed, not decoded
+  config = load('face_synthetic')
+  config.data.name = 'face_folder'
+  config.data.face_root = str(tmp_path)
+  facts = derive.data_facts(config)
+  assert (facts.num_train, facts.num_classes) == (5, 3)
+  assert facts.source.startswith('read from face_folder:')
+
+
+@pytest.mark.slow  # a fresh interpreter importing TensorFlow: ~30 s on 2 busy cores
+def test_a_fresh_process_writes_nothing_of_its_own(tmp_path):
+  """In a new process with an empty HOME and working directory, deriving the quickstart leaves
+  only the caches importing TensorFlow (keras) and matplotlib make, no TFDS directory, no
+  workdir, no compilation cache."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, HOME=str(tmp_path), PYTHONPATH=os.path.abspath(ROOT))
+  env.pop('TFDS_DATA_DIR', None)
+  script = ('import sys; from configs import quickstart; from bigbatch import derive; '
+            'sys.stdout.write(derive.main_entry(quickstart.get_config()))')
+  out = subprocess.run([sys.executable, '-c', script], env=env, cwd=str(tmp_path),
+                       capture_output=True, text=True, timeout=300, check=True).stdout
+  assert '440 (= 39.19 x the 1,437 training examples)' in out
+  library_caches = ('.keras', '.cache/matplotlib', '.config/matplotlib')
+  assert [f for f in _files(tmp_path)
+          if not f.startswith(library_caches) and f not in ('.cache', '.config')] == []
