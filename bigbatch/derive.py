@@ -180,9 +180,17 @@ def _cadence(config, derived: optim.Derived) -> dict:
       ('checkpoint', hooks_lib.Every(steps=config.checkpoint_every_steps)),
       ('log', hooks_lib.Every(steps=config.log_every_steps))):
     steps = _fires(every, derived)
-    out[name] = {'count': len(steps), 'steps': steps if len(steps) <= 12 else
-                 steps[:5] + steps[-2:], 'every': every.steps or (
-                     every.epochs and max(1, round(every.epochs * derived.steps_per_epoch)))}
+    if every.steps:
+      rule = f'every {every.steps:,} steps and at the end'
+    elif every.epochs and derived.phases:
+      rule = f'every {every.epochs:g} epochs and at the end'
+    elif every.epochs:  # Every's own rounding: whole passes of floor(N / B) steps
+      rule = (f'every {every.epochs:g} epochs = '
+              f'{max(1, round(every.epochs * derived.steps_per_epoch)):,} steps, and at the end')
+    else:
+      rule = 'at the end only'
+    out[name] = {'count': len(steps), 'rule': rule,
+                 'steps': steps if len(steps) <= 12 else steps[:5] + steps[-2:]}
   return out
 
 
@@ -367,8 +375,7 @@ def _steps(c: dict) -> str:
   if c['count'] > len(c['steps']):
     listed = ', '.join(f'{s:,}' for s in c['steps'][:5]) + ', ..., ' + ', '.join(
         f'{s:,}' for s in c['steps'][5:])
-  every = f'every {c["every"]:,} steps and at the end' if c['every'] else 'at the end only'
-  return f'{c["count"]:,} ({every}): {listed}'
+  return f'{c["count"]:,} ({c["rule"]}): {listed}'
 
 
 def format(d: dict, *, memory_hint: str = '--print_derived_memory') -> str:  # pylint: disable=redefined-builtin

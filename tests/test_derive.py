@@ -93,6 +93,7 @@ def test_r50_64k_prints_its_recipe_and_writes_nothing(tmp_path, monkeypatch):
 
 
 def test_memory_analysis_of_the_quickstart_step(tmp_path, monkeypatch):
+  # Compiling is most of it: 5-20 s on 2 cores, depending on what else runs.
   monkeypatch.setenv('HOME', str(tmp_path))
   config = load('quickstart')
   config_lib.validate(config, jax.device_count())
