@@ -259,3 +259,41 @@ def sharpness(by_variant, path) -> str:
   ax.legend(fontsize='small')
   _save(fig, path)
   return ''
+
+
+def metric_vs_batch(by_variant, field: str, path, *, ylabel: str, title: str,
+                    scale: float = 1.0) -> str:
+  """rows[field] (a summarize() dict) vs batch size, one line per variant with seed error bars,
+  values multiplied by `scale` (100: percent). The variants' points are nudged apart along the
+  log batch axis so that their error bars do not hide each other."""
+  all_rows = [r for rows in by_variant.values() for r in rows]
+  if not any(r[field] is not None for r in all_rows):
+    return f'no trial recorded {field}.'
+  fig, (ax,) = _new_figure()
+  n = len(by_variant)
+  for i, ((variant, rows), color) in enumerate(zip(by_variant.items(), _colors(n))):
+    pts = [r for r in rows if r[field] is not None]
+    if not pts:
+      continue
+    nudge = 2 ** (0.06 * (i - (n - 1) / 2))
+    x = np.array([r['batch_size'] for r in pts], dtype=np.float64) * nudge
+    s = [{k: (v * scale if isinstance(v, float) else v) for k, v in r[field].items()}
+         for r in pts]
+    ax.errorbar(x, [p['mean'] for p in s], yerr=_yerr(s, False), color=color, marker='o',
+                capsize=3, label=variant)
+  _pad_degenerate(ax)
+  batches = sorted({r['batch_size'] for r in all_rows})
+  ax.set_xscale('log', base=2)
+  ax.set_xticks(batches, [str(b) for b in batches])
+  ax.set(xlabel='batch size (examples)', ylabel=ylabel,
+         title=f'{title}\n(mean over seeds; {_spread_note_fixed(all_rows, field)})')
+  ax.legend(fontsize='small')
+  _save(fig, path)
+  return ''
+
+
+def _spread_note_fixed(rows, field: str) -> str:
+  kinds = sorted({r[field]['kind'] for r in rows if r[field] is not None})
+  names = {'std': '±1 sample std (≥3 seeds)', 'min-max': 'min–max (2 seeds)'}
+  kinds = [names[k] for k in kinds if k in names]
+  return 'error bars: ' + ('; '.join(kinds) if kinds else 'none (1 seed)')

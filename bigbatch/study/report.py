@@ -460,3 +460,179 @@ def write_report(results: Sequence[Mapping[str, Any]], workdir: str, *, title: s
   path = os.path.join(workdir, 'report.md')
   epath.Path(path).write_text('\n'.join(md))
   return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed-epoch studies (study.kind = 'fixed_epochs'): the held-out metric after one epoch budget.
+
+# (file stem, title) of the fixed-epoch report's figures, in its order.
+FIXED_EPOCHS_FIGURES = (
+    ('accuracy_vs_batch', 'Final held-out accuracy vs batch size at a fixed epoch budget'),
+    ('eval_loss_vs_batch', 'Final held-out loss vs batch size at a fixed epoch budget'),
+)
+
+
+def _min_max(values: Iterable[Any]) -> tuple[float, float] | None:
+  v = [x for x in map(_num, values) if x is not None]
+  return (min(v), max(v)) if v else None
+
+
+def aggregate_fixed(results: Sequence[Mapping[str, Any]]) -> list[dict]:
+  """One row per (variant, batch_size) of a fixed-epoch study, sorted by variant then batch.
+
+  Each trial is one (variant, batch, seed) with one lr, so nothing is chosen: every field is
+  summarize() over the seeds (mean, and the sample std with 3+ seeds), plus the min and max.
+  A diverged trial counts with what it measured before it diverged (usually nothing: its final
+  metric is NaN and drops out), and n_diverged says how many there were.
+
+  Each row holds variant, batch_size, data, target (the metric's name), seeds, n_trials,
+  n_diverged, lrs (the peak lrs used), final_metric / best_metric / final_eval_loss /
+  best_eval_loss / final_train_loss / epochs_run / steps_run: summarize() dicts or None, and
+  final_metric_range, final_eval_loss_range: (min, max) over seeds or None.
+  Raises ValueError on an empty list or a result lacking the required fields.
+  """
+  _check(results)
+  groups = collections.defaultdict(list)
+  for r in results:
+    groups[(str(r['variant']), int(r['batch_size']))].append(r)
+  rows = []
+  for (variant, batch), trials in sorted(groups.items()):
+    trials = sorted(trials, key=lambda r: r['seed'])
+    field = lambda name: summarize(r.get(name) for r in trials)  # pylint: disable=cell-var-from-loop
+    rows.append(dict(
+        variant=variant,
+        batch_size=batch,
+        data=sorted({str(r.get('data')) for r in trials if r.get('data') is not None}),
+        target=trials[0].get('target'),
+        seeds=[r['seed'] for r in trials],
+        n_trials=len(trials),
+        n_diverged=sum(bool(r.get('diverged')) for r in trials),
+        lrs=sorted({float(r['lr']) for r in trials}),
+        final_metric=field('final_metric'),
+        final_metric_range=_min_max(r.get('final_metric') for r in trials),
+        best_metric=field('best_metric'),
+        final_eval_loss=field('final_eval_loss'),
+        final_eval_loss_range=_min_max(r.get('final_eval_loss') for r in trials),
+        best_eval_loss=field('best_eval_loss'),
+        final_train_loss=field('final_train_loss'),
+        epochs_run=field('epochs_run'),
+        steps_run=field('steps_run'),
+    ))
+  return rows
+
+
+def _fmt_spread(s: dict | None, rng: tuple[float, float] | None, digits: int = 3) -> str:
+  """'mean ± std [min, max]' (std with 3+ seeds; the range with 2+), as percentages when the
+  values are accuracies (digits = percent decimals) or plain numbers (digits = None)."""
+  if s is None:
+    return '—'
+  f = (lambda x: f'{100 * x:.1f}') if digits is None else (lambda x: f'{x:.{digits}g}')
+  text = f(s['mean'])
+  if s['std'] is not None:
+    text += f' ± {f(s["std"])}'
+  if s['n'] > 1 and rng is not None:
+    text += f' [{f(rng[0])}, {f(rng[1])}]'
+  return text
+
+
+def write_fixed_epochs_report(results: Sequence[Mapping[str, Any]], workdir: str, *, title: str,
+                              notes: str = '') -> str:
+  """Writes workdir/report.md and FIXED_EPOCHS_FIGURES under workdir/figures/ for a fixed-epoch
+  study; returns report.md's path.
+
+  report.md holds the title, the notes, a batch x variant table of the final held-out metric
+  (mean ± std [min, max] over seeds, in percent for an accuracy), the same for the held-out
+  loss, a detailed table per variant (best metric, losses, epochs and steps run, lr, diverged
+  trials) and the figures. As in write_report, a figure without data is replaced by a line
+  starting with NOT_DRAWN and no stale PNG is left.
+  """
+  rows = aggregate_fixed(results)
+  by_variant = collections.OrderedDict()
+  for r in rows:
+    by_variant.setdefault(r['variant'], []).append(r)
+  batches = sorted({r['batch_size'] for r in rows})
+  cell = {(r['variant'], r['batch_size']): r for r in rows}
+  target = rows[0]['target'] or {}
+  metric = target.get('metric') or 'final metric'
+  label = _metric_label(target)
+  percent = metric.endswith(('top1', 'top5', 'accuracy'))
+
+  fig_dir = os.path.join(workdir, 'figures')
+  epath.Path(fig_dir).mkdir(parents=True, exist_ok=True)
+  paths = {stem: os.path.join(fig_dir, f'{stem}.png') for stem, _ in FIXED_EPOCHS_FIGURES}
+  for p in paths.values():
+    if epath.Path(p).exists():
+      epath.Path(p).unlink()
+  epochs = summarize(r.get('budget_epochs') for r in results)
+  budget = f'{epochs["mean"]:g} epochs' if epochs else 'a fixed budget'
+  why_not = {
+      'accuracy_vs_batch': figures.metric_vs_batch(
+          by_variant, 'final_metric', paths['accuracy_vs_batch'],
+          ylabel=f'final held-out {label}' + (' (%)' if percent else ''),
+          title=f'Final held-out {label} after {budget}', scale=100.0 if percent else 1.0),
+      'eval_loss_vs_batch': figures.metric_vs_batch(
+          by_variant, 'final_eval_loss', paths['eval_loss_vs_batch'],
+          ylabel='final held-out loss (nats)', title=f'Final held-out loss after {budget}',
+          scale=1.0),
+  }
+
+  md = [f'# {title}', '']
+  if notes:
+    md += [notes.strip(), '']
+  seeds = sorted({r['seed'] for r in results})
+  md += [f'Fixed budget: {budget}, no target, one lr per variant (no search). '
+         f'{len(results)} trials, {len(by_variant)} variant(s), {len(batches)} batch size(s), '
+         f'{len(seeds)} seed(s).', '']
+  if any('synthetic' in r['data'] for r in rows):
+    md += ['**Note:** rows on `synthetic` data are a model of a generated teacher task, not '
+           'of real data.', '']
+  unit = ' (%)' if percent else ''
+  md += ['## How the numbers are made', '',
+         'Each trial trains one (variant, batch size, seed) for the whole budget and is '
+         'evaluated on the held-out split during training and at the end. "Final" is the last '
+         'evaluation, "best" the best one. Over seeds: `mean ± std [min, max]` (sample std, '
+         'ddof=1, with 3 or more seeds; the range with 2 or more); accuracies in percent. A '
+         'diverged trial has no final metric: its point is the mean of the seeds that finished '
+         'and the table says how many diverged.', '']
+  for heading, field, rng, digits in (
+      (f'Final held-out {label}{unit}', 'final_metric', 'final_metric_range',
+       None if percent else 3),
+      ('Final held-out loss (nats)', 'final_eval_loss', 'final_eval_loss_range', 3)):
+    md += [f'## {heading}', '', '| batch | ' + ' | '.join(f'`{_cell(v)}`' for v in by_variant)
+           + ' |', '|---|' + '---|' * len(by_variant)]
+    for b in batches:
+      cells = []
+      for v in by_variant:
+        r = cell.get((v, b))
+        text = _fmt_spread(r[field], r[rng], digits) if r else 'not run'
+        if r and r['n_diverged']:
+          text += f' ({r["n_diverged"]}/{r["n_trials"]} diverged)'
+        cells.append(text)
+      md.append(f'| {b} | ' + ' | '.join(_cell(c) for c in cells) + ' |')
+    md.append('')
+
+  md += ['## Per variant', '']
+  for variant, vrows in by_variant.items():
+    md += [f'### `{variant}`', '',
+           f'| batch | peak lr | epochs run | steps run | final {label} | best {label} | final '
+           f'held-out loss | best held-out loss | final train loss | diverged |',
+           '|---|---|---|---|---|---|---|---|---|---|']
+    for r in vrows:
+      md.append('| ' + ' | '.join(_cell(c) for c in (
+          r['batch_size'], ', '.join(f'{lr:.3g}' for lr in r['lrs']),
+          _fmt_summary(r['epochs_run']), _fmt_summary(r['steps_run'], 'int'),
+          _fmt_summary(r['final_metric']), _fmt_summary(r['best_metric']),
+          _fmt_summary(r['final_eval_loss']), _fmt_summary(r['best_eval_loss']),
+          _fmt_summary(r['final_train_loss']), f'{r["n_diverged"]}/{r["n_trials"]}')) + ' |')
+    md.append('')
+
+  md += ['## Figures', '']
+  for stem, fig_title in FIXED_EPOCHS_FIGURES:
+    md += [f'### {fig_title}', '']
+    if why_not[stem]:
+      md += [f'_{NOT_DRAWN} {why_not[stem]}_', '']
+    else:
+      md += [f'![{fig_title}](figures/{stem}.png)', '']
+  path = os.path.join(workdir, 'report.md')
+  epath.Path(path).write_text('\n'.join(md))
+  return path

@@ -21,6 +21,11 @@ A study config (configs/study_*.py) names a base experiment config and what to s
                       one device
   study.noise_scale   log the gradient noise scale in every trial that can measure it
   study.sharpness     measure the top Hessian eigenvalue at the end of every trial
+  study.kind          'steps_to_target' (the default: the above) or 'fixed_epochs': every
+                      trial trains for exactly study.budget.epochs with no target and one lr per
+                      variant (no search: the variant's rule sets it), and the report compares
+                      the final (and best) held-out metric and loss at that budget across batch
+                      sizes (Goyal et al. 2017 Fig. 1, Keskar et al. 2017)
 
 Each trial is one run of `loop.train_and_evaluate` in DIR/trials/<trial id>, with the target
 stop and the budget set; its result (the schema of bigbatch/study/report.py) goes to
@@ -55,6 +60,9 @@ from bigbatch import sharding
 from bigbatch import trainer
 from bigbatch import workdir as workdir_lib
 from bigbatch.fields import ConfigError
+
+
+KINDS = ('steps_to_target', 'fixed_epochs')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +128,12 @@ def trials(study: ml_collections.ConfigDict) -> list[Trial]:
   out = []
   if not study.batch_sizes or not study.variants:
     raise ConfigError('study.batch_sizes and study.variants must be non-empty')
+  kind = study.get('kind', 'steps_to_target')
+  if kind not in KINDS:
+    raise ConfigError(f'study.kind={kind!r}; choose one of {", ".join(KINDS)}')
+  if kind == 'fixed_epochs' and (study.budget.epochs is None or study.budget.steps is not None):
+    raise ConfigError('study.kind=fixed_epochs compares batch sizes at one number of epochs: set '
+                      'study.budget.epochs and leave study.budget.steps unset')
   for variant, overrides in study.variants.items():
     overrides = ml_collections.ConfigDict(overrides.to_dict() if hasattr(overrides, 'to_dict')
                                           else overrides)
@@ -127,6 +141,10 @@ def trials(study: ml_collections.ConfigDict) -> list[Trial]:
     if 'lr_search' in overrides:
       _merge(search, overrides.lr_search, f'study.variants.{variant}.lr_search')
       del overrides['lr_search']
+    if kind == 'fixed_epochs' and search.num_trials != 1:
+      raise ConfigError(f'study.variants.{variant}: study.kind=fixed_epochs runs one lr per '
+                        f'variant (the rule\'s, no search); lr_search.num_trials is '
+                        f'{search.num_trials}, set it to 1')
     for batch in study.batch_sizes:
       for lr_index, value in enumerate(lr_values(search)):
         for seed in range(study.num_seeds):
@@ -167,6 +185,8 @@ def _trial_fields(study, c, batch: int, search, value: float, seed: int) -> None
   c.target.metric, c.target.value, c.target.mode = (study.target.metric, study.target.value,
                                                     study.target.mode)
   c.target.stop = True
+  if study.get('kind') == 'fixed_epochs':
+    c.target.value = None  # the whole budget runs; the final evaluation is the result
   c.eval_every_epochs, c.eval_every_steps = study.eval_every_epochs, None
   c.noise_scale.enabled = bool(study.noise_scale) and data_parallel * k >= 2
   c.sharpness.at_end = bool(study.sharpness)
@@ -200,6 +220,9 @@ def collect(trial: Trial, trial_dir: str, wall_s: float, diverged: bool = False)
   curve = [[r['step'], _float(r[metric])] for r in rows if metric in r]
   values = [v for _, v in curve if math.isfinite(v)]
   losses = [_float(r['train/loss']) for r in rows if 'train/loss' in r]
+  eval_losses = [_float(r['eval/loss']) for r in rows if 'eval/loss' in r]
+  finite_eval_losses = [v for v in eval_losses if math.isfinite(v)]
+  steps_run = max((r['step'] for r in rows), default=0)
   target_path = os.path.join(trial_dir, 'target.json')
   reached = workdir_lib.read_json(target_path) if workdir_lib.exists(target_path) else None
   better = max if c.target.mode == 'max' else min
@@ -217,8 +240,16 @@ def collect(trial: Trial, trial_dir: str, wall_s: float, diverged: bool = False)
       'best_metric': better(values) if values else None,
       'final_metric': values[-1] if values else None,
       'final_train_loss': losses[-1] if losses else None,
-      'steps_run': max((r['step'] for r in rows), default=0),
+      # The held-out loss at the last evaluation and its lowest value (fixed-epoch studies).
+      'final_eval_loss': eval_losses[-1] if eval_losses else None,
+      'best_eval_loss': min(finite_eval_losses) if finite_eval_losses else None,
+      'steps_run': steps_run,
       'budget_steps': derived.total_steps,
+      # Examples and epochs trained: what a fixed-epoch study holds equal across batch sizes.
+      'num_train': num_train,
+      'examples_run': steps_run * trial.batch_size,
+      'epochs_run': steps_run * trial.batch_size / num_train,
+      'budget_epochs': c.num_epochs,
       'wall_s': wall_s,
       'eval_curve': curve,
       'noise_scale': [[r['step'], _float(r['train/gns/b_simple'])] for r in rows
@@ -340,8 +371,13 @@ def run(study: ml_collections.ConfigDict, workdir: str, *, only: Iterable[str] =
       _append_result(workdir, row)
     elapsed = time.monotonic() - started
     eta = elapsed / (i + 1) * (len(todo) - i - 1)
-    outcome = (f'target at step {row["steps_to_target"]}' if row['reached'] else
-               'diverged' if row['diverged'] else 'target not reached')
+    if study.get('kind') == 'fixed_epochs':
+      outcome = (f'diverged at step {row["steps_run"]}' if row['diverged'] else
+                 f'{row["steps_run"]} steps ({row["epochs_run"]:.2f} epochs), final '
+                 f'{row["target"]["metric"]} {row["final_metric"]}')
+    else:
+      outcome = (f'target at step {row["steps_to_target"]}' if row['reached'] else
+                 'diverged' if row['diverged'] else 'target not reached')
     echo(f'[study] trial {i + 1}/{len(todo)} {trial.trial_id}: {outcome}, best '
          f'{row["target"]["metric"]} {row["best_metric"]}, {row["wall_s"]:.1f} s | elapsed '
          f'{_duration(elapsed)}, ETA {_duration(eta)}')
@@ -361,7 +397,10 @@ def finish(study, workdir: str, all_trials: list[Trial], done: dict[str, dict],
               f'yet: {", ".join(missing[:20])}{" ..." if len(missing) > 20 else ""}.')
   if not _is_main():
     return results
-  path = report.write_report(results, workdir, title=study.title, notes=notes)
+  if study.get('kind') == 'fixed_epochs':
+    path = report.write_fixed_epochs_report(results, workdir, title=study.title, notes=notes)
+  else:
+    path = report.write_report(results, workdir, title=study.title, notes=notes)
   echo(f'[study] {len(results)} trials; report: {path}')
   return results
 
@@ -389,6 +428,7 @@ def base_study() -> ml_collections.ConfigDict:
   """Defaults of a study config; configs/study_*.py start from this."""
   s = ml_collections.ConfigDict()
   s.title = 'Batch-size study'
+  s.kind = 'steps_to_target'
   s.notes = ''
   s.base = config_lib.base_config()
   s.batch_sizes = (32, 128)

@@ -1,0 +1,103 @@
+"""Accuracy at a fixed epoch budget vs batch size on the synthetic teacher source, batch 32 to
+4,096 (the whole training set).
+
+Command:  python -m bigbatch.study --config=configs/study_epochs_synthetic.py \
+            --workdir=/tmp/bb_epochs_synthetic
+Hardware: 2 CPU cores, one device. MEASURED
+          `:quick` is a 2 batch x 2 variant x 2 seed sweep (seconds).
+Data:     'synthetic': 8x8 standard-normal inputs labelled by a fixed random tanh-MLP teacher
+          (10 balanced classes). A finite training set of 4,096 examples (the examples are
+          generated from their index, so any size is possible), reused for EPOCHS epochs, so
+          that held-out accuracy measures generalization and the largest batch, 4,096, is
+          full-batch training; 4,096 held-out examples.
+Expected: as configs/study_epochs_digits.py: at the same number of epochs the unchanged
+          small-batch lr loses held-out accuracy as the batch grows (Keskar et al. 2017); linear
+          scaling with warmup holds it up to some batch and then falls off (Goyal et al. 2017
+          Fig. 1); LARS and ghost BN as the large-batch remedies.
+
+Every trial trains the same number of epochs (total examples / batch, rounded down:
+lr.epoch_steps=total_examples_floor) with a cosine decay to 0, evaluated every EVAL epochs. No lr
+search. An MLP with two 256-wide hidden layers and BatchNorm (over the whole batch, except in
+ghost_bn), SGD with Nesterov momentum 0.9, weight decay 5e-4:
+  no_remedy      lr 0.05 at every batch (the batch-32 lr unchanged), no warmup
+  linear_warmup  lr 0.05 x B/32 (linear scaling), gradual warmup over the first WARMUP epochs
+  lars           LARS (eta 0.001), lr 0.5 x B/32, the same warmup
+  ghost_bn       linear_warmup with ghost BatchNorm: statistics over groups of 32 examples
+"""
+import ml_collections
+
+from bigbatch import config_lib
+from bigbatch.study import run
+
+NUM_TRAIN = 4_096
+EPOCHS = 10.0
+WARMUP = 1.0  # 10% of the run (Goyal et al.: 5 of 90 epochs)
+EVAL = 2.0
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg, quick=False, seeds=3, epochs=EPOCHS)
+  s = run.base_study()
+  s.kind = 'fixed_epochs'
+  s.title = (f'Accuracy at a fixed budget of {args.epochs:g} epochs vs batch size: MLP on the '
+             f'synthetic teacher source ({NUM_TRAIN:,} training examples)')
+  c = s.base
+  c.data.name = 'synthetic'
+  c.data.num_train = NUM_TRAIN
+  c.data.num_eval = 4096
+  c.model.name = 'mlp'
+  c.model.width = 256
+  c.model.norm = 'batch'
+  c.optimizer.name = 'sgd'
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = True
+  c.optimizer.weight_decay = 5e-4
+  c.lr.base_lr = 0.05
+  c.lr.base_batch = 32
+  c.lr.scaling = 'linear'
+  c.lr.decay = 'cosine'
+  c.lr.epoch_steps = 'total_examples_floor'
+  c.eval_batch = 4096
+  s.batch_sizes = (32, 128, 512, 2048, 4096)
+  s.num_seeds = args.seeds
+  s.target.metric, s.target.mode = 'eval/top1', 'max'  # the metric reported; no target
+  s.target.value = None
+  s.budget.epochs = args.epochs
+  s.eval_every_epochs = EVAL
+  s.log_every_steps = 20
+  s.noise_scale = False
+  s.sharpness = False
+  s.lr_search = ml_collections.ConfigDict(
+      {'mode': 'grid', 'num_trials': 1, 'range': (1.0, 1.0), 'relative_to': 'rule'})
+  warmup = {'warmup_epochs': WARMUP}
+  s.variants = ml_collections.ConfigDict({
+      'no_remedy': {'lr': {'scaling': 'none'}},
+      'linear_warmup': {'lr': {'scaling': 'linear', **warmup}},
+      'lars': {'optimizer': {'name': 'lars', 'trust_coefficient': 0.001},
+               'lr': {'base_lr': 0.5, 'scaling': 'linear', **warmup}},
+      'ghost_bn': {'lr': {'scaling': 'linear', **warmup}, 'model': {'bn_group_size': 32}},
+  })
+  s.notes = (
+      f'Data: the synthetic teacher source, {NUM_TRAIN:,} training examples reused every epoch '
+      f'and 4,096 held-out. Every trial trains {args.epochs:g} epochs ({args.epochs:g} x '
+      f'{NUM_TRAIN:,} examples, in floor(total / batch) steps) with a cosine decay, evaluated '
+      f'every {EVAL:g} epoch(s); one lr per variant, set by its rule (no search). no_remedy '
+      f'keeps lr 0.05 at every batch; linear_warmup and ghost_bn scale it linearly from batch '
+      f'32 with a {WARMUP:g}-epoch gradual warmup; lars starts from 0.5 at 32, scaled the same '
+      f'way. BatchNorm over the whole batch, except ghost_bn (groups of 32). The spread is over '
+      f'seeds (init and data order; the data set itself is the same).')
+  if args.quick:  # a fast end-to-end sweep: 2 batch sizes x 2 variants x 2 seeds
+    s.title = 'Fixed-epoch study (quick): synthetic'
+    s.base.data.num_train = 2048
+    s.base.data.num_eval = 512
+    s.base.eval_batch = 512
+    s.batch_sizes = (32, 256)
+    s.num_seeds = 2
+    s.budget.epochs = 1.0
+    s.eval_every_epochs = 0.5
+    s.variants = ml_collections.ConfigDict({
+        'no_remedy': {'lr': {'scaling': 'none'}},
+        'ghost_bn': {'lr': {'scaling': 'linear', 'warmup_epochs': 0.25},
+                     'model': {'bn_group_size': 32}}})
+    s.notes = 'A quick sweep: 2,048 training examples, 1 epoch, evaluated every half epoch.'
+  return s
