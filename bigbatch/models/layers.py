@@ -11,24 +11,30 @@ microbatch. Under gradient accumulation the trainer averages the k microbatch re
 running <- m * running + (1 - m) * mean_k(batch_stat): one update per optimizer step.
 Variances are biased (divide by n), as in flax.
 
-Cost: the statistics take one pass over the activations, var = E[x^2] - E[x]^2 with both moments
-reduced together in float32 (flax's `nn.BatchNorm` with its default use_fast_variance), and sync
-BN issues one collective per layer forward (both moments in one pmean) and one backward. The
-output is x * a + b with per-channel (per-group) a and b, whose backward pass needs only the
-per-group sums of dy and dy * x (benchmarks/bytes_accessed.py: fewer bytes than flax's layer).
+Cost: the statistics take one pass over the activations, both moments reduced together in
+float32 (as flax's `nn.BatchNorm` with its default use_fast_variance), and sync BN issues one
+collective per layer forward (both moments in one pmean) and one backward. The output is
+x * a + b with per-channel (per-group) a and b, whose backward pass needs only the per-group sums
+of dy and dy * x (benchmarks/bytes_accessed.py: fewer bytes than flax's layer).
 
-Numerics: bf16 activations are exact in float32; the cancellation in E[x^2] - E[x]^2 multiplies
-float32's rounding of E[x^2] by E[x^2] / var, which matters only for a channel whose mean is
-many times its spread (tests/test_resnet.py bounds it), and a variance lost entirely (a constant
-channel) clips to 0. x * a + b rounds both terms at |mean| / std before they cancel: an absolute
-error of ~2^-24 |mean| / std in y, far below bf16's resolution. Taking the moments about a
-per-channel shift (the running mean) would remove the cancellation and cost nothing on GPU, but
-XLA:CPU then keeps x - shift in memory for the backward pass, one float32 activation per layer,
-and the CPU step's bytes are what bytes_accessed.py holds against the flax example.
+Numerics: the moments are taken about a per-channel shift s, var = E[(x - s)^2] - E[x - s]^2,
+because E[x^2] - E[x]^2 multiplies float32's rounding of E[x^2] by E[x^2] / var. That ratio
+reached 1.3e3 in the face test's iResNet (a stage-4 norm3 over groups of 4 examples at 1x1
+spatial size), where it turned the summation-order noise between 1 and 8 devices into 1%
+differences in weights after two steps. Ghost (and local) BN shifts each group by one of its own
+values (the first), so the ratio is 1 + (x_0 - mean)^2 / var: no cancellation beyond the spread.
+Sync BN needs one shift on every device for its single pmean and takes the running mean, which
+tracks the batch mean once training has started (at initialization it is 0: the plain formula).
+The backward pass of the shifted moments recomputes x - s from x (a custom VJP), so no extra
+activation stays in memory. A variance lost entirely (a constant channel) clips to 0.
+x * a + b rounds both terms at |mean| / std before they cancel: an absolute error of
+~2^-24 |mean| / std in y, far below bf16's resolution.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -73,10 +79,17 @@ class BatchNorm(nn.Module):
       xg = xg.reshape((n // g, g) + x.shape[1:])
     axes = tuple(range(xg.ndim - x.ndim, xg.ndim - 1))
     per_channel = lambda v: v.reshape((1,) * (xg.ndim - 1) + (c,))
-    # One pass over the activations: both moments from one read, accumulated in float32.
-    moments = jnp.stack([jnp.mean(xg, axis=axes, keepdims=True),
-                         jnp.mean(jnp.square(xg), axis=axes, keepdims=True)])
     sync = self.axis_name is not None and self.group_size is None
+    # One pass over the activations: both moments from one read, accumulated in float32, taken
+    # about a per-channel shift near the mean, so that E[(x - s)^2] - E[x - s]^2 does not cancel
+    # (module doc, Numerics). Ghost and local BN shift each group by one of its own values; sync
+    # BN needs the same shift on every device for its one pmean and takes the running mean.
+    if sync:
+      shift = per_channel(ra_mean.value)
+    else:
+      first = tuple(slice(0, 1) if i in axes else slice(None) for i in range(xg.ndim))
+      shift = jax.lax.stop_gradient(xg[first])
+    moments = _shifted_moments(xg, shift, axes)
     if sync:
       # Sync BN: one collective per layer, both moments in one buffer.
       moments = jax.lax.pmean(moments, self.axis_name)
@@ -87,7 +100,7 @@ class BatchNorm(nn.Module):
       # of its cotangent (for the mean and for the variance: two per layer). One explicit cast
       # of both moments makes that one all-reduce per layer, as in the forward pass.
       moments = jax.lax.pcast(moments, self.axis_name, to='varying')
-    mean, var = _mean_var(moments)
+    mean, var = _mean_var(moments, shift)
     # y = x * a + b, a and b per channel (and group): the backward pass then reduces dy and
     # dy * x per group and derives every other gradient from those per-channel sums, where
     # (x - mean) * a + bias would keep x - mean in memory for its reduction and reduce dy again
@@ -96,7 +109,7 @@ class BatchNorm(nn.Module):
     y = xg * a + (per_channel(bias) - mean * a)
 
     if not self.is_initializing():
-      mean, var = _mean_var(running)
+      mean, var = _mean_var(running, shift)
       m = self.momentum
       # The mean over ghost groups (one group under plain or sync BN).
       ra_mean.value = m * ra_mean.value + (1 - m) * jnp.mean(mean.reshape(-1, c), axis=0)
@@ -104,11 +117,37 @@ class BatchNorm(nn.Module):
     return y.reshape(x.shape).astype(self.dtype)
 
 
-def _mean_var(moments):
-  """(mean, variance) from the stacked [E[x], E[x^2]]."""
-  mean, mean_sq = moments[0], moments[1]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _shifted_moments(x, shift, axes):
+  """[E[x - shift], E[(x - shift)^2]] over `axes` (keepdims), stacked; no gradient to shift.
+
+  The backward pass recomputes x - shift from x, which the layer's output keeps for its own
+  backward anyway: differentiating the expression would keep x - shift, one more float32
+  activation per layer in memory (XLA:CPU does not recompute it).
+  """
+  d = x - shift
+  return jnp.stack([jnp.mean(d, axis=axes, keepdims=True),
+                    jnp.mean(jnp.square(d), axis=axes, keepdims=True)])
+
+
+def _shifted_moments_fwd(x, shift, axes):
+  return _shifted_moments(x, shift, axes), (x, shift)
+
+
+def _shifted_moments_bwd(axes, residuals, g):
+  x, shift = residuals
+  n = math.prod(x.shape[a] for a in axes)
+  return (g[0] + 2 * g[1] * (x - shift)) / n, jnp.zeros_like(shift)
+
+
+_shifted_moments.defvjp(_shifted_moments_fwd, _shifted_moments_bwd)
+
+
+def _mean_var(moments, shift):
+  """(mean, variance) from the stacked [E[x - shift], E[(x - shift)^2]]."""
+  m1, m2 = moments[0], moments[1]
   # Rounding can leave the difference slightly negative; rsqrt(var + eps) must stay finite.
-  return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+  return shift + m1, jnp.maximum(m2 - jnp.square(m1), 0.0)
 
 
 def _varying_axes(x) -> frozenset:
