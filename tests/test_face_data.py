@@ -293,7 +293,7 @@ def test_verification_bins(face_sets, tmp_path):
   assert resized.shape == (1, 4, 4, 3) and resized.dtype == np.uint8
   # Fewer pairs than folds would fail at the first evaluation: refused when read.
   insightface.save_bin(tmp_path / 'pairs.bin', encoded[:6], [True, False, True])
-  with pytest.raises(faces.FaceDataError, match=r'pairs\.bin: 3 pairs; .* at least 10'):
+  with pytest.raises(faces.FaceDataError, match=r'pairs\.bin: holds 3 pairs; .* at least 10'):
     faces.verification_sets(config)
 
 

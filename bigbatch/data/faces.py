@@ -177,6 +177,7 @@ def create(config, *, process_index: int, process_count: int,
         train_source=faces.source(face_synthetic.SPLIT_TRAIN),
         eval_source=faces.source(face_synthetic.SPLIT_EVAL), process_index=process_index,
         process_count=process_count, **common_args)
+  check_verification_files(config)  # before the model is built: a bad file fails in seconds
   try:
     images = open_images(config)
     if d.face_cache:
@@ -226,6 +227,26 @@ def verification_sets(config, *, as_uint8: bool = False
     return {'synthetic': faces.verification_pairs(d.verification_pairs,
                                                   d.verification_identities)}
   out = {}
+  for name, path in _bin_files(config):
+    bins, issame = _load_bin(path)
+    images = face_files.decode_images(bins, d.image_size, d.num_parallel_calls, name=path,
+                                      fix=BIN_FIX)
+    out[name] = (images if as_uint8 else normalize(images), issame)
+  return out
+
+
+def check_verification_files(config) -> None:
+  """Reads every data.verification_bins file and checks its structure, without decoding the
+  images (seconds for the public sets): run when the training set is opened, before the model
+  is built and compiled. `verification_sets` then decodes them (the face task, at startup)."""
+  for _, path in _bin_files(config):
+    _load_bin(path)
+
+
+def _bin_files(config) -> list[tuple[str, str]]:
+  """(name, path) of each data.verification_bins file; FaceDataError if one is missing."""
+  d = config.data
+  out = {}
   for entry in d.verification_bins or ():
     path = os.path.expanduser(entry)
     if not os.path.isabs(path) and d.face_root:
@@ -240,15 +261,17 @@ def verification_sets(config, *, as_uint8: bool = False
           ', relative to the current directory (config.data.face_root is unset)')
       raise FaceDataError(f'{path}: missing (config.data.verification_bins entry {entry!r}'
                           f'{relative}); fix the path, or remove the entry')
-    try:
-      bins, issame = insightface.load_bin(path)
-    except insightface.BinFileError as e:
-      raise FaceDataError(f'{str(e).rstrip(".")}; {BIN_FIX}') from None
-    if len(issame) < verification.NUM_FOLDS:
-      raise FaceDataError(f'{path}: {len(issame)} pairs; the verification protocol\'s '
-                          f'{verification.NUM_FOLDS} folds need at least '
-                          f'{verification.NUM_FOLDS}; {BIN_FIX}')
-    images = face_files.decode_images(bins, d.image_size, d.num_parallel_calls, name=path,
-                                      fix=BIN_FIX)
-    out[name] = (images if as_uint8 else normalize(images), issame)
-  return out
+    out[name] = path
+  return list(out.items())
+
+
+def _load_bin(path: str) -> tuple[list[bytes], np.ndarray]:
+  try:
+    bins, issame = insightface.load_bin(path)
+  except insightface.BinFileError as e:
+    raise FaceDataError(f'{str(e).rstrip(".")}; {BIN_FIX}') from None
+  if len(issame) < verification.NUM_FOLDS:
+    raise FaceDataError(f'{path}: holds {len(issame)} pairs; the verification protocol\'s '
+                        f'{verification.NUM_FOLDS} folds need at least '
+                        f'{verification.NUM_FOLDS}; {BIN_FIX}')
+  return bins, issame
