@@ -61,11 +61,6 @@ def _close(a, b, rtol=2e-4, atol=2e-5):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    'OPEN DEFECT found at the end of the session that landed the one-pass BatchNorm: the face '
-    'step on 8 devices differs from 1 device by up to 1% in a few backbone kernel entries and '
-    '0.5% in a few centers after two steps (tolerances 5e-4 / 1e-3); classification 8 = 1 '
-    '(tests/test_train.py) still holds. Not yet bisected; see the issue 12 closing note.'))
 def test_face_step_on_8_devices_equals_1_device():
   """Sample rate 1 (no sampling): backbone, class centers (the real rows), BN statistics and
   momentum agree; on 8 devices the centers are split into row blocks."""
