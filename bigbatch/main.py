@@ -65,7 +65,20 @@ _HEARTBEAT = flags.DEFINE_integer(
 _INIT_TIMEOUT = flags.DEFINE_integer(
     'initialization_timeout_seconds', 300,
     'How long to wait for all processes to reach the coordinator at startup.')
-flags.mark_flags_as_required(['config', 'workdir'])
+_PRINT_DERIVED = flags.DEFINE_bool(
+    'print_derived', False,
+    'Print what the config will do on these devices (schedule, mesh, batch per device, eval and '
+    'checkpoint steps, parameter count) and exit 0 without writing anything; no --workdir.')
+_PRINT_DERIVED_MEMORY = flags.DEFINE_bool(
+    'print_derived_memory', False,
+    'With --print_derived: also compile the train step on abstract inputs and print XLA\'s '
+    'memory analysis per device (seconds for small models; long for full-size ones on CPU).')
+_PRINT_DERIVED_JSON = flags.DEFINE_bool(
+    'print_derived_json', False, 'With --print_derived: print JSON instead of text.')
+flags.mark_flags_as_required(['config'])
+flags.register_multi_flags_validator(
+    ['workdir', 'print_derived'], lambda f: f['workdir'] is not None or f['print_derived'],
+    message='flag --workdir must have a value other than None (or give --print_derived)')
 
 # Exit codes (documented in README "Resuming and preemption" and docs/errors.md).
 EXIT_FLAG_ERROR = 1  # a bad flag; also jax.distributed failing to start (docs/multihost.md)
@@ -271,6 +284,28 @@ def _start_distributed():
     _fail('distributed error', e, EXIT_FLAG_ERROR)
 
 
+def _print_derived(config) -> None:
+  """--print_derived: what the run would do, on stdout (process 0); nothing is written."""
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    config_lib.validate(config, jax.device_count())  # before TensorFlow is imported
+  except config_lib.ConfigError as e:
+    _fail('config error', e, EXIT_CONFIG_ERROR)
+  # pylint: disable=g-import-not-at-top  (these import TensorFlow)
+  from bigbatch import derive
+  from bigbatch.data import common as data_common
+  try:
+    text = derive.main_entry(config, memory=_PRINT_DERIVED_MEMORY.value,
+                             as_json=_PRINT_DERIVED_JSON.value)
+  except config_lib.ConfigError as e:  # those that need the data set's size
+    _fail('config error', e, EXIT_CONFIG_ERROR)
+  except (data_common.DataError, OSError) as e:  # a face set's index, a TFDS info file
+    _fail('data error', e, EXIT_DATA_ERROR)
+  if jax.process_index() == 0:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def main(argv, hooks=()):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -282,6 +317,9 @@ def main(argv, hooks=()):
         _start_distributed()  # may wait minutes for the other processes
       except signals.Interrupted as e:
         _fail('stopped', e, _signal_exit(e.signum))
+      if _PRINT_DERIVED.value:
+        _print_derived(_CONFIG.value)
+        return
       result = run(_CONFIG.value, _WORKDIR.value, restart_from_scratch=_RESTART.value,
                    hooks=hooks)
   except SystemExit as e:

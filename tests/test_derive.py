@@ -187,3 +187,25 @@ def test_a_fresh_process_writes_nothing_of_its_own(tmp_path):
   library_caches = ('.keras', '.cache/matplotlib', '.config/matplotlib')
   assert [f for f in _files(tmp_path)
           if not f.startswith(library_caches) and f not in ('.cache', '.config')] == []
+
+
+def test_command_line_prints_and_exits_0_without_a_workdir(tmp_path):
+  """`main --print_derived` (no --workdir): the text on stdout, exit 0, nothing written in the
+  working directory; a bad config is still the one-line config error (exit 2)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  command = [sys.executable, '-m', 'bigbatch.main',
+             f'--config={os.path.abspath(ROOT)}/configs/quickstart.py', '--print_derived']
+  proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert 'total steps      440' in proc.stdout and 'mesh       data=2, model=1' in proc.stdout
+  assert 'per device    64 per update' in proc.stdout
+  assert os.listdir(tmp_path) == []
+  bad = subprocess.run(command + ['--config.global_batch=101'], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2, bad.stderr[-2000:]
+  assert [l for l in bad.stderr.splitlines() if l.startswith('bigbatch:')] == [
+      l for l in bad.stderr.splitlines() if 'global_batch' in l]
