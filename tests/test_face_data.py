@@ -1,5 +1,6 @@
 """Face data: synthetic identities, folder / RecordIO / converted sets, .bin pairs
 (bigbatch/data/faces.py and face_*.py, bigbatch/third_party/insightface.py)."""
+import errno
 import os
 import pickle
 
@@ -263,6 +264,18 @@ def test_bad_real_sets_raise_clear_errors(face_sets, tmp_path):
   with pytest.raises(faces.FaceDataError, match=r'train\.rec: record 1, byte \d+: image label '
                      r'5\.0 is not an identity in 0\.\.0; copy train\.rec and train\.idx again'):
     ds.train_batch(0)
+
+
+def test_cache_that_cannot_be_written_names_the_fix(face_sets, tmp_path, monkeypatch):
+  root, *_ = face_sets
+  config = _real_config('face_recordio', root / 'rec', face_cache=str(tmp_path / 'c'))
+  for code, fix in [(errno.ENOSPC, 'free space there'), (errno.EACCES, 'fix the path or its permissions')]:
+    def fail(*args, code=code, **kwargs):
+      raise OSError(code, os.strerror(code), str(tmp_path / 'c' / 'images.npy.tmp'))
+    monkeypatch.setattr(face_arrays, 'convert', fail)
+    with pytest.raises(faces.FaceDataError, match=rf'c/images\.npy\.tmp: {os.strerror(code)} '
+                       rf'\(config\.data\.face_root=.*; {fix}'):
+      _create(config)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ H W C image.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import os
@@ -189,9 +190,10 @@ def create(config, *, process_index: int, process_count: int,
                                  d.num_parallel_calls)
   except OSError as e:  # a folder that cannot be listed, a cache that cannot be written, ...
     path = e.filename or d.face_root
+    fix = ('free space there, or point config.data.face_cache at a larger disk'
+           if e.errno in (errno.ENOSPC, errno.EDQUOT) else 'fix the path or its permissions')
     raise FaceDataError(f'{path}: {e.strerror or e} (config.data.face_root={d.face_root!r}, '
-                        f'config.data.face_cache={d.face_cache!r}); fix the path or its '
-                        'permissions') from None
+                        f'config.data.face_cache={d.face_cache!r}); {fix}') from None
   num_train = images.num_examples
   reader = FaceReader(stream, num_train, min(d.num_eval, num_train), d.face_flip)
   dataset = input_pipeline.Dataset(
