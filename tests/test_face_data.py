@@ -269,7 +269,8 @@ def test_bad_real_sets_raise_clear_errors(face_sets, tmp_path):
 def test_cache_that_cannot_be_written_names_the_fix(face_sets, tmp_path, monkeypatch):
   root, *_ = face_sets
   config = _real_config('face_recordio', root / 'rec', face_cache=str(tmp_path / 'c'))
-  for code, fix in [(errno.ENOSPC, 'free space there'), (errno.EACCES, 'fix the path or its permissions')]:
+  for code, fix in [(errno.ENOSPC, 'free space there'),
+                    (errno.EACCES, 'fix the path or its permissions')]:
     def fail(*args, code=code, **kwargs):
       raise OSError(code, os.strerror(code), str(tmp_path / 'c' / 'images.npy.tmp'))
     monkeypatch.setattr(face_arrays, 'convert', fail)

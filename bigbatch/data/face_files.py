@@ -45,7 +45,7 @@ RECORDIO_FIX = ('copy {rec} and {idx} again from their source, both (they are wr
                 'tool that wrote them')
 
 
-def recordio_error(e: Exception, rec_path: str, idx_path: str) -> FaceDataError:
+def _recordio_error(e: Exception, rec_path: str, idx_path: str) -> FaceDataError:
   """A RecordIOError (or OSError) of a training set as a FaceDataError with the fix."""
   what = str(e) if isinstance(e, recordio.RecordIOError) else (
       f'{getattr(e, "filename", None) or rec_path}: reading failed '
@@ -133,7 +133,7 @@ class RecordIOImages:
       # start, rather than when training first reads that far.
       self.reader.read(int(self.reader.keys[np.argmax(self.reader.offsets)]))
     except (recordio.RecordIOError, OSError) as e:
-      raise recordio_error(e, rec, idx) from None
+      raise _recordio_error(e, rec, idx) from None
     self.description = f'face_recordio:{os.path.abspath(self.reader.rec_path)}'
 
   def _label(self, key: int, header: recordio.IRHeader) -> int:
@@ -163,7 +163,7 @@ class RecordIOImages:
                                        f'{self.reader.offset(key)}: an image record holds no image')
         data[n], labels[n] = image, self._label(key, header)
     except (recordio.RecordIOError, OSError) as e:
-      raise recordio_error(e, self.rec_path, self.idx_path) from None
+      raise _recordio_error(e, self.rec_path, self.idx_path) from None
     return data, labels
 
   def where(self, i: int) -> str:
