@@ -28,6 +28,7 @@ from bigbatch import sharding
 from bigbatch import signals
 from bigbatch import trainer as trainer_lib
 from bigbatch import workdir as workdir_lib
+from bigbatch.data import common as data_common
 from bigbatch.study import hooks as study_hooks
 
 
@@ -42,8 +43,9 @@ class Preempted(Exception):
     self.step, self.signum = step, signum
 
 
-class DataError(RuntimeError):
-  """The data set cannot be read (missing or corrupt files)."""
+# The data set cannot be read (missing or corrupt files): main exits 6 with its one line. The
+# data sources raise it themselves when their message names the files and the fix.
+DataError = data_common.DataError
 
 
 class NonFiniteError(RuntimeError):
@@ -55,11 +57,15 @@ def load_dataset(config):
   """The config's data set, with read failures reported as DataError naming the data."""
   try:
     return data.create(config)
-  except config_lib.ConfigError:
-    raise
+  except (config_lib.ConfigError, DataError):
+    raise  # a source's own DataError names its files and the fix (the face sets' do)
   except Exception as e:  # pylint: disable=broad-except  (TF/TFDS raise many kinds)
-    where = config.data.data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
     detail = str(e).strip().splitlines()[0] if str(e).strip() else ''
+    if config.data.name != 'digits' and config.data.name not in data.IMAGE_DATASETS:
+      raise DataError(f'the {config.data.name} data set cannot be read ({type(e).__name__}: '
+                      f'{detail[:200]}); check config.data') from e
+    # TFDS sets only: their prepared files are derived data, rebuilt when deleted.
+    where = config.data.data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
     raise DataError(
         f'the {config.data.name} data set under {where} cannot be read ({type(e).__name__}: '
         f'{detail[:200]}); delete its prepared files there so it is rebuilt, or point '
