@@ -75,10 +75,7 @@ _PRINT_DERIVED_MEMORY = flags.DEFINE_bool(
     'memory analysis per device (seconds for small models; long for full-size ones on CPU).')
 _PRINT_DERIVED_JSON = flags.DEFINE_bool(
     'print_derived_json', False, 'With --print_derived: print JSON instead of text.')
-flags.mark_flags_as_required(['config'])
-flags.register_multi_flags_validator(
-    ['workdir', 'print_derived'], lambda f: f['workdir'] is not None or f['print_derived'],
-    message='flag --workdir must have a value other than None (or give --print_derived)')
+flags.mark_flags_as_required(['config'])  # and --workdir unless --print_derived (_parse_flags)
 
 # Exit codes (documented in README "Resuming and preemption" and docs/errors.md).
 EXIT_FLAG_ERROR = 1  # a bad flag; also jax.distributed failing to start (docs/multihost.md)
@@ -211,6 +208,9 @@ def _parse_flags(argv):
     _flag_error(message)
   finally:
     sys.argv = original
+  if _WORKDIR.value is None and not _PRINT_DERIVED.value:
+    _flag_error('--workdir is required: the directory for checkpoints, metrics and logs (only '
+                '--print_derived runs without one)')
   for path in unset:
     *parents, leaf = path.split('.')
     node = config
