@@ -237,9 +237,24 @@ class Run:
                                              precise_bn_batches=self.config.precise_bn_batches)
     self.evaluated_at = step
     self.writer.write_scalars(step, self.eval_metrics)
-    logging.info('eval at step %d: %s', step,
-                 ', '.join(f'{k}={v:.4f}' for k, v in self.eval_metrics.items()))
+    logging.info('eval at step %d (epoch %.1f): %s', step, self.epoch_at(step),
+                 _metrics_line(self.eval_metrics))
     return self.eval_metrics
+
+  def epoch_at(self, step: int) -> float:
+    if self.derived.phases:
+      return hooks_lib.epochs_at(step, self.derived.phases)
+    return step / self.derived.steps_per_epoch
+
+
+def _metrics_line(values: dict[str, float]) -> str:
+  """`top1 0.9861 | loss 0.0476 | 360 examples`: names without their common prefix, counts as
+  counts."""
+  parts = []
+  for k, v in values.items():
+    name = k.split('/', 1)[1] if k.startswith('eval/') else k
+    parts.append(f'{int(v):,} {name}' if name == 'examples' else f'{name} {v:.4f}')
+  return ' | '.join(parts)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -446,8 +461,7 @@ def _evaluate_checkpoint(trainer, state, step, dataset, workdir, ckpt, is_main,
     raise checkpoint_lib.CheckpointError(
         f'no checkpoint in {ckpt.directory} to evaluate; train first, or point --workdir at a run')
   result = trainer_lib.evaluate(trainer, state, dataset, precise_bn_batches=precise_bn_batches)
-  logging.info('Evaluated the checkpoint at step %d: %s', step,
-               ', '.join(f'{k}={v:.4f}' for k, v in result.items()))
+  logging.info('Evaluated the checkpoint at step %d: %s', step, _metrics_line(result))
   if is_main:
     workdir_lib.write_json(os.path.join(workdir, f'eval-{step}.json'), {'step': step, **result})
   return result

@@ -123,10 +123,13 @@ def test_quickstart_prints_progress_and_a_summary_not_library_logs(tmp_path):
   for noise in ('checkpoint_manager', 'dataset_info', 'reader.py', 'Saving checkpoint',
                 'cpu_feature_guard', 'libtpu', 'I0000', 'Final evaluation'):
     assert not [l for l in err if noise in l], (noise, proc.stderr)
-  progress = [l for l in err if ' | loss ' in l]
+  progress = [l for l in err if ' | loss ' in l and l.split(' ', 1)[1].startswith('step ')]
   assert [l.split(' | ')[0].split(' ', 1)[1] for l in progress] == [
       'step 2/4 (epoch 0.2)', 'step 4/4 (epoch 0.4)']
   assert all('ETA' in l for l in progress)
+  (evaluation,) = [l for l in err if 'eval at step' in l]
+  assert evaluation.split(' ', 1)[1].startswith('eval at step 4 (epoch 0.4): top1 0.')
+  assert evaluation.endswith('| 360 examples')
   assert len(err) < 12, proc.stderr
   out = proc.stdout.splitlines()
   assert out[0].startswith('Finished in ') and out[1].split()[:2] == ['metric', 'final']
