@@ -4,7 +4,6 @@ update itself is bigbatch/step.py."""
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
 import threading
@@ -388,7 +387,11 @@ def _train_and_evaluate(config, workdir: str, lock: workdir_lib.WorkdirLock | No
     logging.info('Resumed from the checkpoint at step %d in %s.', start, ckpt_dir)
   start = int(start or 0)
   info = derive_lib.run_info(config, derived, mesh)  # what --print_derived shows, too
-  logging.info('Derived hyperparameters: %s', json.dumps(info))
+  d = info['derived']
+  logging.info('Schedule: %d steps of batch %d (%d per epoch of %d examples), %d warmup, peak lr '
+               '%.4g; all derived values in %s/derived.json (--print_derived shows them before '
+               'a run).', d['total_steps'], d['global_batch'], d['steps_per_epoch'],
+               d['num_train_examples'], d['warmup_steps'], d['peak_lr'], workdir)
   if is_main:
     workdir_lib.record(workdir, config)
     workdir_lib.write_json(os.path.join(workdir, 'derived.json'), info)
