@@ -3,8 +3,10 @@
 
 Command:  python -m bigbatch.study --config=configs/study_epochs_synthetic.py \
             --workdir=/tmp/bb_epochs_synthetic
-Hardware: 2 CPU cores, one device. MEASURED
-          `:quick` is a 2 batch x 2 variant x 2 seed sweep (seconds).
+Hardware: 2 CPU cores, one device: 60 trials in 17 min 54 s of wall time and 303 s of CPU
+          time, measured on a shared machine (load average ~10 on the 2 cores, the digits study
+          beside it), so less on idle cores; docs/study_epochs_synthetic/ has the report.
+          `:quick` is a 2 batch x 2 variant x 2 seed sweep (3 min 20 s under that load).
 Data:     'synthetic': 8x8 standard-normal inputs labelled by a fixed random tanh-MLP teacher
           (10 balanced classes). A finite training set of 4,096 examples (the examples are
           generated from their index, so any size is possible), reused for EPOCHS epochs, so
@@ -15,8 +17,8 @@ Expected: as configs/study_epochs_digits.py: at the same number of epochs the un
           scaling with warmup holds it up to some batch and then falls off (Goyal et al. 2017
           Fig. 1); LARS and ghost BN as the large-batch remedies.
 
-Every trial trains the same number of epochs (total examples / batch, rounded down:
-lr.epoch_steps=total_examples_floor) with a cosine decay to 0, evaluated every EVAL epochs. No lr
+Every trial trains the same number of epochs (study.kind='fixed_epochs' counts them as total
+examples / batch, rounded down) with a cosine decay to 0, evaluated every EVAL epochs. No lr
 search. An MLP with two 256-wide hidden layers and BatchNorm (over the whole batch, except in
 ghost_bn), SGD with Nesterov momentum 0.9, weight decay 5e-4:
   no_remedy      lr 0.05 at every batch (the batch-32 lr unchanged), no warmup
@@ -56,7 +58,6 @@ def get_config(arg=None):
   c.lr.base_batch = 32
   c.lr.scaling = 'linear'
   c.lr.decay = 'cosine'
-  c.lr.epoch_steps = 'total_examples_floor'
   c.eval_batch = 4096
   s.batch_sizes = (32, 128, 512, 2048, 4096)
   s.num_seeds = args.seeds

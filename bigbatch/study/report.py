@@ -498,7 +498,8 @@ def aggregate_fixed(results: Sequence[Mapping[str, Any]]) -> list[dict]:
   rows = []
   for (variant, batch), trials in sorted(groups.items()):
     trials = sorted(trials, key=lambda r: r['seed'])
-    field = lambda name: summarize(r.get(name) for r in trials)  # pylint: disable=cell-var-from-loop
+    def field(name, trials=trials):
+      return summarize(r.get(name) for r in trials)
     rows.append(dict(
         variant=variant,
         batch_size=batch,

@@ -23,7 +23,9 @@ A study config (configs/study_*.py) names a base experiment config and what to s
   study.sharpness     measure the top Hessian eigenvalue at the end of every trial
   study.kind          'steps_to_target' (the default: the above) or 'fixed_epochs': every
                       trial trains for exactly study.budget.epochs with no target and one lr per
-                      variant (no search: the variant's rule sets it), and the report compares
+                      variant (no search: the variant's rule sets it; epochs count as total
+                      examples / batch, lr.epoch_steps=total_examples_floor unless the base
+                      asks for total_examples_ceil), and the report compares
                       the final (and best) held-out metric and loss at that budget across batch
                       sizes (Goyal et al. 2017 Fig. 1, Keskar et al. 2017)
 
@@ -187,6 +189,10 @@ def _trial_fields(study, c, batch: int, search, value: float, seed: int) -> None
   c.target.stop = True
   if study.get('kind') == 'fixed_epochs':
     c.target.value = None  # the whole budget runs; the final evaluation is the result
+    if c.lr.epoch_steps == 'floor_per_epoch':
+      # Equal epochs must mean equal examples: floor(N/B) steps per epoch would drop up to a
+      # batch per epoch (29% of the digits at batch 1,024), so count total examples / batch.
+      c.lr.epoch_steps = 'total_examples_floor'
   c.eval_every_epochs, c.eval_every_steps = study.eval_every_epochs, None
   c.noise_scale.enabled = bool(study.noise_scale) and data_parallel * k >= 2
   c.sharpness.at_end = bool(study.sharpness)
