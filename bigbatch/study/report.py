@@ -612,17 +612,23 @@ def write_fixed_epochs_report(results: Sequence[Mapping[str, Any]], workdir: str
       md.append(f'| {b} | ' + ' | '.join(_cell(c) for c in cells) + ' |')
     md.append('')
 
+  def pct(summary):  # the per-variant tables show accuracies in percent too
+    if summary is None or not percent:
+      return summary
+    return {k: v * 100 if k in ('mean', 'std', 'lo', 'hi') and v is not None else v
+            for k, v in summary.items()}
+
   md += ['## Per variant', '']
   for variant, vrows in by_variant.items():
     md += [f'### `{variant}`', '',
-           f'| batch | peak lr | epochs run | steps run | final {label} | best {label} | final '
-           f'held-out loss | best held-out loss | final train loss | diverged |',
+           f'| batch | peak lr | epochs run | steps run | final {label}{unit} | best {label}{unit} '
+           f'| final held-out loss | best held-out loss | final train loss | diverged |',
            '|---|---|---|---|---|---|---|---|---|---|']
     for r in vrows:
       md.append('| ' + ' | '.join(_cell(c) for c in (
           r['batch_size'], ', '.join(f'{lr:.3g}' for lr in r['lrs']),
           _fmt_summary(r['epochs_run']), _fmt_summary(r['steps_run'], 'int'),
-          _fmt_summary(r['final_metric']), _fmt_summary(r['best_metric']),
+          _fmt_summary(pct(r['final_metric'])), _fmt_summary(pct(r['best_metric'])),
           _fmt_summary(r['final_eval_loss']), _fmt_summary(r['best_eval_loss']),
           _fmt_summary(r['final_train_loss']), f'{r["n_diverged"]}/{r["n_trials"]}')) + ' |')
     md.append('')
