@@ -247,12 +247,13 @@ class Run:
 
 
 def _metrics_line(values: dict[str, float]) -> str:
-  """`top1 0.9861 | loss 0.0476 | 360 examples`: names without their common prefix, counts as
-  counts."""
+  """`top1 0.9861 | loss 0.0476 | 360 examples`: names without their common prefix, counts
+  (examples, verification pairs) as counts."""
   parts = []
   for k, v in values.items():
     name = k.split('/', 1)[1] if k.startswith('eval/') else k
-    parts.append(f'{int(v):,} {name}' if name == 'examples' else f'{name} {v:.4f}')
+    count = name.rsplit('/', 1)[-1] in metrics_lib.COUNTS
+    parts.append(f'{int(v):,} {name}' if count else f'{name} {v:.4f}')
   return ' | '.join(parts)
 
 

@@ -230,6 +230,10 @@ def _duration(seconds: float) -> str:
   return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
 
 
+# Evaluation values that are counts, not metrics (no "best"; printed as integers).
+COUNTS = ('examples', 'pairs')
+
+
 def _lower_is_better(key: str) -> bool:
   return 'loss' in key or 'error' in key or 'eer' in key.split('/')[-1]
 
@@ -266,10 +270,10 @@ def summary(workdir: str, final: Mapping[str, float], seconds: float) -> str:
         lower = _lower_is_better(k)
         if k not in best or (v < best[k][0] if lower else v > best[k][0]):
           best[k] = (v, row['step'])
-  keys = [k for k in final if not k.endswith('/examples')]
+  keys = [k for k in final if k.rsplit('/', 1)[-1] not in COUNTS]
   table = [('metric', 'final', 'best (step)')]
   for k in keys:
-    b = best.get(k)
+    b = None if k.endswith('_std') else best.get(k)  # a spread over folds has no "best"
     table.append((k, f'{final[k]:.4f}', f'{b[0]:.4f} ({b[1]})' if b else '-'))
   for k in ('train/loss', 'train/accuracy'):
     if k in last_train:

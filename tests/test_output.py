@@ -135,3 +135,18 @@ def test_quickstart_prints_progress_and_a_summary_not_library_logs(tmp_path):
   assert out[0].startswith('Finished in ') and out[1].split()[:2] == ['metric', 'final']
   assert out[2].split()[0] == 'eval/top1'
   assert out[-1] == f'Plot: python -m bigbatch.plot {tmp_path / "wd"}'
+
+
+def test_summary_of_a_face_run_leaves_counts_out_and_gives_spreads_no_best(tmp_path):
+  rows = [{'step': 5, 'verify/lfw/accuracy': 0.9, 'verify/lfw/accuracy_std': 0.01,
+           'verify/lfw/pairs': 6000.0},
+          {'step': 10, 'verify/lfw/accuracy': 0.8, 'verify/lfw/accuracy_std': 0.02,
+           'verify/lfw/pairs': 6000.0}]
+  (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  final = {k: v for k, v in rows[-1].items() if k != 'step'}  # what the run returns
+  text = metrics.summary(str(tmp_path), final, 5.0)
+  table = [l.split() for l in text.splitlines()[1:4]]
+  assert table == [['metric', 'final', 'best', '(step)'],
+                   ['verify/lfw/accuracy', '0.8000', '0.9000', '(5)'],
+                   ['verify/lfw/accuracy_std', '0.0200', '-']]
+  assert 'pairs' not in text
