@@ -2,7 +2,7 @@
 verified on identities held out from training.
 
 Command:  python -m bigbatch.main --config=configs/face_synthetic.py --workdir=/tmp/bb_face
-Hardware: any CPU (2 cores: a few minutes; README "Face recognition" has the measured run).
+Hardware: any CPU (2 shared cores: 14 min, 526 s of CPU time; README "Results" has the run).
 Data:     face_synthetic: 1,000 training identities x 16 images (32x32x3, generated from each
           identity's latent prototype, per-image noise and nuisance factors); 3,000 verification
           pairs from 500 other identities, half of them same-identity.
