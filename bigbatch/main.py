@@ -99,6 +99,7 @@ def _fail(kind: str, error: Exception, code: int):
   # Whatever other threads logged goes out first, then the line in one write, so it is never
   # split or interleaved with a library's background log (orbax's save threads log while a
   # failing run ends).
+  _QUIET.release()
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()
@@ -138,6 +139,7 @@ def _run(config, workdir: str, *, restart_from_scratch: bool, hooks) -> dict:
   except checkpoint.CheckpointError as e:
     _fail('checkpoint error', e, EXIT_CHECKPOINT_ERROR)
   except checkpoint.SaveError as e:
+    _QUIET.discard()  # orbax's own error lines about this save: the line below says it all
     _fail('checkpoint not written', f'{e}; free space or fix permissions, then rerun the same '
           f'command: it resumes from the last checkpoint that was written', EXIT_SAVE_ERROR)
   except loop.DataError as e:
@@ -225,13 +227,22 @@ _OWN_CODE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # bigbatch/
 
 class _QuietLibraries(std_logging.Filter):
   """At the default verbosity, bigbatch's own lines and the warnings of other libraries: orbax
-  writes a dozen INFO lines per checkpoint, TFDS and jax a few at start-up. Their errors are cut
-  to their first line: when a checkpoint write fails, orbax logs the same exception with its
-  traceback from four threads (~300 lines) before the run reports it in one line of its own.
-  `--verbosity=1` (absl's -v 1) shows everything as it was logged."""
+  writes a dozen INFO lines per checkpoint, TFDS and jax a few at start-up. orbax's errors are
+  cut to their first line and held back until the next line is logged: when a checkpoint write
+  fails, orbax logs the same exception with its traceback from four threads (~300 lines) just
+  before the run reports the failure in one line of its own, which then replaces them
+  (`discard`). `--verbosity=1` (absl's -v 1) shows everything as it was logged, at once."""
+
+  def __init__(self):
+    super().__init__()
+    self.held: list[std_logging.LogRecord] = []
+    self.target = None  # the handler that held records are released to
 
   def filter(self, record) -> bool:
-    if logging.get_verbosity() >= logging.DEBUG or record.pathname.startswith(_OWN_CODE):
+    if logging.get_verbosity() >= logging.DEBUG:
+      return True
+    if record.pathname.startswith(_OWN_CODE):
+      self.release()
       return True
     if record.levelno < std_logging.WARNING:
       return False
@@ -239,13 +250,32 @@ class _QuietLibraries(std_logging.Filter):
         '/orbax/' in record.pathname or record.name == 'asyncio'):
       message = record.getMessage()
       if record.name == 'asyncio' and 'orbax' not in message:
+        self.release()
         return True
       if 'Task exception was never retrieved' in message:
-        return False  # orbax's failed write, which its own error record already reported
+        return False  # orbax's failed write, which its own error record reports
       first = message.strip().splitlines()[0] if message.strip() else message
       record.msg, record.args = first[:300], ()
       record.exc_info = record.exc_text = record.stack_info = None
+      if self.target is None:
+        return True
+      self.held.append(record)
+      return False
+    self.release()
     return True
+
+  def release(self) -> None:
+    """Logs the held library errors (the failure they describe was not reported otherwise)."""
+    held, self.held = self.held, []
+    for record in held:
+      self.target.handle(record)
+
+  def discard(self) -> None:
+    """The run's own line reports what the held errors describe."""
+    self.held = []
+
+
+_QUIET = _QuietLibraries()
 
 
 class _ConsoleFormat(std_logging.Formatter):
@@ -262,7 +292,8 @@ class _ConsoleFormat(std_logging.Formatter):
 
 def _quiet_console() -> None:
   handler = logging.get_absl_handler()
-  handler.addFilter(_QuietLibraries())
+  _QUIET.target = handler.python_handler  # held records go out past this filter
+  handler.addFilter(_QUIET)
   if logging.get_verbosity() < logging.DEBUG:
     handler.setFormatter(_ConsoleFormat())
 
@@ -333,6 +364,7 @@ def main(argv, hooks=()):
     raise
   import jax  # pylint: disable=g-import-not-at-top
   from bigbatch import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  _QUIET.release()
   if jax.process_index() == 0:
     print(metrics_lib.summary(_WORKDIR.value, result, time.monotonic() - started), flush=True)
 

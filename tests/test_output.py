@@ -59,6 +59,33 @@ def test_library_info_is_dropped_and_their_errors_cut_to_one_line(default_verbos
   assert quiet.filter(other) and other.exc_info is not None
 
 
+class _Collect(std_logging.Handler):
+
+  def __init__(self):
+    super().__init__()
+    self.records = []
+
+  def emit(self, record):
+    self.records.append(record)
+
+
+def test_orbax_errors_wait_for_the_next_line_and_a_save_failure_replaces_them(
+    default_verbosity):
+  del default_verbosity
+  quiet = main._QuietLibraries()  # pylint: disable=protected-access
+  quiet.target = out = _Collect()
+  own = os.path.join(os.path.dirname(main.__file__), 'loop.py')
+  error = _record(ORBAX, std_logging.ERROR, 'Save Finalize thread failed.\nmore', exc=True)
+  assert not quiet.filter(error) and not out.records  # held back
+  assert quiet.filter(_record(own, std_logging.INFO, 'step 40/440'))
+  assert out.records == [error]  # released (one line) before the next line
+  assert out.records[0].getMessage() == 'Save Finalize thread failed.'
+  assert not quiet.filter(_record(ORBAX, std_logging.ERROR, 'failed again', exc=True))
+  quiet.discard()  # the run's own 'checkpoint not written' line says it
+  quiet.release()
+  assert len(out.records) == 1
+
+
 def test_verbosity_1_shows_every_library_line():
   before = logging.get_verbosity()
   logging.set_verbosity(logging.DEBUG)
