@@ -40,9 +40,9 @@ def load(name, arg=None):
   return module.get_config(arg)
 
 
-# One in the default suite (SGD on an ImageNet ResNet); the others compile their own
-# optimizers' steps and run with the slow tests.
-_FAST = ('r50_8k_goyal',)
+# Training a full-size config's runlocal form takes minutes of compilation on CPU each: all run
+# with the slow tests; the default suite lowers every full-size step (below).
+_FAST = ()
 
 
 @pytest.mark.parametrize('name', [
@@ -58,7 +58,8 @@ def test_runlocal_trains_two_steps(name, tmp_path):
   assert result['eval/examples'] == config.data.num_eval
 
 
-@pytest.mark.parametrize('name', FULL_SIZE)
+@pytest.mark.parametrize('name', [
+    pytest.param(n, marks=pytest.mark.slow) if n.startswith('face') else n for n in FULL_SIZE])
 def test_full_size_step_lowers(name):
   """Shapes and shardings at full size, by tracing and lowering only (8 devices)."""
   config = load(name)

@@ -189,6 +189,7 @@ def test_a_fresh_process_writes_nothing_of_its_own(tmp_path):
           if not f.startswith(library_caches) and f not in ('.cache', '.config')] == []
 
 
+@pytest.mark.slow
 def test_command_line_prints_and_exits_0_without_a_workdir(tmp_path):
   """`main --print_derived` (no --workdir): the text on stdout, exit 0, nothing written in the
   working directory; a bad config is still the one-line config error (exit 2)."""

@@ -161,6 +161,7 @@ def test_no_readable_checkpoint(trained, capsys):
   _assert_one_line(e, capsys, 4, ['none of the checkpoints', str(trained / 'checkpoints')])
 
 
+@pytest.mark.slow
 def test_disk_full_on_save(tmp_path, capsys, monkeypatch):
   real_save = checkpoint.ocp.CheckpointManager.save
 

@@ -61,6 +61,7 @@ def _close(a, b, rtol=2e-4, atol=2e-5):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
+@pytest.mark.slow
 def test_face_step_on_8_devices_equals_1_device():
   """Sample rate 1 (no sampling): backbone, class centers (the real rows), BN statistics and
   momentum agree; on 8 devices the centers are split into row blocks."""
@@ -87,6 +88,7 @@ def test_face_step_on_8_devices_equals_1_device():
   assert len([x for x in jax.tree.leaves(eight.opt_state) if x.shape == (c_pad, 8)]) == 1
 
 
+@pytest.mark.slow
 def test_face_accumulation_equals_one_large_batch():
   # Ghost BN groups of 4 hold the same examples either way.
   fields = {'model.bn_group_size': 4, 'lr.base_lr': 0.05, 'global_batch': 64}
@@ -99,6 +101,7 @@ def test_face_accumulation_equals_one_large_batch():
   np.testing.assert_allclose(m2['loss'], m1['loss'], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sampled_rows_only_leaves_unsampled_centers_and_momentum_alone():
   config = _config(**{'face.sample_rate': 0.25, 'face.sampled_rows_only': True,
                       'global_batch': 8, 'model.bn_group_size': None})
@@ -125,6 +128,7 @@ def test_face_config_errors_name_the_field(overrides, message):
     config_lib.validate(_config(**overrides), num_devices=8)
 
 
+@pytest.mark.slow
 def test_face_synthetic_config_learns_held_out_identities(tmp_path):
   """The CPU config, shortened: verification on identities never trained on."""
   from configs import face_synthetic

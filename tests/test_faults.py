@@ -182,7 +182,9 @@ SIGNAL_ROWS = {
 }
 
 
-@pytest.mark.parametrize('row', sorted(SIGNAL_ROWS))
+@pytest.mark.parametrize('row', [
+    pytest.param(r, marks=pytest.mark.slow) if r.startswith('sigint') else r
+    for r in sorted(SIGNAL_ROWS)])
 def test_signal_rows(row, tmp_path, capsys):
   signum, where, at, times, code, words, steps = SIGNAL_ROWS[row]
   handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -332,6 +334,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(three_checkpoints):
     checkpoint.Checkpointer(three_checkpoints).restore_latest(other)
 
 
+@pytest.mark.slow
 def test_checkpoint_records_its_config(tmp_path):
   config = _config(num_steps=2, checkpoint_every_steps=2)
   loop.train_and_evaluate(config, str(tmp_path))
@@ -347,6 +350,7 @@ def _nan_batch(k, m):
           'label': np.zeros((k, m), np.int32)}
 
 
+@pytest.mark.slow
 def test_nonfinite_batch_is_skipped_and_counted():
   config = _config(global_batch=64, accumulation_steps=1)
   trainer = trainer_lib.build(config, sharding.make_mesh(config), num_train=1437,
@@ -362,6 +366,7 @@ def test_nonfinite_batch_is_skipped_and_counted():
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_update_that_overflows_the_parameters_is_not_applied():
   """Finite loss and gradients, but lr x gradient overflows float32: the guard sees the new
   parameters, not only the loss and the gradient norm. (One label for the whole batch makes the
@@ -398,6 +403,7 @@ class _PoisonState(hooks_lib.Hook):
       run.state = run.state.replace(params=jax.tree.map(lambda p: p * jnp.nan, run.state.params))
 
 
+@pytest.mark.slow
 def test_nonfinite_state_is_never_checkpointed_nor_a_success(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     main.run(_config(num_steps=8), str(tmp_path), hooks=[_PoisonState(8)])
@@ -408,6 +414,7 @@ def test_nonfinite_state_is_never_checkpointed_nor_a_success(tmp_path, capsys):
   assert checkpoint.Checkpointer(str(tmp_path / 'checkpoints')).all_steps() == [4]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('policy,expected_streak', [('skip', 3), ('stop', 1)])
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, monkeypatch, capsys, policy,
                                                   expected_streak):
@@ -430,6 +437,7 @@ def _short(**overrides):
                      **overrides})
 
 
+@pytest.mark.slow
 def test_restart_with_a_different_experiment_is_refused(tmp_path, capsys):
   loop.train_and_evaluate(_short(), str(tmp_path))
   before = sorted(os.listdir(tmp_path / 'checkpoints'))

@@ -81,6 +81,7 @@ class _GradNormHistory(hooks.Hook):
     self.seen.append(('end', None))
 
 
+@pytest.mark.slow
 def test_a_user_hook_runs_in_the_loop_and_can_stop_it(tmp_path):
   config = quickstart.get_config('steps=20')
   config.model.width = 8

@@ -115,6 +115,7 @@ def test_ema_of_parameters_is_updated_and_evaluated(tmp_path):
   assert result['eval_ema/loss'] != result['eval/loss']
 
 
+@pytest.mark.slow
 def test_profile_of_chosen_steps_is_written(tmp_path):
   loop.train_and_evaluate(_tiny(profile_steps=(2, 3)), str(tmp_path))
   traces = [f for d, _, fs in os.walk(tmp_path / 'profile') for f in fs if 'xplane' in f]
@@ -136,6 +137,7 @@ def test_persistent_compilation_cache_is_written(tmp_path):
   assert cache.is_dir() and any(cache.iterdir())
 
 
+@pytest.mark.slow
 def test_eval_mode_evaluates_the_latest_checkpoint_and_changes_nothing_else(tmp_path):
   trained = loop.train_and_evaluate(_tiny(), str(tmp_path))
   metrics_before = (tmp_path / 'metrics.jsonl').read_text()
@@ -151,6 +153,7 @@ def test_eval_mode_evaluates_the_latest_checkpoint_and_changes_nothing_else(tmp_
     loop.train_and_evaluate(config, str(tmp_path / 'empty'))
 
 
+@pytest.mark.slow
 def test_precise_bn_is_the_mean_of_batch_statistics_and_is_evaluated(tmp_path):
   config = _tiny(precise_bn_batches=3)
   config.accumulation_steps = 2

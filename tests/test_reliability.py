@@ -463,6 +463,7 @@ def test_storage_errors_become_save_errors(name, make, reason):
     assert reason in str(e.value)
 
 
+@pytest.mark.slow
 def test_tensorstore_disk_full_exits_5(tmp_path, capsys, monkeypatch):
   """The error as tensorstore raises it, from the background write that orbax re-raises when the
   run waits for it (the save call itself goes through the same _saving)."""

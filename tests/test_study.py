@@ -71,6 +71,7 @@ def test_noise_scale_needs_a_small_batch_smaller_than_the_update():
   config_lib.validate(config, num_devices=2)
 
 
+@pytest.mark.slow
 def test_trainer_sharpness_is_the_top_eigenvalue_of_the_dense_hessian():
   config = _mlp_config(**{'data.name': 'synthetic', 'data.num_train': 256, 'data.num_eval': 64,
                           'model.width': 4, 'sharpness.num_examples': 48,
@@ -106,6 +107,7 @@ def _digits_config(**overrides):
   return config_lib.override(c, **overrides)
 
 
+@pytest.mark.slow
 def test_steps_to_target_is_the_first_evaluation_that_meets_it(tmp_path):
   config = _digits_config(**{'target.value': 0.28})
   loop.train_and_evaluate(config, str(tmp_path))
@@ -118,6 +120,7 @@ def test_steps_to_target_is_the_first_evaluation_that_meets_it(tmp_path):
   assert first < 12
 
 
+@pytest.mark.slow
 def test_a_trial_that_never_meets_the_target_is_recorded_as_not_reached(tmp_path):
   study = study_digits.get_config('quick')
   study.batch_sizes = (64,)

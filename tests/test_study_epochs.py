@@ -96,6 +96,7 @@ def test_every_trial_of_the_shipped_studies_sees_the_same_examples(name):
   assert lrs['linear_warmup', big] == pytest.approx(lrs['linear_warmup', 32] * big / 32)
 
 
+@pytest.mark.slow
 def test_quick_fixed_epoch_study_end_to_end(tmp_path):
   """One variant, two batch sizes, three seeds through the trainer (the synthetic :quick study,
   trimmed to one variant to keep it to two compilations)."""

@@ -207,6 +207,7 @@ def _relu_pattern(model, params, stats, x):
   return np.concatenate([np.ravel(np.asarray(a) > 0) for a in jax.tree_util.tree_leaves(state)])
 
 
+@pytest.mark.slow
 def test_hvp_through_matmul_conv_matches_xla_and_finite_differences():
   model, loss_m = _cnn('matmul')
   _, loss_x = _cnn('xla')

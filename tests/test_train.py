@@ -145,6 +145,7 @@ def test_ghost_bn_rejects_group_not_dividing_batch():
     bn.init(jax.random.key(0), jnp.ones((12, 3)))
 
 
+@pytest.mark.slow
 def test_lr_trials_share_one_compiled_step():
   cache = trainer_lib.CompileCache()
   lrs = []
@@ -158,6 +159,7 @@ def test_lr_trials_share_one_compiled_step():
   np.testing.assert_allclose(lrs, [0.05 / 4, 0.1 / 4, 0.2 / 4], rtol=1e-5)  # 64/256 linear rule
 
 
+@pytest.mark.slow
 def test_builds_with_different_class_counts_in_one_process():
   """The compile cache is keyed on build()'s arguments too: 10 classes, then 40, in one cache."""
   cache = trainer_lib.CompileCache()
