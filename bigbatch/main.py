@@ -290,7 +290,22 @@ class _ConsoleFormat(std_logging.Formatter):
     return f'{stamp} {level}{text}'
 
 
+def _unraisable(hook_args) -> None:
+  """sys.unraisablehook at the default verbosity. Python's own hook writes a traceback to stderr
+  piece by piece from whichever thread hit it, so while a run ends its text can split the run's
+  one error line. orbax's asyncio callbacks that fire after their event loop closed (at the end
+  of a failed save) are dropped: nothing is lost, the save's failure is reported; anything else
+  becomes one logged warning. `--verbosity=1` keeps Python's hook."""
+  e = hook_args.exc_value
+  if isinstance(e, RuntimeError) and 'Event loop is closed' in str(e):
+    return
+  logging.warning('exception ignored in %r: %s: %s', hook_args.object,
+                  type(e).__name__ if e is not None else hook_args.exc_type, e)
+
+
 def _quiet_console() -> None:
+  if logging.get_verbosity() < logging.DEBUG:
+    sys.unraisablehook = _unraisable
   handler = logging.get_absl_handler()
   _QUIET.target = handler.python_handler  # held records go out past this filter
   handler.addFilter(_QUIET)

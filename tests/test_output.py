@@ -177,3 +177,18 @@ def test_summary_of_a_face_run_leaves_counts_out_and_gives_spreads_no_best(tmp_p
                    ['verify/lfw/accuracy', '0.8000', '0.9000', '(5)'],
                    ['verify/lfw/accuracy_std', '0.0200', '-']]
   assert 'pairs' not in text
+
+
+def test_unraisable_exceptions_cannot_split_the_error_line(caplog):
+  """Python's unraisable-exception hook writes tracebacks to stderr in pieces: orbax's
+  callbacks on a closed event loop are dropped, anything else is one logged warning."""
+  import types  # pylint: disable=g-import-not-at-top
+  closed = types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError(
+      'Event loop is closed'), exc_traceback=None, err_msg=None, object=None)
+  other = types.SimpleNamespace(exc_type=ValueError, exc_value=ValueError('bad'),
+                                exc_traceback=None, err_msg=None, object='f')
+  with caplog.at_level(std_logging.WARNING):
+    main._unraisable(closed)  # pylint: disable=protected-access
+    assert not caplog.records
+    main._unraisable(other)  # pylint: disable=protected-access
+  assert [r.getMessage() for r in caplog.records] == ["exception ignored in 'f': ValueError: bad"]
