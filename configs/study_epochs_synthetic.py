@@ -40,7 +40,6 @@ EVAL = 2.0
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, quick=False, seeds=3, epochs=EPOCHS)
   s = run.base_study()
-  s.kind = 'fixed_epochs'
   s.title = (f'Accuracy at a fixed budget of {args.epochs:g} epochs vs batch size: MLP on the '
              f'synthetic teacher source ({NUM_TRAIN:,} training examples)')
   c = s.base
@@ -61,23 +60,9 @@ def get_config(arg=None):
   c.eval_batch = 4096
   s.batch_sizes = (32, 128, 512, 2048, 4096)
   s.num_seeds = args.seeds
-  s.target.metric, s.target.mode = 'eval/top1', 'max'  # the metric reported; no target
-  s.target.value = None
-  s.budget.epochs = args.epochs
+  run.fixed_epochs_comparison(s, epochs=args.epochs, warmup_epochs=WARMUP)
   s.eval_every_epochs = EVAL
   s.log_every_steps = 20
-  s.noise_scale = False
-  s.sharpness = False
-  s.lr_search = ml_collections.ConfigDict(
-      {'mode': 'grid', 'num_trials': 1, 'range': (1.0, 1.0), 'relative_to': 'rule'})
-  warmup = {'warmup_epochs': WARMUP}
-  s.variants = ml_collections.ConfigDict({
-      'no_remedy': {'lr': {'scaling': 'none'}},
-      'linear_warmup': {'lr': {'scaling': 'linear', **warmup}},
-      'lars': {'optimizer': {'name': 'lars', 'trust_coefficient': 0.001},
-               'lr': {'base_lr': 0.5, 'scaling': 'linear', **warmup}},
-      'ghost_bn': {'lr': {'scaling': 'linear', **warmup}, 'model': {'bn_group_size': 32}},
-  })
   s.notes = (
       f'Data: the synthetic teacher source, {NUM_TRAIN:,} training examples reused every epoch '
       f'and 4,096 held-out. Every trial trains {args.epochs:g} epochs ({args.epochs:g} x '

@@ -355,6 +355,18 @@ def _noise_curves(by_variant, trials_by_id) -> dict[str, list]:
   return curves
 
 
+def _figures_section(figures, why_not: dict) -> list[str]:
+  """The report's figure links, or why a figure was not drawn."""
+  md = ['## Figures', '']
+  for stem, fig_title in figures:
+    md += [f'### {fig_title}', '']
+    if why_not[stem]:
+      md += [f'_{NOT_DRAWN} {why_not[stem]}_', '']
+    else:
+      md += [f'![{fig_title}](figures/{stem}.png)', '']
+  return md
+
+
 def write_report(results: Sequence[Mapping[str, Any]], workdir: str, *, title: str,
                  notes: str = '') -> str:
   """Writes workdir/report.md and the PNG figures under workdir/figures/; returns report.md's path.
@@ -435,13 +447,7 @@ def write_report(results: Sequence[Mapping[str, Any]], workdir: str, *, title: s
                 f'{fit["rel_rms"]:.2%} |')
   md.append('')
 
-  md += ['## Figures', '']
-  for stem, fig_title in FIGURES:
-    md += [f'### {fig_title}', '']
-    if why_not[stem]:
-      md += [f'_{NOT_DRAWN} {why_not[stem]}_', '']
-    else:
-      md += [f'![{fig_title}](figures/{stem}.png)', '']
+  md += _figures_section(FIGURES, why_not)
 
   missed = [trials_by_id[t] for r in rows for t in r['not_reached_trials']]
   md += ['## Trials that did not reach the target', '']
@@ -633,13 +639,7 @@ def write_fixed_epochs_report(results: Sequence[Mapping[str, Any]], workdir: str
           _fmt_summary(r['final_train_loss']), f'{r["n_diverged"]}/{r["n_trials"]}')) + ' |')
     md.append('')
 
-  md += ['## Figures', '']
-  for stem, fig_title in FIXED_EPOCHS_FIGURES:
-    md += [f'### {fig_title}', '']
-    if why_not[stem]:
-      md += [f'_{NOT_DRAWN} {why_not[stem]}_', '']
-    else:
-      md += [f'![{fig_title}](figures/{stem}.png)', '']
+  md += _figures_section(FIXED_EPOCHS_FIGURES, why_not)
   path = os.path.join(workdir, 'report.md')
   epath.Path(path).write_text('\n'.join(md))
   return path

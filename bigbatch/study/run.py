@@ -450,3 +450,27 @@ def base_study() -> ml_collections.ConfigDict:
   s.noise_scale = True
   s.sharpness = True
   return s
+
+
+def fixed_epochs_comparison(s: ml_collections.ConfigDict, *, epochs: float,
+                            warmup_epochs: float) -> None:
+  """The fixed-epoch-budget comparison's study fields (configs/study_epochs_*.py): final
+  eval/top1 reported with no target, one lr per variant set by its rule (no search), and the four
+  variants: no remedy (the base lr at every batch), linear scaling + warmup, LARS (eta 0.001,
+  lr 0.5 at the base batch, linear + warmup) and ghost BN over 32 (linear + warmup)."""
+  s.kind = 'fixed_epochs'
+  s.target.metric, s.target.mode = 'eval/top1', 'max'  # the metric reported; no target
+  s.target.value = None
+  s.budget.epochs = epochs
+  s.noise_scale = False
+  s.sharpness = False
+  s.lr_search = ml_collections.ConfigDict(
+      {'mode': 'grid', 'num_trials': 1, 'range': (1.0, 1.0), 'relative_to': 'rule'})
+  warmup = {'warmup_epochs': warmup_epochs}
+  s.variants = ml_collections.ConfigDict({
+      'no_remedy': {'lr': {'scaling': 'none'}},
+      'linear_warmup': {'lr': {'scaling': 'linear', **warmup}},
+      'lars': {'optimizer': {'name': 'lars', 'trust_coefficient': 0.001},
+               'lr': {'base_lr': 0.5, 'scaling': 'linear', **warmup}},
+      'ghost_bn': {'lr': {'scaling': 'linear', **warmup}, 'model': {'bn_group_size': 32}},
+  })
