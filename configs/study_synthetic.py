@@ -20,7 +20,7 @@ from bigbatch.study import run
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, seeds=1)
+  args = config_lib.parse_arg(arg, seeds=3)
   s = run.base_study()
   s.title = 'Batch-size study: MLP on the synthetic teacher source, target 74% held-out top-1'
   c = s.base

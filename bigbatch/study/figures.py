@@ -262,7 +262,7 @@ def sharpness(by_variant, path) -> str:
 
 
 def metric_vs_batch(by_variant, field: str, path, *, ylabel: str, title: str,
-                    scale: float = 1.0) -> str:
+                    scale: float = 1.0, log_y: bool = False) -> str:
   """rows[field] (a summarize() dict) vs batch size, one line per variant with seed error bars,
   values multiplied by `scale` (100: percent). The variants' points are nudged apart along the
   log batch axis so that their error bars do not hide each other."""
@@ -284,6 +284,8 @@ def metric_vs_batch(by_variant, field: str, path, *, ylabel: str, title: str,
   _pad_degenerate(ax)
   batches = sorted({r['batch_size'] for r in all_rows})
   ax.set_xscale('log', base=2)
+  if log_y:
+    ax.set_yscale('log', base=2)
   ax.set_xticks(batches, [str(b) for b in batches])
   ax.set(xlabel='batch size (examples)', ylabel=ylabel,
          title=f'{title}\n(mean over seeds; {_spread_note_fixed(all_rows, field)})')

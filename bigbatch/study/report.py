@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import re
 from typing import Any, Iterable, Mapping, Sequence
 
 from etils import epath
@@ -478,6 +479,12 @@ FIXED_EPOCHS_FIGURES = (
 )
 
 
+def _stem(metric: str) -> str:
+  """A figure's file stem for a metric name: 'verify/synthetic/tar_at_far_1e-3' ->
+  'final_verify_synthetic_tar_at_far_1e-3'."""
+  return 'final_' + re.sub(r'[^A-Za-z0-9.-]+', '_', metric)
+
+
 def _min_max(values: Iterable[Any]) -> tuple[float, float] | None:
   v = [x for x in map(_num, values) if x is not None]
   return (min(v), max(v)) if v else None
@@ -524,6 +531,17 @@ def aggregate_fixed(results: Sequence[Mapping[str, Any]]) -> list[dict]:
         final_train_loss=field('final_train_loss'),
         epochs_run=field('epochs_run'),
         steps_run=field('steps_run'),
+        # Steps and examples to the target (if the study set one) over the seeds that reached it.
+        n_reached=sum(bool(r.get('reached')) for r in trials),
+        steps_to_target=field('steps_to_target'),
+        examples_to_target=field('examples_to_target'),
+        # Every metric of the last evaluation, by name (e.g. a face run's TAR@FAR).
+        final_metrics={name: (summarize((r.get('final_metrics') or {}).get(name)
+                                        for r in trials),
+                              _min_max((r.get('final_metrics') or {}).get(name)
+                                       for r in trials))
+                       for name in sorted({k for r in trials
+                                           for k in (r.get('final_metrics') or {})})},
     ))
   return rows
 
@@ -543,14 +561,15 @@ def _fmt_spread(s: dict | None, rng: tuple[float, float] | None, digits: int = 3
 
 
 def write_fixed_epochs_report(results: Sequence[Mapping[str, Any]], workdir: str, *, title: str,
-                              notes: str = '') -> str:
+                              notes: str = '', extra_metrics: Sequence[str] = ()) -> str:
   """Writes workdir/report.md and FIXED_EPOCHS_FIGURES under workdir/figures/ for a fixed-epoch
   study; returns report.md's path.
 
   report.md holds the title, the notes, a batch x variant table of the final held-out metric
   (mean ± std [min, max] over seeds, in percent for an accuracy), the same for the held-out
   loss, a detailed table per variant (best metric, losses, epochs and steps run, lr, diverged
-  trials) and the figures. As in write_report, a figure without data is replaced by a line
+  trials) and the figures; a table (and figure) of each of `extra_metrics` (final value over
+  seeds); with a target value, a table of steps and examples to it. As in write_report, a figure without data is replaced by a line
   starting with NOT_DRAWN and no stale PNG is left.
   """
   rows = aggregate_fixed(results)
@@ -564,9 +583,18 @@ def write_fixed_epochs_report(results: Sequence[Mapping[str, Any]], workdir: str
   label = _metric_label(target)
   percent = metric.endswith(('top1', 'top5', 'accuracy'))
 
+  target_value = _num(target.get('value'))
+  for r in rows:  # the extra metrics as fields metric_vs_batch can draw
+    for name in extra_metrics:
+      r[f'final:{name}'], r[f'final:{name}:range'] = r['final_metrics'].get(name, (None, None))
+  extra_figures = tuple((_stem(name), f'Final {name} vs batch size at a fixed epoch budget')
+                        for name in extra_metrics)
+  if target_value is not None:
+    extra_figures += (('steps_to_target', 'Steps to the target vs batch size'),)
+  all_figures = FIXED_EPOCHS_FIGURES + extra_figures
   fig_dir = os.path.join(workdir, 'figures')
   epath.Path(fig_dir).mkdir(parents=True, exist_ok=True)
-  paths = {stem: os.path.join(fig_dir, f'{stem}.png') for stem, _ in FIXED_EPOCHS_FIGURES}
+  paths = {stem: os.path.join(fig_dir, f'{stem}.png') for stem, _ in all_figures}
   for p in paths.values():
     if epath.Path(p).exists():
       epath.Path(p).unlink()
@@ -582,12 +610,23 @@ def write_fixed_epochs_report(results: Sequence[Mapping[str, Any]], workdir: str
           ylabel='final held-out loss (nats)', title=f'Final held-out loss after {budget}',
           scale=1.0),
   }
+  for name in extra_metrics:
+    why_not[_stem(name)] = figures.metric_vs_batch(
+        by_variant, f'final:{name}', paths[_stem(name)], ylabel=f'final {name}',
+        title=f'Final {name} after {budget}', scale=1.0)
+  if target_value is not None:
+    why_not['steps_to_target'] = figures.metric_vs_batch(
+        by_variant, 'steps_to_target', paths['steps_to_target'],
+        ylabel='steps to target (seeds that reached it)',
+        title=f'Steps until {_target_text(target)}', scale=1.0, log_y=True)
 
   md = [f'# {title}', '']
   if notes:
     md += [notes.strip(), '']
   seeds = sorted({r['seed'] for r in results})
-  md += [f'Fixed budget: {budget}, no target, one lr per variant (no search). '
+  goal = ('no target' if target_value is None else
+          f'target {_target_text(target)} recorded, not stopped at')
+  md += [f'Fixed budget: {budget}, {goal}, one lr per variant (no search). '
          f'{len(results)} trials, {len(by_variant)} variant(s), {len(batches)} batch size(s), '
          f'{len(seeds)} seed(s).', '']
   if any('synthetic' in r['data'] for r in rows):
@@ -617,6 +656,34 @@ def write_fixed_epochs_report(results: Sequence[Mapping[str, Any]], workdir: str
         cells.append(text)
       md.append(f'| {b} | ' + ' | '.join(_cell(c) for c in cells) + ' |')
     md.append('')
+  for name in extra_metrics:
+    md += [f'## Final {name}', '', '| batch | ' + ' | '.join(f'`{_cell(v)}`' for v in by_variant)
+           + ' |', '|---|' + '---|' * len(by_variant)]
+    for b in batches:
+      md.append(f'| {b} | ' + ' | '.join(
+          _cell(_fmt_spread(cell[(v, b)][f'final:{name}'], cell[(v, b)][f'final:{name}:range'], 3)
+                if (v, b) in cell else 'not run') for v in by_variant) + ' |')
+    md.append('')
+  if target_value is not None:
+    md += [f'## Steps to the target ({_target_text(target)})', '',
+           'The first evaluation that meets the target (recorded, training went on to the '
+           'budget): steps, mean over the seeds that reached it, and how many did.', '',
+           '| batch | ' + ' | '.join(f'`{_cell(v)}`' for v in by_variant) + ' |',
+           '|---|' + '---|' * len(by_variant)]
+    for b in batches:
+      cells = []
+      for v in by_variant:
+        r = cell.get((v, b))
+        if r is None:
+          cells.append('not run')
+        elif not r['n_reached']:
+          cells.append(f'not reached (0/{r["n_trials"]})')
+        else:
+          cells.append(f'{_fmt_summary(r["steps_to_target"], "int")} steps, '
+                       f'{_fmt_summary(r["examples_to_target"], "int")} examples '
+                       f'({r["n_reached"]}/{r["n_trials"]})')
+      md.append(f'| {b} | ' + ' | '.join(_cell(c) for c in cells) + ' |')
+    md.append('')
 
   def pct(summary):  # the per-variant tables show accuracies in percent too
     if summary is None or not percent:
@@ -639,7 +706,7 @@ def write_fixed_epochs_report(results: Sequence[Mapping[str, Any]], workdir: str
           _fmt_summary(r['final_train_loss']), f'{r["n_diverged"]}/{r["n_trials"]}')) + ' |')
     md.append('')
 
-  md += _figures_section(FIXED_EPOCHS_FIGURES, why_not)
+  md += _figures_section(all_figures, why_not)
   path = os.path.join(workdir, 'report.md')
   epath.Path(path).write_text('\n'.join(md))
   return path

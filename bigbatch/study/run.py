@@ -12,6 +12,8 @@ A study config (configs/study_*.py) names a base experiment config and what to s
                       `range`, `num_trials` values; relative_to 'rule' multiplies the peak lr
                       that the config's scaling rule gives at that batch, 'absolute' sets the
                       peak lr itself (the rule is then unused)
+                      (a variant may also set `batch_sizes`: a subset of study.batch_sizes
+                      at which it runs, e.g. a Partial FC rate tried at the large end only)
   study.num_seeds     seeds per point: reported as mean and spread
   study.target        metric, value, mode: a trial stops at the first evaluation that meets it
   study.budget        epochs or steps: a trial that has not met the target by then is recorded
@@ -27,7 +29,10 @@ A study config (configs/study_*.py) names a base experiment config and what to s
                       examples / batch, lr.epoch_steps=total_examples_floor unless the base
                       asks for total_examples_ceil), and the report compares
                       the final (and best) held-out metric and loss at that budget across batch
-                      sizes (Goyal et al. 2017 Fig. 1, Keskar et al. 2017)
+                      sizes (Goyal et al. 2017 Fig. 1, Keskar et al. 2017); a target value, if
+                      set, is recorded (steps to target) without stopping the trial
+  study.report_metrics  fixed_epochs: further evaluation metrics tabulated (final value over
+                      seeds), e.g. 'verify/synthetic/tar_at_far_1e-3'
 
 Each trial is one run of `loop.train_and_evaluate` in DIR/trials/<trial id>, with the target
 stop and the budget set; its result (the schema of bigbatch/study/report.py) goes to
@@ -143,11 +148,18 @@ def trials(study: ml_collections.ConfigDict) -> list[Trial]:
     if 'lr_search' in overrides:
       _merge(search, overrides.lr_search, f'study.variants.{variant}.lr_search')
       del overrides['lr_search']
+    batch_sizes = study.batch_sizes
+    if 'batch_sizes' in overrides:  # a variant run at some of the batch sizes only
+      batch_sizes = tuple(overrides.batch_sizes)
+      del overrides['batch_sizes']
+      if not batch_sizes or not set(batch_sizes) <= set(study.batch_sizes):
+        raise ConfigError(f'study.variants.{variant}.batch_sizes={batch_sizes}: give a non-empty '
+                          f'subset of study.batch_sizes {tuple(study.batch_sizes)}')
     if kind == 'fixed_epochs' and search.num_trials != 1:
       raise ConfigError(f'study.variants.{variant}: study.kind=fixed_epochs runs one lr per '
                         f'variant (the rule\'s, no search); lr_search.num_trials is '
                         f'{search.num_trials}, set it to 1')
-    for batch in study.batch_sizes:
+    for batch in batch_sizes:
       for lr_index, value in enumerate(lr_values(search)):
         for seed in range(study.num_seeds):
           c = copy.deepcopy(study.base)
@@ -188,7 +200,9 @@ def _trial_fields(study, c, batch: int, search, value: float, seed: int) -> None
                                                     study.target.mode)
   c.target.stop = True
   if study.get('kind') == 'fixed_epochs':
-    c.target.value = None  # the whole budget runs; the final evaluation is the result
+    # The whole budget runs; the final evaluation is the result. A target value, if the study
+    # gives one, is only recorded (the first evaluation that meets it: steps to target).
+    c.target.stop = False
     if c.lr.epoch_steps == 'floor_per_epoch':
       # Equal epochs must mean equal examples: floor(N/B) steps per epoch would drop up to a
       # batch per epoch (29% of the digits at batch 1,024), so count total examples / batch.
@@ -224,6 +238,11 @@ def collect(trial: Trial, trial_dir: str, wall_s: float, diverged: bool = False)
   rows = _read_metrics(os.path.join(trial_dir, 'metrics.jsonl'))
   metric = c.target.metric
   curve = [[r['step'], _float(r[metric])] for r in rows if metric in r]
+  evals = [r for r in rows if metric in r]
+  # Every metric of the last evaluation (e.g. a face run's TAR@FAR beside its accuracy).
+  final_metrics = ({k: _float(v) for k, v in evals[-1].items()
+                    if k != 'step' and isinstance(v, (int, float, str))
+                    and not k.startswith(('train/', 'perf/', 'lr'))} if evals else {})
   values = [v for _, v in curve if math.isfinite(v)]
   losses = [_float(r['train/loss']) for r in rows if 'train/loss' in r]
   eval_losses = [_float(r['eval/loss']) for r in rows if 'eval/loss' in r]
@@ -245,6 +264,7 @@ def collect(trial: Trial, trial_dir: str, wall_s: float, diverged: bool = False)
       'wall_to_target_s': reached['wall_s'] if reached else None,
       'best_metric': better(values) if values else None,
       'final_metric': values[-1] if values else None,
+      'final_metrics': final_metrics,
       'final_train_loss': losses[-1] if losses else None,
       # The held-out loss at the last evaluation and its lowest value (fixed-epoch studies).
       'final_eval_loss': eval_losses[-1] if eval_losses else None,
@@ -404,7 +424,8 @@ def finish(study, workdir: str, all_trials: list[Trial], done: dict[str, dict],
   if not _is_main():
     return results
   if study.get('kind') == 'fixed_epochs':
-    path = report.write_fixed_epochs_report(results, workdir, title=study.title, notes=notes)
+    path = report.write_fixed_epochs_report(results, workdir, title=study.title, notes=notes,
+                                            extra_metrics=tuple(study.get('report_metrics', ())))
   else:
     path = report.write_report(results, workdir, title=study.title, notes=notes)
   echo(f'[study] {len(results)} trials; report: {path}')
@@ -449,6 +470,7 @@ def base_study() -> ml_collections.ConfigDict:
   s.microbatch = ml_collections.config_dict.placeholder(int)
   s.noise_scale = True
   s.sharpness = True
+  s.report_metrics = ()
   return s
 
 
