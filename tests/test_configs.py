@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from bigbatch import config_lib
+from bigbatch import derive
 from bigbatch import loop
 from bigbatch import models
 from bigbatch import optim
@@ -24,12 +25,13 @@ ROOT = os.path.join(os.path.dirname(__file__), '..')
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
                  if not os.path.basename(p).startswith('_'))
 FULL_SIZE = [c for c in CONFIGS if c.startswith(('r50_', 'cifar10_', 'face_r100', 'face_64k'))]
-# face_recordio: WebFace42M's published size (the face configs' data).
+# face_recordio: WebFace42M's published size (the face configs' data), as derive.py holds it
+# (arcface_torch's wf42m configs: num_image 42,474,557, num_classes 2,059,906).
 NUM_TRAIN = {'imagenet2012': config_lib.IMAGENET_TRAIN_EXAMPLES, 'cifar10': 50_000,
-             'face_recordio': 42_474_558}
+             'face_recordio': derive.WEBFACE42M[0]}
 IMAGE_SHAPE = {'imagenet2012': (224, 224, 3), 'cifar10': (32, 32, 3),
                'face_recordio': (112, 112, 3)}
-NUM_CLASSES = {'imagenet2012': 1000, 'cifar10': 10, 'face_recordio': 2_059_906}
+NUM_CLASSES = {'imagenet2012': 1000, 'cifar10': 10, 'face_recordio': derive.WEBFACE42M[1]}
 
 
 def load(name, arg=None):
