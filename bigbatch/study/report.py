@@ -640,10 +640,11 @@ def write_fixed_epochs_report(results: Sequence[Mapping[str, Any]], workdir: str
          'ddof=1, with 3 or more seeds; the range with 2 or more); accuracies in percent. A '
          'diverged trial has no final metric: its point is the mean of the seeds that finished '
          'and the table says how many diverged.', '']
-  for heading, field, rng, digits in (
-      (f'Final held-out {label}{unit}', 'final_metric', 'final_metric_range',
-       None if percent else 3),
-      ('Final held-out loss (nats)', 'final_eval_loss', 'final_eval_loss_range', 3)):
+  tables = [(f'Final held-out {label}{unit}', 'final_metric', 'final_metric_range',
+             None if percent else 3)]
+  if any(r['final_eval_loss'] is not None for r in rows):  # a face run has no held-out loss
+    tables.append(('Final held-out loss (nats)', 'final_eval_loss', 'final_eval_loss_range', 3))
+  for heading, field, rng, digits in tables:
     md += [f'## {heading}', '', '| batch | ' + ' | '.join(f'`{_cell(v)}`' for v in by_variant)
            + ' |', '|---|' + '---|' * len(by_variant)]
     for b in batches:
