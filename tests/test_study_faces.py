@@ -105,3 +105,14 @@ def test_quick_face_study_end_to_end(tmp_path):
     assert r['reached'] and r['steps_to_target'] < r['steps_run']
   text = (tmp_path / 'report.md').read_text()
   assert f'## Final {TAR}' in text and '## Steps to the target' in text
+
+
+def test_pixel_baseline_is_the_verification_protocol_on_raw_pixels():
+  """benchmarks/face_pixel_baseline.py (the floor the face study's report quotes): raw pixels
+  carry identity, but far from what a trained model reaches, and the result is deterministic."""
+  from benchmarks import face_pixel_baseline  # pylint: disable=g-import-not-at-top
+  config = _study('quick').base
+  first = face_pixel_baseline.pixel_baseline(config)['synthetic']
+  assert first['pairs'] == 600 and 0.55 < first['accuracy'] < 0.9
+  assert 0.0 <= first['tar_at_far_1e-3'] <= 1.0
+  assert face_pixel_baseline.pixel_baseline(config)['synthetic'] == first
