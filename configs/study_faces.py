@@ -4,7 +4,8 @@ large end.
 
 Command:  python -m bigbatch.study --config=configs/study_faces.py --workdir=/tmp/bb_study_faces
 Hardware: 2 CPU cores, one device: 22 trials in 62 min 35 s, the first 49 min of it side by
-          side with the synthetic study; docs/study_faces/ has the report. `:quick` is a 2-batch x 2-variant x 1-seed sweep.
+          side with the synthetic study; docs/study_faces/ has the report. `:quick` is a
+          2-batch x 2-variant x 1-seed sweep.
 Data:     face_synthetic: 4,000 training identities x 4 images (16,000 images of 16x16x3,
           generated from each identity's latent prototype with per-image noise, pose and
           mirroring), so the classifier has 4,000 classes; 3,000 verification pairs from 500

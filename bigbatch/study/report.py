@@ -569,8 +569,8 @@ def write_fixed_epochs_report(results: Sequence[Mapping[str, Any]], workdir: str
   (mean ± std [min, max] over seeds, in percent for an accuracy), the same for the held-out
   loss, a detailed table per variant (best metric, losses, epochs and steps run, lr, diverged
   trials) and the figures; a table (and figure) of each of `extra_metrics` (final value over
-  seeds); with a target value, a table of steps and examples to it. As in write_report, a figure without data is replaced by a line
-  starting with NOT_DRAWN and no stale PNG is left.
+  seeds); with a target value, a table of steps and examples to it. As in write_report, a
+  figure without data is replaced by a line starting with NOT_DRAWN and no stale PNG is left.
   """
   rows = aggregate_fixed(results)
   by_variant = collections.OrderedDict()
