@@ -14,8 +14,9 @@ Data:     face_synthetic: 4,000 training identities x 4 images (16,000 images of
 Expected: the face recipes' claims at CPU scale: SGD with the linear rule loses verification
           accuracy as the batch grows at a fixed epoch budget; LAMB with the square-root rule
           (the large-batch face recipes' choice) and LARS hold more of it; Partial FC at 0.1
-          costs little. Measured (README "Face recognition"): LAMB holds the most at 4,096,
-          LARS does not help, Partial FC 0.1 is within the seed spread at 1,024.
+          costs little. Measured (README "Results: face recognition vs batch size"): LAMB holds
+          the most at 4,096, LARS does not help, Partial FC 0.1 is within the seed spread at
+          1,024.
 
 Every trial trains EPOCHS epochs (total examples / batch steps, rounded down) with a gradual
 warmup over the first epoch and a cosine decay to 0, evaluated every epoch (10-fold verification

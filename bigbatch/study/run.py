@@ -237,8 +237,8 @@ def collect(trial: Trial, trial_dir: str, wall_s: float, diverged: bool = False)
   c = trial.config
   rows = _read_metrics(os.path.join(trial_dir, 'metrics.jsonl'))
   metric = c.target.metric
-  curve = [[r['step'], _float(r[metric])] for r in rows if metric in r]
   evals = [r for r in rows if metric in r]
+  curve = [[r['step'], _float(r[metric])] for r in evals]
   # Every metric of the last evaluation (e.g. a face run's TAR@FAR beside its accuracy).
   final_metrics = ({k: _float(v) for k, v in evals[-1].items()
                     if k != 'step' and isinstance(v, (int, float, str))
