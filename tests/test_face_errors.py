@@ -26,7 +26,7 @@ ROOT = os.path.join(os.path.dirname(__file__), '..')
 
 # The rows of docs/errors.md tested here.
 DOC_ROWS = ('face-root-missing', 'face-rec-truncated', 'face-idx-past-end', 'face-idx-mismatch',
-            'face-rec-not-recordio', 'face-image-corrupt', 'face-folder-image-corrupt',
+            'face-idx-shared-offset', 'face-idx-out-of-order', 'face-rec-not-recordio', 'face-image-corrupt', 'face-folder-image-corrupt',
             'face-bin-missing', 'face-bin-not-pickle', 'face-bin-hostile', 'face-bin-lengths',
             'face-bin-few-pairs', 'face-bin-image-corrupt')
 
@@ -114,6 +114,28 @@ def idx_mismatch(root, images):  # the .idx of another set (smaller images: othe
   return {}
 
 
+def _edit_idx(root, edit):
+  lines = (root / 'train.idx').read_text().splitlines()
+  edit(lines)
+  (root / 'train.idx').write_text('\n'.join(lines) + '\n')
+
+
+def idx_shared_offset(root, images):  # two keys at one offset: example 4 read with 3's label
+  del images
+  _edit_idx(root, lambda lines: lines.__setitem__(5, '5\t' + lines[4].split('\t')[1]))
+  return {}
+
+
+def idx_out_of_order(root, images):  # distinct offsets, two swapped: each key reads the other
+  del images
+
+  def swap(lines):
+    (k6, o6), (k7, o7) = lines[6].split('\t'), lines[7].split('\t')
+    lines[6], lines[7] = f'{k6}\t{o7}', f'{k7}\t{o6}'
+  _edit_idx(root, swap)
+  return {}
+
+
 def rec_not_recordio(root, images):  # e.g. a zip saved under the name
   del images
   (root / 'train.rec').write_bytes(b'PK\x03\x04' + bytes(os.path.getsize(root / 'train.rec') - 4))
@@ -164,6 +186,13 @@ OPEN_ROWS = {
                                          'the .rec is truncated', 'copy train.rec and train.idx']),
     'face-idx-mismatch': (idx_mismatch, ['train.rec: byte', 'record', 'train.idx puts at byte',
                                          'copy train.rec and train.idx again']),
+    'face-idx-shared-offset': (idx_shared_offset, ['train.idx: byte', '(line 6): records 4 and 5 '
+                                                   'share byte offset', 'not theirs',
+                                                   'copy train.rec and train.idx again']),
+    'face-idx-out-of-order': (idx_out_of_order, ['train.idx: byte', '(line 8): record 7 at byte',
+                                                 'comes after record 6 at byte',
+                                                 'the offsets go back',
+                                                 'copy train.rec and train.idx again']),
     'face-rec-not-recordio': (rec_not_recordio, ['train.rec: byte 0: bad magic 0x04034b50',
                                                  'no record starts here',
                                                  'record 0, which train.idx puts at byte 0']),

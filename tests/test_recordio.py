@@ -140,6 +140,51 @@ def test_malformed_inputs_raise_recordio_error(tmp_path):
     recordio.IndexedRecordIOReader(idx, tmp_path / 'missing.rec')
 
 
+@pytest.mark.parametrize('lines, what', [
+    # Two keys at one offset: one record read under both keys (and their labels), one never.
+    ([(0, 0), (1, 'o1'), (2, 'o1'), (3, 'o3')], r'line 3\): records 1 and 2 share byte offset '
+     r'{o1}'),
+    ([(0, 0), (1, 'o1'), (2, 'o2'), (3, 'o1')], r'line 4\): records 1 and 3 share byte offset '
+     r'{o1}'),
+    # Distinct offsets out of file order: a writer never produces them.
+    ([(0, 0), (1, 'o2'), (2, 'o1'), (3, 'o3')], r'line 3\): record 2 at byte {o1} comes after '
+     r'record 1 at byte {o2} on the line before: the offsets go back'),
+    # Overlapping: an offset inside the record before it (closer than a part header).
+    ([(0, 0), (1, 'o1'), (2, 'o1+4'), (3, 'o3')], r'line 3\): record 2 at byte {o1+4} starts 4 '
+     r'bytes after record 1 at byte {o1} on the line before, inside it'),
+    ([(0, 0), (1, 'o1'), (1, 'o2')], r'line 3\): key 1 appears twice \(line 2 puts it at byte '
+     r'{o1}, this line at byte {o2}\)'),
+])
+def test_index_that_would_mix_records_is_refused_at_open(lines, what, tmp_path):
+  """The keys and offsets of the lines at fault are named; reading would return a record under a
+  key (and label) not its own."""
+  rec, idx = _write(tmp_path, [recordio.pack((0, float(k), k, 0), b'image%d' % k * 9)
+                               for k in range(4)])
+  offsets = recordio.read_index(idx)[1]
+  names = {'o1': int(offsets[1]), 'o2': int(offsets[2]), 'o3': int(offsets[3]),
+           'o1+4': int(offsets[1]) + 4}
+  idx.write_text(''.join(f'{k}\t{names.get(o, o)}\n' for k, o in lines))
+  pattern = what
+  for name, value in names.items():
+    pattern = pattern.replace('{%s}' % name, str(value))
+  with pytest.raises(recordio.RecordIOError, match=r't\.idx: byte \d+ \(' + pattern):
+    recordio.IndexedRecordIOReader(idx, rec)
+  with pytest.raises(recordio.RecordIOError, match='strictly increasing offsets|appears twice'):
+    recordio.read_index(idx)
+
+
+def test_index_keys_need_not_be_in_order(tmp_path):
+  """im2rec takes keys from a .lst, in any order: only the offsets must increase."""
+  payloads = [recordio.pack((0, float(k), k, 0), b'x' * (k + 1)) for k in range(4)]
+  rec, idx = tmp_path / 's.rec', tmp_path / 's.idx'
+  with recordio.RecordIOWriter(rec, idx) as w:
+    for key, p in zip([7, 2, 9, 0], payloads):
+      w.write(p, key)
+  with recordio.IndexedRecordIOReader(idx, rec) as r:
+    assert r.keys.tolist() == [7, 2, 9, 0]
+    assert [r.read(k) for k in (7, 2, 9, 0)] == payloads
+
+
 def test_fuzz_reads_return_the_record_or_raise(tmp_path):
   """Random byte flips, truncations, appended garbage and .idx edits (fixed seed): every read
   returns the original record or raises RecordIOError, except where RecordIO without a checksum

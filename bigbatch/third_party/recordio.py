@@ -16,6 +16,16 @@ Payload ('IfQQ', 24 bytes, then the image): uint32 flag, float32 label, uint64 i
 flag > 0: `flag` float32 labels follow the header and the header label is 0.
 
 `.idx`: text lines "key\\tbyte_offset", the offset of each record's first magic in the `.rec`.
+Every writer (mxnet's MXIndexedRecordIO.write_idx, im2rec, InsightFace's face2rec2, ours) appends
+the line of a record as it appends the record, so the offsets of an index increase strictly in
+file order, by at least a record's 8-byte part header; keys need not be in order (im2rec takes
+them from a .lst). An index that breaks this (two keys at one offset, an offset that goes back or
+lands inside the record before it) maps keys to records that are not theirs: one record read
+under two keys and so under two labels, another never read. `read_index` refuses it at open,
+naming the keys and offsets: a repeated offset, one that does not increase, or one less than 8
+bytes after the previous. An offset further inside the previous record needs no scan of the file
+to be caught: no record starts there (the data holds no aligned magic, and a continuation part
+is not a start), so reading it raises.
 
 Errors. Every malformed, truncated or mismatched input raises `RecordIOError` (a ValueError) whose
 message names the file and the byte offset, never another exception type and never a silent skip.
@@ -258,7 +268,9 @@ def read_index(idx_path, rec_size: int | None = None) -> tuple[np.ndarray, np.nd
 
   Lines are "key\\toffset" (integers; surrounding whitespace ignored, as mxnet does); a final
   newline is optional. Raises RecordIOError naming the line's byte offset for a malformed line, a
-  duplicate key, or an offset that is negative, not 4-aligned or (given rec_size) past the end.
+  duplicate key, an offset that is negative, not 4-aligned or (given rec_size) past the end, and
+  for offsets that do not increase strictly, by at least a part header, in file order (module
+  docstring): the keys and offsets involved are named.
   """
   idx_path = os.fspath(idx_path)
   try:
@@ -266,7 +278,7 @@ def read_index(idx_path, rec_size: int | None = None) -> tuple[np.ndarray, np.nd
       text = f.read()
   except OSError as e:
     raise RecordIOError(f'{idx_path}: byte 0: cannot open ({e.strerror})') from e
-  keys, offsets, seen, pos = [], [], set(), 0
+  keys, offsets, seen, pos = [], [], {}, 0
   lines = text.split(b'\n')
   if lines and lines[-1] == b'':
     lines.pop()
@@ -282,7 +294,9 @@ def read_index(idx_path, rec_size: int | None = None) -> tuple[np.ndarray, np.nd
       raise RecordIOError(f'{where}: expected "key<TAB>offset" (two integers), got '
                           f'{line[:60]!r}') from None
     if key in seen:
-      raise RecordIOError(f'{where}: key {key} appears twice')
+      first_line, first_offset = seen[key]
+      raise RecordIOError(f'{where}: key {key} appears twice (line {first_line} puts it at byte '
+                          f'{first_offset}, this line at byte {offset})')
     if rec_size is not None and offset >= rec_size:
       raise RecordIOError(f'{where}: offset {offset} of record {key} is not inside the .rec '
                           f'({rec_size} bytes): the .rec is truncated, or the .idx belongs to '
@@ -290,10 +304,29 @@ def read_index(idx_path, rec_size: int | None = None) -> tuple[np.ndarray, np.nd
     if offset < 0 or offset % 4:
       raise RecordIOError(f'{where}: offset {offset} of record {key} cannot start a record (must '
                           'be 4-aligned and not negative)')
-    seen.add(key)
+    if offsets and offset - offsets[-1] < 8:
+      raise RecordIOError(f'{where}: {_out_of_order(keys, offsets, key, offset)}: keys would '
+                          'be read as records that are not theirs (and with their labels); every '
+                          'writer lists records at strictly increasing offsets, 8 bytes apart or '
+                          'more')
+    seen[key] = (lineno, offset)
     keys.append(key)
     offsets.append(offset)
   return np.asarray(keys, np.int64), np.asarray(offsets, np.int64)
+
+
+def _out_of_order(keys: list[int], offsets: list[int], key: int, offset: int) -> str:
+  """What is wrong with (key, offset) after the index lines (keys, offsets), which increase."""
+  previous = f'record {keys[-1]} at byte {offsets[-1]} on the line before'
+  if offset == offsets[-1]:
+    return f'records {keys[-1]} and {key} share byte offset {offset}'
+  if offset > offsets[-1]:
+    return (f'record {key} at byte {offset} starts {offset - offsets[-1]} bytes after '
+            f'{previous}, inside it')
+  i = int(np.searchsorted(offsets, offset))  # offsets increase: a binary search finds a twin
+  if i < len(offsets) and offsets[i] == offset:
+    return f'records {keys[i]} and {key} share byte offset {offset}'
+  return f'record {key} at byte {offset} comes after {previous}: the offsets go back'
 
 
 class IndexedRecordIOReader:
