@@ -13,7 +13,7 @@
 #           or --queued through a queued resource, waiting until it is ACTIVE
 #   setup   copy this checkout to every worker and install it there (bigbatch[tpu]) into a
 #           fresh virtual environment ~/bigbatch-venv on Python --python, with the versions CI
-#           verified (.ci/constraints.txt; libtpu as jax[tpu] asks). The image's own python3
+#           verified (.ci/constraints.txt, .ci/constraints-extras.txt for libtpu). The image's own python3
 #           (3.10 on tpu-ubuntu2204-base) is too old for jax; uv, installed with it, provides
 #           the newer interpreter (downloaded when the image has none) and the venv.
 #   run     run `~/bigbatch-venv/bin/python -m bigbatch.main --distributed=on --config=...` on
@@ -210,7 +210,8 @@ delete() {
 setup() {
   # The working tree as it is (uncommitted edits included), without caches or run outputs.
   run_cmd tar -czf "$archive" -C "$root" --exclude=__pycache__ --exclude='*.egg-info' \
-      pyproject.toml README.md .ci/constraints.txt bigbatch configs launch
+      pyproject.toml README.md .ci/constraints.txt .ci/constraints-extras.txt bigbatch configs \
+      launch
   run_cmd "${tpu[@]}" scp "$archive" "$name:bigbatch.tar.gz" "${where[@]}" --worker=all
   # uv comes from PyPI through the image's pip (PIP_BREAK_SYSTEM_PACKAGES: images whose Python
   # is marked externally managed; older pips ignore it). `uv venv --python` uses an interpreter
@@ -220,7 +221,8 @@ setup() {
 mkdir -p ~/bigbatch && tar -xzf ~/bigbatch.tar.gz -C ~/bigbatch && \
 PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --user --upgrade uv && \
 python3 -m uv venv -q --clear --python $(quote "$python") ~/bigbatch-venv && cd ~/bigbatch && \
-python3 -m uv pip install -q --python ~/bigbatch-venv/bin/python -c .ci/constraints.txt -e '.[tpu]'"
+python3 -m uv pip install -q --python ~/bigbatch-venv/bin/python -c .ci/constraints.txt \
+-c .ci/constraints-extras.txt -e '.[tpu]'"
 }
 
 train_once() {

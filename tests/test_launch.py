@@ -276,8 +276,8 @@ QR_DELETE = f'gcloud compute tpus queued-resources delete bb-64k {WHERE} --force
 def _tpu_setup(tmp):
   return [
       f'tar -czf {tmp}/bigbatch-bb-64k.tar.gz -C {ROOT} --exclude=__pycache__ '
-      "'--exclude=*.egg-info' pyproject.toml README.md .ci/constraints.txt bigbatch configs "
-      'launch',
+      "'--exclude=*.egg-info' pyproject.toml README.md .ci/constraints.txt "
+      '.ci/constraints-extras.txt bigbatch configs launch',
       f'gcloud compute tpus tpu-vm scp {tmp}/bigbatch-bb-64k.tar.gz bb-64k:bigbatch.tar.gz '
       f'{WHERE} --worker=all',
       f'gcloud compute tpus tpu-vm ssh bb-64k {WHERE} --worker=all "--command=rm -rf ~/bigbatch '
@@ -285,7 +285,7 @@ def _tpu_setup(tmp):
       'PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --user --upgrade uv && '
       'python3 -m uv venv -q --clear --python 3.11 ~/bigbatch-venv && cd ~/bigbatch && '
       'python3 -m uv pip install -q --python ~/bigbatch-venv/bin/python -c .ci/constraints.txt '
-      "-e '.[tpu]'\""]
+      "-c .ci/constraints-extras.txt -e '.[tpu]'\""]
 
 
 TPU_RUN = (f"gcloud compute tpus tpu-vm ssh bb-64k {WHERE} --worker=all '--command=set -o "
