@@ -53,6 +53,8 @@ CONFIG_ROWS = {
     'warmup-too-long': ({'lr.warmup_epochs': 50.0}, 2, ['warmup', 'train longer']),
     'step-decay-no-boundaries': ({'lr.decay': 'step'}, 2, ['boundaries']),
     'nonfinite-policy': ({'nonfinite': 'ignore'}, 2, ['config.nonfinite', 'skip']),
+    'float16': ({'model.dtype': 'float16'}, 2, ["config.model.dtype='float16'", 'loss scaling',
+                                                'bfloat16']),
     'noise-scale-one-batch': ({'noise_scale.enabled': True, 'mesh.data': 1, 'mesh.model': 8},
                               2, ['config.noise_scale.enabled', 'accumulation_steps=2']),
     'target-not-eval-metric': ({'target.value': 0.5, 'target.metric': 'train/loss'}, 2,

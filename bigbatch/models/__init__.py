@@ -74,7 +74,13 @@ def validate(config) -> None:
   m = config.model
   fields.choice(config, 'model.name', NAMES)
   fields.choice(config, 'model.norm', NORMS)
-  fields.choice(config, 'model.dtype', ('float32', 'bfloat16', 'float16'))
+  if m.dtype == 'float16':
+    # float16's 5-bit exponent underflows small gradients unless the loss is scaled (and the
+    # scale adapted to overflow), which the step does not do; bfloat16 keeps float32's range.
+    raise fields.ConfigError("config.model.dtype='float16' needs loss scaling, which bigbatch "
+                             "does not do; use --config.model.dtype=bfloat16 (16 bits as well, "
+                             "with float32's exponent range) or float32")
+  fields.choice(config, 'model.dtype', ('float32', 'bfloat16'))
   fields.choice(config, 'model.conv_impl', ('auto', 'xla', 'matmul'))
   fields.positive(config, 'model.width')
   fields.finite(config, 'model.bn_momentum', low=0.0, high=1.0)
