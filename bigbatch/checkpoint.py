@@ -113,6 +113,27 @@ def layout(tree) -> dict[str, list]:
   return {sharding.path_str(p): [list(x.shape), str(x.dtype)] for p, x in flat}
 
 
+# How many times restore_latest lists the checkpoints again after one was rotated away under it.
+ROTATION_ROUNDS = 5
+
+
+def none_readable(directory: str, steps: list[int], where: str = '') -> CheckpointError:
+  """The error for checkpoints of which none reads (`where`: e.g. ' on every process'). Its
+  advice depends on whether a live trainer holds the workdir above `directory`: a directory in
+  use is never to be moved away."""
+  workdir = os.path.dirname(os.path.normpath(directory)) if '://' not in directory else (
+      directory.rstrip('/').rsplit('/', 1)[0])
+  holder = workdir_lib.live_holder(workdir)
+  if holder is None:
+    advice = 'Move the directory away to start over'
+  else:
+    advice = (f'A trainer holds {workdir} ({holder.describe()}; lock file '
+              f'{os.path.join(workdir, workdir_lib.LOCK_FILE)}): leave the directory to it, do '
+              'not move or delete it; rerun after its next checkpoint')
+  return CheckpointError(f'none of the checkpoints in {directory} (steps {steps}) is readable'
+                         f'{where}; see the warnings above. {advice}')
+
+
 class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, asynchronous: bool = True):
@@ -194,20 +215,50 @@ class Checkpointer:
                               f'e.g. {wrong[0]}')
     return state
 
-  def restore_latest(self, like: Any) -> tuple[Any, int | None]:
+  def present(self, step: int) -> bool:
+    """Whether the directory of checkpoint `step` is still there (a trainer rotates old ones
+    away: orbax deletes all but the newest `keep`)."""
+    return workdir_lib.isdir(os.path.join(self.directory, str(step)))
+
+  def restore_latest(self, like: Any, *, rounds: int = ROTATION_ROUNDS) -> tuple[Any, int | None]:
     """(state, step) of the newest checkpoint that reads and verifies; (like, None) if there
-    are none. Unusable ones are reported and skipped; if all are unusable, CheckpointError."""
-    steps = self.all_steps()
-    for step in reversed(steps):
-      try:
-        return self.restore(step, like), step
-      except CorruptCheckpoint as e:
-        logging.warning('The checkpoint at step %d in %s is unusable: %s. Falling back to the '
-                        'previous one.', step, self.directory, e)
-    if steps:
+    are none. Unusable ones are reported and skipped; if all are unusable, CheckpointError.
+
+    The list is read afresh (it may be minutes old: an evaluation beside a running trainer lists
+    the checkpoints, then loads data and compiles). A checkpoint that fails because its directory
+    is gone was rotated away while being read, not damaged: the list is read again and the newest
+    tried, up to `rounds` times."""
+    unusable: dict[int, CorruptCheckpoint] = {}
+    steps: list[int] = []
+    for _ in range(rounds):
+      self._manager.reload()
+      steps = self.all_steps()
+      rotated = None
+      for step in reversed(steps):
+        if step in unusable:
+          continue
+        try:
+          return self.restore(step, like), step
+        except CorruptCheckpoint as e:
+          if not self.present(step):
+            rotated = step
+            logging.warning('The checkpoint at step %d in %s was deleted while it was read (a '
+                            'trainer beside this process keeps only its newest checkpoints); '
+                            'looking for the newest again.', step, self.directory)
+            break
+          unusable[step] = e
+          logging.warning('The checkpoint at step %d in %s is unusable: %s. Falling back to the '
+                          'previous one.', step, self.directory, e)
+      if rotated is None:
+        break
+    else:
       raise CheckpointError(
-          f'none of the checkpoints in {self.directory} (steps {steps}) is readable; see the '
-          f'warnings above. Move the directory away to start over')
+          f'the checkpoints in {self.directory} were deleted while they were read, {rounds} times '
+          f'in a row (last listed: steps {steps}): a trainer there rotates them faster than this '
+          'process reads one; rerun the same command, or give that trainer a larger '
+          'config.keep_checkpoints')
+    if steps:
+      raise none_readable(self.directory, steps)
     return like, None
 
   def set_aside(self, steps) -> list[str]:

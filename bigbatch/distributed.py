@@ -276,24 +276,41 @@ def restore_latest(ckpt, like) -> tuple[Any, int | None]:
   from bigbatch import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   if not _multi():
     return ckpt.restore_latest(like)
-  steps = from_process_0(ckpt.all_steps())
-  for step in reversed(steps):
-    state, error = None, None
-    try:
-      state = ckpt.restore(step, like)
-    except checkpoint_lib.CorruptCheckpoint as e:
-      error = e
-    outcomes = all_processes(error is None)
-    if all(outcomes):
-      return state, step
-    failed = [i for i, ok in enumerate(outcomes) if not ok]
-    logging.warning('The checkpoint at step %d in %s is unusable on process(es) %s%s. Falling '
-                    'back to the previous one.', step, ckpt.directory, failed,
-                    f': {error}' if error else '')
-  if steps:
+  unusable, steps = set(), []
+  for _ in range(checkpoint_lib.ROTATION_ROUNDS):  # as Checkpointer.restore_latest
+    ckpt.reload()
+    steps = from_process_0(ckpt.all_steps())
+    rotated = False
+    for step in reversed(steps):
+      if step in unusable:
+        continue
+      state, error = None, None
+      try:
+        state = ckpt.restore(step, like)
+      except checkpoint_lib.CorruptCheckpoint as e:
+        error = e
+      outcomes = all_processes(error is None)
+      if all(outcomes):
+        return state, step
+      if from_process_0(not ckpt.present(step)):  # rotated away by a trainer beside: list again
+        logging.warning('The checkpoint at step %d in %s was deleted while it was read; looking '
+                        'for the newest again.', step, ckpt.directory)
+        rotated = True
+        break
+      unusable.add(step)
+      failed = [i for i, ok in enumerate(outcomes) if not ok]
+      logging.warning('The checkpoint at step %d in %s is unusable on process(es) %s%s. Falling '
+                      'back to the previous one.', step, ckpt.directory, failed,
+                      f': {error}' if error else '')
+    if not rotated:
+      break
+  else:
     raise checkpoint_lib.CheckpointError(
-        f'none of the checkpoints in {ckpt.directory} (steps {steps}) is readable on '
-        f'every process; see the warnings above. Move the directory away to start over')
+        f'the checkpoints in {ckpt.directory} were deleted while they were read, '
+        f'{checkpoint_lib.ROTATION_ROUNDS} times in a row (last listed: steps {steps}); rerun '
+        'the same command, or give the trainer there a larger config.keep_checkpoints')
+  if steps:
+    raise checkpoint_lib.none_readable(ckpt.directory, steps, ' on every process')
   return like, None
 
 

@@ -274,7 +274,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # evaluation (mode=eval) only reads checkpoints and writes eval-<step>.json: it may run beside
   # the trainer, so it takes no lock.
   lock = None
-  created = not distributed.from_process_0(workdir_lib.exists(workdir))
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  created, had_checkpoints = distributed.from_process_0(
+      [not workdir_lib.exists(workdir), workdir_lib.isdir(ckpt_dir)])
+  if config.mode == 'eval':
+    # Checked before anything is created or loaded; an evaluation moves nothing (the workdir
+    # may be a live trainer's).
+    if restart_from_scratch:
+      raise workdir_lib.WorkdirError(
+          f'--restart_from_scratch with config.mode=eval: an evaluation only reads the '
+          f'checkpoints in {workdir} and sets nothing aside; drop --restart_from_scratch')
+    if not had_checkpoints:
+      raise checkpoint_lib.CheckpointError(
+          f'no checkpoint in {ckpt_dir} to evaluate; train first, or point --workdir at a run')
   if config.mode == 'train':
     lock = _on_process_0(functools.partial(_lock_workdir, workdir,
                                            check_layout=not restart_from_scratch))
@@ -282,12 +294,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return _train_and_evaluate(config, workdir, lock, restart_from_scratch=restart_from_scratch,
                                hooks=hooks, cache=cache)
   finally:
+    # A run that stopped before it wrote anything (a config error that needed the data set's
+    # size, an unusable init_from, a signal during setup) leaves no directory it created.
+    if not had_checkpoints and jax.process_index() == 0:
+      workdir_lib.remove_if_empty(ckpt_dir)
     if lock is not None:
       lock.release()
-      # A run refused before it wrote anything (a config error that needed the data set's
-      # size) leaves no directory behind.
-      if created and jax.process_index() == 0:
-        workdir_lib.remove_if_empty(workdir)
+    if created and jax.process_index() == 0:
+      workdir_lib.remove_if_empty(workdir)
 
 
 def _on_process_0(fn: Callable[[], Any]) -> Any:

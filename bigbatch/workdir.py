@@ -510,6 +510,23 @@ class WorkdirLock:
       pass
 
 
+def live_holder(workdir: epath.PathLike) -> Holder | None:
+  """The trainer holding `workdir`'s lock, if another process holds it and is not known to be
+  gone (as a trainer starting there would judge it); None otherwise. Advice about a workdir
+  checks this first: a directory a live trainer holds is never to be moved or deleted."""
+  path = epath.Path(workdir) / LOCK_FILE
+  try:
+    text, age = path.read_text(), time.time() - path.stat().mtime
+  except Exception:  # pylint: disable=broad-except  (no lock, or none readable: none known)
+    return None
+  holder = Holder.parse(text)
+  if holder is None:
+    return None
+  if holder.host == socket.gethostname() and holder.pid == os.getpid():
+    return None  # this process: released when it stops
+  return holder if holder.gone(age) is None else None
+
+
 def _take_over(path: epath.Path, seen: str, text: str) -> bool:
   """Replaces the stale lock whose text was `seen` with `text`; False if another trainer got
   there first (or the lock changed since it was judged), and the caller looks again."""

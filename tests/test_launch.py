@@ -193,21 +193,22 @@ def test_local_exits_with_the_first_failing_process_status(fakes):
 
 # ----------------------------------------------------------------------------- slurm.sbatch
 
-SRUN = ('srun --label --unbuffered --kill-on-bad-exit=0 python3 -m bigbatch.main '
+SRUN = ('srun --label --unbuffered --kill-on-bad-exit=1 python3 -m bigbatch.main '
         '--distributed=on --config=configs/r50_64k.py --workdir=/shared/r50_64k')
 FLAGS = ['--config=configs/r50_64k.py', '--workdir=/shared/r50_64k']
+OVERLAP = '--xla_gpu_enable_latency_hiding_scheduler=true'
 
 
 @pytest.mark.parametrize('env,expected', [
     ({}, ['sbatch launch/slurm.sbatch --config=configs/r50_64k.py --workdir=/shared/r50_64k']),
     ({'SLURM_JOB_ID': '42', 'SLURM_NTASKS_PER_NODE': '8', 'SLURM_GPUS_ON_NODE': '8',
       'SLURM_CPUS_PER_TASK': '12'},
-     ['export SRUN_CPUS_PER_TASK=12', SRUN,
+     ['export SRUN_CPUS_PER_TASK=12', f'export XLA_FLAGS={OVERLAP}', SRUN,
       '# on exit 75 (SIGTERM: preemption or the time limit), restart 1 of 20:',
       'scontrol requeue 42']),
     ({'SLURM_JOB_ID': '42', 'SLURM_NTASKS_PER_NODE': '1', 'SLURM_GPUS_ON_NODE': '4',
       'SLURM_RESTART_COUNT': '3'},
-     ['export JAX_LOCAL_DEVICE_IDS=0,1,2,3', SRUN,
+     ['export JAX_LOCAL_DEVICE_IDS=0,1,2,3', f'export XLA_FLAGS={OVERLAP}', SRUN,
       '# on exit 75 (SIGTERM: preemption or the time limit), restart 4 of 20:',
       'scontrol requeue 42']),
 ])
@@ -223,16 +224,49 @@ def test_slurm_outside_a_job_submits_itself_once(fakes):
 
 
 @pytest.mark.parametrize('env,srun_cpus', [
-    ({'SLURM_CPUS_PER_TASK': '12'}, '12'),  # from the allocation (#SBATCH --cpus-per-task)
+    # Whole nodes (--exclusive): the smallest node's CPUs over the tasks per node.
+    ({'SLURM_JOB_CPUS_PER_NODE': '224(x2)'}, '28'),
+    ({'SLURM_JOB_CPUS_PER_NODE': '224(x2),96'}, '12'),
+    ({'SLURM_JOB_CPUS_PER_NODE': '4'}, '1'),  # fewer CPUs than tasks: at least one
+    ({'SLURM_JOB_CPUS_PER_NODE': '224', 'SLURM_CPUS_PER_TASK': '12'}, '12'),  # sbatch -c wins
     ({'SLURM_CPUS_PER_TASK': '12', 'SRUN_CPUS_PER_TASK': '4'}, '4'),  # the user's own wins
-    ({}, None),  # no --cpus-per-task in the job: srun's default
+    ({}, None),  # nothing known: srun's default
 ])
-def test_slurm_gives_srun_the_allocations_cpus_per_task(fakes, env, srun_cpus):
+def test_slurm_gives_each_task_its_share_of_the_nodes_cpus(fakes, env, srun_cpus):
   _ok(fakes.run('slurm.sbatch', *FLAGS,
                 env=dict(env, SLURM_JOB_ID='42', SLURM_NTASKS_PER_NODE='8')))
   [srun] = fakes.calls()
   assert srun['argv'] == shlex.split(SRUN)
   assert srun['env'].get('SRUN_CPUS_PER_TASK') == srun_cpus
+
+
+def test_slurm_tasks_per_node_from_the_task_layout(fakes):
+  # --ntasks without --ntasks-per-node: SLURM_TASKS_PER_NODE gives the layout.
+  _ok(fakes.run('slurm.sbatch', *FLAGS, env={'SLURM_JOB_ID': '42', 'SLURM_TASKS_PER_NODE':
+                                             '4(x2),2', 'SLURM_JOB_CPUS_PER_NODE': '96(x3)'}))
+  assert fakes.calls()[0]['env'].get('SRUN_CPUS_PER_TASK') == '24'
+
+
+@pytest.mark.parametrize('env,xla_flags', [
+    ({}, OVERLAP),
+    ({'XLA_FLAGS': '--xla_dump_to=/tmp/d'}, f'--xla_dump_to=/tmp/d {OVERLAP}'),
+    # The user's own setting of the flag stays as it is.
+    ({'XLA_FLAGS': '--xla_gpu_enable_latency_hiding_scheduler=false'},
+     '--xla_gpu_enable_latency_hiding_scheduler=false'),
+])
+def test_slurm_turns_on_collective_overlap(fakes, env, xla_flags):
+  _ok(fakes.run('slurm.sbatch', *FLAGS, env=dict(env, SLURM_JOB_ID='42')))
+  assert fakes.calls()[0]['env']['XLA_FLAGS'] == xla_flags
+
+
+@pytest.mark.parametrize('env', [{'SLURM_GPUS_PER_TASK': '1'},
+                                 {'SLURM_TRES_PER_TASK': 'cpu=8,gres/gpu=1'}])
+def test_slurm_refuses_gpus_per_task_in_one_line(fakes, env):
+  proc = fakes.run('slurm.sbatch', *FLAGS, env=dict(env, SLURM_JOB_ID='42'))
+  assert proc.returncode == 2
+  [line] = proc.stderr.splitlines()
+  assert '--gpus-per-task is not supported' in line and '--ntasks-per-node' in line
+  assert fakes.calls() == []  # nothing started, nothing requeued
 
 
 @pytest.mark.parametrize('status,restarts,expected_status,requeued', [
@@ -255,7 +289,9 @@ def test_slurm_requests_requeue_and_an_early_sigterm():
   directives = [line.split()[1] for line in open(os.path.join(LAUNCH, 'slurm.sbatch'))
                 if line.startswith('#SBATCH')]
   assert '--requeue' in directives and '--signal=TERM@300' in directives
-  assert any(d.startswith('--cpus-per-task=') for d in directives)
+  # Whole nodes, so that each task's share of the CPUs is the node's over its tasks.
+  assert '--exclusive' in directives
+  assert not any(d.startswith('--cpus-per-task=') for d in directives)
 
 
 # ----------------------------------------------------------------------------- tpu_vm.sh
