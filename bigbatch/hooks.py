@@ -23,6 +23,7 @@ import jax
 from bigbatch import flops
 from bigbatch import metrics as metrics_lib
 from bigbatch import optim
+from bigbatch import signals
 
 
 class Hook:
@@ -175,8 +176,9 @@ class Checkpoint(Hook):
 
 
 class Preemption(Hook):
-  """SIGTERM (Cloud TPU and SLURM send it before preemption) or SIGINT to any process stops all
-  of them at the same update, with a checkpoint of it; the run then raises loop.Preempted, with
+  """SIGTERM (Cloud TPU and SLURM send it before preemption), SIGHUP or SIGINT to any process
+  (recorded by bigbatch/signals.py, never raised from a handler) stops all of them at the same
+  update, with a checkpoint of it; the run then raises loop.Preempted, with
   the signal this process received (SIGTERM where only another process got one)."""
   order = 60
 
@@ -185,6 +187,7 @@ class Preemption(Hook):
     self.sync, self.received, self.preempted = sync, received, preempted
 
   def after_step(self, run, done: int) -> None:
+    signals.check()  # ^C twice: stop at once, without this update's checkpoint
     signum = int(self.received())
     if self.sync(bool(signum)):
       signum = signum or signal.SIGTERM

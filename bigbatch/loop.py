@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -32,11 +31,12 @@ from bigbatch.study import hooks as study_hooks
 
 
 class Preempted(Exception):
-  """SIGTERM (or SIGINT) arrived; a checkpoint of `step` was written. main exits with
+  """SIGTERM (SIGHUP, SIGINT) arrived; a checkpoint of `step` was written. main exits with
   EXIT_PREEMPTED (EXIT_INTERRUPTED for SIGINT)."""
 
   def __init__(self, step: int, signum: int = signal.SIGTERM):
-    what = 'interrupted (SIGINT)' if signum == signal.SIGINT else 'preempted (SIGTERM)'
+    what = ('interrupted (SIGINT)' if signum == signal.SIGINT else
+            f'preempted ({signals.name(signum)})')
     super().__init__(f'{what}: checkpoint written at step {step}; rerun the same command to '
                      f'resume')
     self.step, self.signum = step, signum
@@ -114,43 +114,6 @@ class PhasedBatches:
   def close(self):
     if self._current is not None:
       self._current.close()
-
-
-class _SigtermFlag:
-  """Records SIGTERM (sent by Cloud TPU and SLURM before preemption) and SIGINT (^C) for the loop
-  to act on at the next step boundary, where the Preemption hook checkpoints and stops. Until
-  the first update of this process has been dispatched (its compilation can take minutes) there
-  is nothing new to checkpoint, so a signal stops the run at once (signals.Interrupted), as a
-  second SIGINT does (^C ^C: stop without waiting for the checkpoint). The previous handlers
-  (bigbatch/main.py's, which raise) are restored on exit."""
-
-  def __init__(self):
-    self.signum = 0  # the first signal recorded; 0: none
-    self.before_first_step = True
-    self._previous = {}
-
-  @property
-  def received(self) -> bool:
-    return bool(self.signum)
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = {s: signal.signal(s, self._handle) for s in signals.NAMES}
-    return self
-
-  def _handle(self, signum, frame):
-    if self.before_first_step:
-      signals.raise_interrupted(signum, frame, 'before the first update of this run was '
-                                'dispatched (while it compiled)')
-    if signum == signal.SIGINT == self.signum:
-      signals.raise_interrupted(signum, frame, 'twice: stopped without waiting for the '
-                                'checkpoint of the current update')
-    self.signum = self.signum or signum
-
-  def __exit__(self, *exc):
-    for s, handler in self._previous.items():
-      signal.signal(s, handler)
-    self._previous = {}
 
 
 @jax.jit
@@ -287,13 +250,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if not had_checkpoints:
       raise checkpoint_lib.CheckpointError(
           f'no checkpoint in {ckpt_dir} to evaluate; train first, or point --workdir at a run')
-  if config.mode == 'train':
-    lock = _on_process_0(functools.partial(_lock_workdir, workdir,
-                                           check_layout=not restart_from_scratch))
-  try:
-    return _train_and_evaluate(config, workdir, lock, restart_from_scratch=restart_from_scratch,
-                               hooks=hooks, cache=cache)
-  finally:
+
+  def release():
     # A run that stopped before it wrote anything (a config error that needed the data set's
     # size, an unusable init_from, a signal during setup) leaves no directory it created.
     if not had_checkpoints and jax.process_index() == 0:
@@ -302,6 +260,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       lock.release()
     if created and jax.process_index() == 0:
       workdir_lib.remove_if_empty(workdir)
+
+  # A signal before the first update stops the run at once (bigbatch/signals.py); the lock is
+  # taken whole (critical) and released on the way out (at_exit), so a rerun finds it free.
+  with signals.phase(signals.SETUP), signals.at_exit(release):
+    if config.mode == 'train':
+      with signals.critical():
+        lock = _on_process_0(functools.partial(_lock_workdir, workdir,
+                                               check_layout=not restart_from_scratch))
+    try:
+      return _train_and_evaluate(config, workdir, lock,
+                                 restart_from_scratch=restart_from_scratch, hooks=hooks,
+                                 cache=cache)
+    finally:
+      with signals.critical():
+        release()
+        lock = None
 
 
 def _on_process_0(fn: Callable[[], Any]) -> Any:
@@ -347,6 +321,7 @@ def _train_and_evaluate(config, workdir: str, lock: workdir_lib.WorkdirLock | No
   mesh = sharding.make_mesh(config)
   distributed.log_topology(config, mesh)
   dataset = load_dataset(config)
+  signals.check()  # without a watcher thread (in-process runs), setup stops at these points
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   ckpt, steps = None, []
   if not restart_from_scratch:  # (that workdir is set aside below: nothing to check)
@@ -363,6 +338,7 @@ def _train_and_evaluate(config, workdir: str, lock: workdir_lib.WorkdirLock | No
                               image_shape=dataset.image_shape,
                               num_classes=dataset.num_classes, cache=cache)
   trainer.task.check_startup()
+  signals.check()
   derived = trainer.optimizer.derived
   is_main = jax.process_index() == 0
 
@@ -374,7 +350,8 @@ def _train_and_evaluate(config, workdir: str, lock: workdir_lib.WorkdirLock | No
         logging.warning('--restart_from_scratch: the previous run in %s was moved to %s.',
                         workdir, moved)
     workdir_lib.ensure_writable(workdir)
-  _on_process_0(prepare)
+  with signals.critical():  # a workdir set aside whole, or not at all
+    _on_process_0(prepare)
   # Multi-host: nobody looks at the workdir before process 0 has set it aside or created it, and
   # all act on process 0's view of it (a shared directory may lag on some hosts); acting on
   # different views would run different collectives.
@@ -382,6 +359,7 @@ def _train_and_evaluate(config, workdir: str, lock: workdir_lib.WorkdirLock | No
   if ckpt is None:
     ckpt = checkpoint_lib.Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
   state, start = distributed.restore_latest(ckpt, trainer.state)
+  signals.check()
   if start is None and config.init_from and config.mode == 'train':
     state = trainer_lib.init_from_workdir(trainer, state, config.init_from,
                                           image_shape=dataset.image_shape,
@@ -407,10 +385,11 @@ def _train_and_evaluate(config, workdir: str, lock: workdir_lib.WorkdirLock | No
                '%.4g; all derived values in %s/derived.json (--print_derived shows them before '
                'a run).', d['total_steps'], d['global_batch'], d['steps_per_epoch'],
                d['num_train_examples'], d['warmup_steps'], d['peak_lr'], workdir)
-  if is_main:
-    workdir_lib.record(workdir, config)
-    workdir_lib.write_json(os.path.join(workdir, 'derived.json'), info)
-  writer = metrics_lib.create_writer(workdir, is_main=is_main, resume_step=start)
+  with signals.critical():  # metrics.jsonl is cut back to the checkpoint here
+    if is_main:
+      workdir_lib.record(workdir, config)
+      workdir_lib.write_json(os.path.join(workdir, 'derived.json'), info)
+    writer = metrics_lib.create_writer(workdir, is_main=is_main, resume_step=start)
 
   total = derived.total_steps
   if derived.phases:
@@ -428,8 +407,7 @@ def _train_and_evaluate(config, workdir: str, lock: workdir_lib.WorkdirLock | No
   run = Run(config=config, workdir=workdir, trainer=trainer, dataset=dataset, state=state,
             start=start, ckpt=ckpt, writer=writer, batches=batches,
             flops_per_step=flops_per_step)
-  sigterm = _SigtermFlag()
-  all_hooks = [*hooks_lib.standard(run, sigterm_received=lambda: sigterm.signum,
+  all_hooks = [*hooks_lib.standard(run, sigterm_received=signals.received,
                                    preempt_sync=distributed.PreemptionSync(),
                                    preempted=Preempted),
                *study_hooks.hooks_for(config, workdir), *hooks]
@@ -437,33 +415,43 @@ def _train_and_evaluate(config, workdir: str, lock: workdir_lib.WorkdirLock | No
   try:
     for h in all_hooks:
       h.start(run)
+    signals.check()
     if run.should_stop:  # a hook found nothing left to do (a target reached before)
       return trainer_lib.evaluate(trainer, state, dataset,
                                   precise_bn_batches=config.precise_bn_batches)
-    with sigterm:
-      for step, batch in batches:
-        done = step + 1
-        for h in all_hooks:
-          batch = h.before_step(run, done, batch)
-        run.state, run.metrics = trainer.train_step(run.state, batch)
-        sigterm.before_first_step = False  # compiled and dispatched: a signal now checkpoints
-        # The device is busy with this step: read what the previous one left behind.
-        run.check_finite()
-        run.previous = (done, run.metrics)
-        for h in all_hooks:
-          h.after_step(run, done)
-        if run.should_stop:
-          break
-      run.check_finite()
-      # A run never ends in success with non-finite parameters (or BN statistics, EMA, ...).
-      run.check_state_finite(int(run.state.step), 'returned as the result')
+    # Until the first update of this process is dispatched (its compilation can take minutes)
+    # there is nothing new to checkpoint: a signal stops the run at once. From then on it is
+    # recorded, and the Preemption hook checkpoints at the next step boundary and stops.
+    signals.set_phase(signals.FIRST_UPDATE)
+    first = True
+    for step, batch in batches:
+      done = step + 1
       for h in all_hooks:
-        h.end(run)
+        batch = h.before_step(run, done, batch)
+      run.state, run.metrics = trainer.train_step(run.state, batch)
+      if first:  # compiled and dispatched: a signal now checkpoints
+        signals.set_phase(None)
+        first = False
+      # The device is busy with this step: read what the previous one left behind.
+      run.check_finite()
+      run.previous = (done, run.metrics)
+      for h in all_hooks:
+        h.after_step(run, done)
+      if run.should_stop:
+        break
+    run.check_finite()
+    # A run never ends in success with non-finite parameters (or BN statistics, EMA, ...).
+    run.check_state_finite(int(run.state.step), 'returned as the result')
+    for h in all_hooks:
+      h.end(run)
   finally:
     batches.close()
-    ckpt.close()
+    ckpt.close()  # the last asynchronous save is finished before any line is written
     writer.flush()
     writer.close()
+  # The last update's checkpoint is written: a signal that came after the last step boundary
+  # (or comes from now on) stops the run here, with 75 or 130 as anywhere else.
+  signals.set_phase(signals.AFTER_TRAINING)
   if not run.eval_metrics:  # resumed at the end: nothing ran
     run.eval_metrics = trainer_lib.evaluate(trainer, run.state, dataset,
                                             precise_bn_batches=config.precise_bn_batches)

@@ -7,25 +7,16 @@ VMs and inside SLURM steps; elsewhere --coordinator_address, --num_processes, --
 from __future__ import annotations
 
 if __name__ == '__main__':
-  # `python -m bigbatch.main`: a SIGTERM or SIGINT during the imports below (seconds) finds
-  # nothing started: one line and the documented exit code, not a silent 143 or a traceback,
-  # until main() installs the handlers of the run (bigbatch/signals.py).
-  import os as _os
-  import signal as _signal
-
-  def _stop_at_startup(signum, frame):
-    del frame
-    _os.write(2, f'bigbatch: stopped: {_signal.Signals(signum).name} during startup; nothing '
-                 f'was written; rerun the same command\n'.encode())
-    _os._exit(75 if signum == _signal.SIGTERM else 130)  # EXIT_PREEMPTED, EXIT_INTERRUPTED
-
-  for _s in (_signal.SIGTERM, _signal.SIGINT):
-    _signal.signal(_s, _stop_at_startup)
+  # `python -m bigbatch.main`: a SIGTERM, SIGHUP or SIGINT during the imports below (seconds)
+  # finds nothing started: one line and the documented exit code, not a silent 143 or a
+  # traceback. The handlers only record; a watcher thread acts (bigbatch/signals.py imports
+  # only the standard library).
+  from bigbatch import signals as _signals
+  _signals.start(hard_exit=True)
 
 import functools
 import logging as std_logging
 import os
-import signal
 import sys
 import time
 
@@ -37,6 +28,7 @@ from ml_collections import config_flags
 
 from bigbatch import config_lib
 from bigbatch import distributed
+from bigbatch import exits
 from bigbatch import signals
 
 # TensorFlow (the input pipeline) prints C++ start-up lines (CPU instruction sets, no CUDA
@@ -82,7 +74,7 @@ EXIT_FLAG_ERROR = 1  # a bad flag; also jax.distributed failing to start (docs/m
 EXIT_CONFIG_ERROR = 2  # invalid config, or a workdir holding another experiment
 EXIT_NONFINITE = 3  # loss/gradients non-finite for too many consecutive steps
 EXIT_CHECKPOINT_ERROR = 4  # no readable checkpoint, or one that does not fit the model
-EXIT_SAVE_ERROR = 5  # a checkpoint could not be written (disk full, permissions)
+EXIT_SAVE_ERROR = 5  # a checkpoint or another workdir file could not be written (disk full, ...)
 EXIT_DATA_ERROR = 6  # the data set cannot be read
 # SIGTERM (at any moment): the checkpoint of the current update written if one was taken since
 # the start or the last checkpoint; rerun the same command (EX_TEMPFAIL; launch/slurm.sbatch
@@ -92,7 +84,7 @@ EXIT_INTERRUPTED = 130  # SIGINT (^C): the same, but not requeued (128 + SIGINT,
 
 
 def _signal_exit(signum: int) -> int:
-  return EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED
+  return signals.exit_code(signum)  # SIGHUP is a SIGTERM: 75
 
 
 def _fail(kind: str, error: Exception, code: int):
@@ -102,16 +94,18 @@ def _fail(kind: str, error: Exception, code: int):
   _QUIET.release()
   logging.flush()
   sys.stdout.flush()
-  sys.stderr.flush()
-  sys.stderr.write(f'bigbatch: {kind}: {error}\n')
-  sys.stderr.flush()
+  if not signals.write_line(f'bigbatch: {kind}: {error}\n'):
+    signals.wait_for_exit()  # the signal watcher wrote the line and is ending the process
   sys.exit(code)
 
 
 def run(config, workdir: str, *, restart_from_scratch: bool = False, hooks=()) -> dict:
   """Validates, then trains (`hooks`: extra loop hooks, bigbatch/hooks.py). Errors a user can
   fix, and SIGTERM or SIGINT at any moment, become one line on stderr and an exit code."""
-  with signals.raising():  # the step loop installs its own handlers (loop._SigtermFlag)
+  # Signals are recorded, never raised from a handler (bigbatch/signals.py). In-process (the
+  # tests) the main thread acts at its check points; under main() a watcher thread also stops
+  # setup and compilation at once.
+  with signals.watching():
     try:
       return _run(config, workdir, restart_from_scratch=restart_from_scratch, hooks=hooks)
     except signals.Interrupted as e:
@@ -128,26 +122,19 @@ def _run(config, workdir: str, *, restart_from_scratch: bool, hooks) -> dict:
   # pylint: disable=g-import-not-at-top  (these import TensorFlow)
   from bigbatch import checkpoint
   from bigbatch import loop
-  from bigbatch import workdir as workdir_lib
   try:
     return loop.train_and_evaluate(config, workdir, restart_from_scratch=restart_from_scratch,
                                    hooks=hooks)
-  except config_lib.ConfigError as e:  # those that need the data set's size
-    _fail('config error', e, EXIT_CONFIG_ERROR)
-  except workdir_lib.WorkdirError as e:
-    _fail('workdir error', e, EXIT_CONFIG_ERROR)
-  except checkpoint.CheckpointError as e:
-    _fail('checkpoint error', e, EXIT_CHECKPOINT_ERROR)
-  except checkpoint.SaveError as e:
-    _QUIET.discard()  # orbax's own error lines about this save: the line below says it all
-    _fail('checkpoint not written', f'{e}; free space or fix permissions, then rerun the same '
-          f'command: it resumes from the last checkpoint that was written', EXIT_SAVE_ERROR)
-  except loop.DataError as e:
-    _fail('data error', e, EXIT_DATA_ERROR)
-  except loop.NonFiniteError as e:
-    _fail('non-finite values', e, EXIT_NONFINITE)
-  except loop.Preempted as e:
-    _fail('stopped', e, _signal_exit(e.signum))
+  except Exception as e:  # pylint: disable=broad-except
+    # One mapping for the trainer and the study command (bigbatch/exits.py): config (also
+    # those that need the data set's size), workdir, storage, checkpoint, save, data and
+    # non-finite errors, and loop.Preempted. Anything else is a bug: its traceback.
+    failure = exits.classify(e)
+    if failure is None:
+      raise
+    if isinstance(e, checkpoint.SaveError):
+      _QUIET.discard()  # orbax's own error lines about this save: the line says it all
+    _fail(*failure)
 
 
 def _root_cause(e: BaseException) -> BaseException:
@@ -213,6 +200,12 @@ def _parse_flags(argv):
   if _WORKDIR.value is None and not _PRINT_DERIVED.value:
     _flag_error('--workdir is required: the directory for checkpoints, metrics and logs (only '
                 '--print_derived runs without one)')
+  if _WORKDIR.value is not None:
+    from bigbatch import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+    if not _WORKDIR.value.strip():  # --workdir=$UNSET: never the current directory by accident
+      _flag_error(f'--workdir={_WORKDIR.value!r} is empty (an unset shell variable?); give the '
+                  f'directory for checkpoints, metrics and logs')
+    flags.FLAGS.workdir = workdir_lib.absolute(_WORKDIR.value)  # one place: the rest sees it
   for path in unset:
     *parents, leaf = path.split('.')
     node = config
@@ -357,8 +350,9 @@ def main(argv, hooks=()):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   _quiet_console()
   started = time.monotonic()
+  signals.add_at_exit(_flush_logs)  # the watcher's line comes after every log line
   try:
-    with signals.raising():
+    with signals.watching(hard_exit=True):
       try:
         _start_distributed()  # may wait minutes for the other processes
       except signals.Interrupted as e:
@@ -369,9 +363,11 @@ def main(argv, hooks=()):
       result = run(_CONFIG.value, _WORKDIR.value, restart_from_scratch=_RESTART.value,
                    hooks=hooks)
   except SystemExit as e:
-    if signals.raised is not None:
-      # A compilation the signal interrupted goes on in XLA's thread, and the interpreter's
-      # teardown beneath it can crash (SIGSEGV instead of the exit code): leave without it.
+    if signals.received():
+      # The line is out: exit within a fraction of a second (a grace period before SIGKILL may
+      # be short), not after seconds of interpreter and jax teardown, which a compilation still
+      # running in XLA's thread can also crash (SIGSEGV instead of the exit code). Every
+      # checkpoint was finished before the line (the loop closes its checkpointer first).
       logging.flush()
       sys.stdout.flush()
       sys.stderr.flush()
@@ -382,6 +378,13 @@ def main(argv, hooks=()):
   _QUIET.release()
   if jax.process_index() == 0:
     print(metrics_lib.summary(_WORKDIR.value, result, time.monotonic() - started), flush=True)
+
+
+def _flush_logs() -> None:
+  _QUIET.release()
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
 
 
 def cli(hooks=()) -> None:
