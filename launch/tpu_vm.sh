@@ -16,35 +16,52 @@
 #           verified (.ci/constraints.txt, .ci/constraints-extras.txt for libtpu). The image's own python3
 #           (3.10 on tpu-ubuntu2204-base) is too old for jax; uv, installed with it, provides
 #           the newer interpreter (downloaded when the image has none) and the venv.
-#   run     run `~/bigbatch-venv/bin/python -m bigbatch.main --distributed=on --config=...` on
-#           --worker=all, streaming every worker's output here (each worker also keeps it in
-#           ~/bigbatch-run.log). JAX finds the other workers itself (Cloud TPU metadata).
-#           When the run stops for a preemption (exit 75 after SIGTERM, or the VM was
-#           preempted), it recreates the VM if needed (deleting and requesting the queued
-#           resource again), sets it up again and reruns the same command, which resumes from
-#           the newest checkpoint in --workdir; at most --max_restarts times.
+#   run     start `~/bigbatch-venv/bin/python -m bigbatch.main --distributed=on --config=...`
+#           on every worker, detached (nohup setsid: it outlives this launcher and its ssh
+#           sessions; output in ~/bigbatch-run.log, exit status in ~/bigbatch-run.status on each
+#           worker), then attach to worker 0's log until the run ends. JAX finds the other
+#           workers itself (Cloud TPU metadata). When the run stops for a preemption (exit 75
+#           after SIGTERM, or the VM was preempted), it recreates the VM if needed (deleting and
+#           requesting the queued resource again), sets it up again and starts the same
+#           command, which resumes from the newest checkpoint in --workdir; at most
+#           --max_restarts times. If this launcher dies (a laptop that sleeps), the trainers go
+#           on; `attach` (or `run` again, which attaches to a run in progress) takes over.
 #   up      create + setup + run
-#   logs    follow worker 0's ~/bigbatch-run.log (e.g. from another terminal)
-#   status  print the VM's state (READY, PREEMPTED, ...); with --spot/--queued first the
-#           queued resource's (WAITING_FOR_RESOURCES, ACTIVE, SUSPENDED, ...)
-#   delete  delete the VM (with --spot/--queued: the queued resource and its VM)
+#   attach  follow worker 0's log of the running trainers until they end, then restart them
+#           after a preemption as `run` does
+#   logs    follow worker 0's ~/bigbatch-run.log (never ends by itself; ^C leaves the run)
+#   stop    SIGTERM to the trainers on every worker: they checkpoint and exit 75; a `run` or
+#           `attach` still following them then ends without restarting
+#   status  print the queued resource's state (WAITING_FOR_RESOURCES, ACTIVE, SUSPENDED, ...;
+#           not with --direct), then the VM's (READY, PREEMPTED, ...)
+#   delete  delete the queued resource and its VM (with --direct: the VM)
 #
 # Options:
 #   --name=NAME               TPU VM name (required)
 #   --zone=ZONE               e.g. us-central2-b (v4), us-west4-a (v5e) (required)
 #   --project=PROJECT         default: gcloud's configured project
-#   --accelerator_type=TYPE   e.g. v4-8 (one host), v4-128, v5litepod-256 (default v4-8)
-#   --runtime_version=VER     TPU VM software version (default tpu-ubuntu2204-base; v5e
-#                             and later: v2-alpha-tpuv5-lite or newer)
+#   --accelerator_type=TYPE   e.g. v4-8 (one host), v4-128, v5litepod-256, v5p-128, v6e-256
+#                             (default v4-8)
+#   --runtime_version=VER     TPU VM software version; default from the accelerator type, as
+#                             Cloud TPU's "TPU software versions" page lists them for JAX:
+#                             v6e-* v2-alpha-tpuv6e, v5p-* v2-alpha-tpuv5, v5litepod-*
+#                             v2-alpha-tpuv5-lite, v2/v3/v4-* tpu-ubuntu2204-base; other types
+#                             need this flag
 #   --python=VER              Python of the workers' venv (default 3.11, as CI; >= 3.11)
-#   --spot                    Spot capacity: cheaper, may be preempted (the run then resumes).
-#                             Requested as Cloud TPU recommends, through a queued resource
-#                             (`gcloud compute tpus queued-resources create NAME --node-id=NAME
-#                             ... --spot`): the request waits in the queue until capacity is
-#                             free instead of failing when there is none
-#   --queued                  on-demand capacity through a queued resource (waits for capacity)
-#   --valid_until=DURATION    with --spot/--queued: give up a request not filled within
-#                             DURATION (e.g. 6h, 2d; gcloud's --valid-until-duration)
+#   Capacity is requested through a queued resource (`gcloud compute tpus queued-resources
+#   create NAME --node-id=NAME ...`), which waits in Cloud TPU's queue until capacity is free
+#   instead of failing when there is none, and is polled until ACTIVE.
+#   --spot                    Spot capacity: cheaper, may be preempted (the run then resumes)
+#   --direct                  create the VM directly (`gcloud compute tpus tpu-vm create`)
+#                             instead: fails at once when there is no capacity
+#   --valid_until=DURATION    give up a queued request not filled within DURATION (e.g. 6h, 2d;
+#                             gcloud's --valid-until-duration)
+#   --no_autocheckpoint       do not ask for Autocheckpoint. By default it is requested where
+#                             Cloud TPU offers it (v2, v3, v4 and v5e, a Preview feature of
+#                             `gcloud alpha`): before a maintenance event Cloud TPU then sends
+#                             SIGTERM to the trainers and waits up to 5 minutes for them to
+#                             exit, so they checkpoint the current step. Without it maintenance
+#                             starts at once, with no signal
 #   --max_restarts=N          resubmissions after preemption (default 10)
 #   --config=... --workdir=...  and any other bigbatch flag, passed to bigbatch.main; the
 #                             workdir must be shared by all workers and survive the VM: gs://
@@ -62,10 +79,11 @@ name=''
 zone=''
 project=''
 accelerator_type='v4-8'
-runtime_version='tpu-ubuntu2204-base'
+runtime_version=''
 python='3.11'
 spot=0
-queued=0
+queued=1
+autocheckpoint=1
 valid_until=''
 max_restarts=10
 dry_run=0
@@ -79,7 +97,9 @@ while [[ $# -gt 0 ]]; do
     --runtime_version=*) runtime_version="${1#*=}" ;;
     --python=*) python="${1#*=}" ;;
     --spot) spot=1 ;;
-    --queued) queued=1 ;;
+    --queued) queued=1 ;;  # the default; kept for older command lines
+    --direct) queued=0 ;;
+    --no_autocheckpoint) autocheckpoint=0 ;;
     --valid_until=*) valid_until="${1#*=}" ;;
     --help|-h) command=help ;;
     --max_restarts=*) max_restarts="${1#*=}" ;;
@@ -99,19 +119,37 @@ usage() {
 }
 case "$command" in
   help|--help|-h) usage 0 ;;
-  create|setup|run|up|logs|status|delete) ;;
+  create|setup|run|up|attach|logs|stop|status|delete) ;;
   *) usage 1 ;;
 esac
 if [[ -z "$name" || -z "$zone" ]]; then
   echo "tpu_vm.sh: --name and --zone are required" >&2
   exit 1
 fi
-# Spot capacity goes through a queued resource of the same name as its VM.
-[[ $spot -eq 1 ]] && queued=1
 if [[ -n "$valid_until" && $queued -eq 0 ]]; then
-  echo "tpu_vm.sh: --valid_until needs --spot or --queued" >&2
+  echo "tpu_vm.sh: --valid_until needs a queued resource; leave out --direct" >&2
   exit 1
 fi
+# The runtime (TPU software version) for JAX by TPU generation, from Cloud TPU's "TPU software
+# versions" page (cloud.google.com/tpu/docs/runtimes, read 2026-12-06; docs/multihost.md).
+if [[ -z "$runtime_version" ]]; then
+  case "$accelerator_type" in
+    v6e-*) runtime_version=v2-alpha-tpuv6e ;;
+    v5p-*) runtime_version=v2-alpha-tpuv5 ;;
+    v5litepod-*|v5e-*) runtime_version=v2-alpha-tpuv5-lite ;;
+    v2-*|v3-*|v4-*) runtime_version=tpu-ubuntu2204-base ;;
+    *)
+      echo "tpu_vm.sh: no documented runtime version for --accelerator_type=$accelerator_type;" \
+           "pass --runtime_version=VERSION (see cloud.google.com/tpu/docs/runtimes)" >&2
+      exit 1 ;;
+  esac
+fi
+# Autocheckpoint: offered for v2-v4 and v5e created through the Cloud TPU API (Cloud TPU's
+# "Autocheckpoint" page), as a `gcloud alpha` flag of the create commands.
+case "$accelerator_type" in
+  v2-*|v3-*|v4-*|v5litepod-*|v5e-*) ;;
+  *) autocheckpoint=0 ;;
+esac
 poll_seconds="${TPU_VM_POLL_SECONDS:-60}"
 
 # Shell-quotes one word only where it needs it, so dry-run lines read naturally and paste back.
@@ -147,15 +185,20 @@ qr=(gcloud compute tpus queued-resources)
 archive="${TMPDIR:-/tmp}/bigbatch-$name.tar.gz"
 
 create() {
+  local extra=() base
+  [[ $spot -eq 1 ]] && extra+=(--spot)
+  [[ $autocheckpoint -eq 1 ]] && extra+=(--autocheckpoint-enabled)
   if [[ $queued -eq 0 ]]; then
-    run_cmd "${tpu[@]}" create "$name" "${where[@]}" --accelerator-type="$accelerator_type" \
-        --version="$runtime_version"
+    base=("${tpu[@]}")
+    [[ $autocheckpoint -eq 1 ]] && base=(gcloud alpha compute tpus tpu-vm)
+    run_cmd "${base[@]}" create "$name" "${where[@]}" --accelerator-type="$accelerator_type" \
+        --version="$runtime_version" ${extra[@]+"${extra[@]}"}
     return
   fi
-  local extra=()
-  [[ $spot -eq 1 ]] && extra+=(--spot)
   [[ -n "$valid_until" ]] && extra+=(--valid-until-duration="$valid_until")
-  run_cmd "${qr[@]}" create "$name" --node-id="$name" "${where[@]}" \
+  base=("${qr[@]}")
+  [[ $autocheckpoint -eq 1 ]] && base=(gcloud alpha compute tpus queued-resources)
+  run_cmd "${base[@]}" create "$name" --node-id="$name" "${where[@]}" \
       --accelerator-type="$accelerator_type" --runtime-version="$runtime_version" \
       ${extra[@]+"${extra[@]}"}
   wait_active
@@ -225,13 +268,64 @@ python3 -m uv pip install -q --python ~/bigbatch-venv/bin/python -c .ci/constrai
 -c .ci/constraints-extras.txt -e '.[tpu]'"
 }
 
+# Starts the trainer on every worker, detached from the ssh session (setsid nohup), so that it
+# outlives this launcher. ~/bigbatch-run.pid holds the trainer's PID while it runs and
+# ~/bigbatch-run.status its exit status once it has ended; ~/bigbatch-run.stopped marks a `stop`.
+start_detached() {
+  local trainer inner
+  trainer="cd ~/bigbatch && TF_CPP_MIN_LOG_LEVEL=3 exec ~/bigbatch-venv/bin/python -m"
+  trainer+=" bigbatch.main --distributed=on"
+  [[ ${#train_args[@]} -gt 0 ]] && trainer+=" $(quoted "${train_args[@]}")"
+  inner="($trainer) >~/bigbatch-run.log 2>&1 </dev/null & echo \$! >~/bigbatch-run.pid;"
+  inner+=" wait \$!; echo \$? >~/bigbatch-run.status"
+  run_cmd "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="rm -f \
+~/bigbatch-run.pid ~/bigbatch-run.status ~/bigbatch-run.stopped; setsid nohup bash -c $(quote "$inner") \
+>/dev/null 2>&1 </dev/null &"
+}
+
+# Worker 0's log until its trainer ends; exits with the trainer's status (255: unknown, e.g.
+# the ssh connection dropped while the trainer goes on).
+follow() {
+  local remote='while [ ! -s ~/bigbatch-run.pid ]; do sleep 1; done; '
+  remote+='tail -n +1 -F --pid="$(cat ~/bigbatch-run.pid)" ~/bigbatch-run.log; sleep 1; '
+  remote+='exit "$(cat ~/bigbatch-run.status 2>/dev/null || echo 255)"'
+  run_cmd "${tpu[@]}" ssh "$name" "${where[@]}" --worker=0 --command="$remote"
+}
+
+# Whether worker 0's trainer is still running (the VM is up and it wrote no status yet).
+running() {
+  "${tpu[@]}" ssh "$name" "${where[@]}" --worker=0 \
+      --command='test -s ~/bigbatch-run.pid && ! test -e ~/bigbatch-run.status' 2>/dev/null
+}
+
+stopped_by_user() {
+  "${tpu[@]}" ssh "$name" "${where[@]}" --worker=0 \
+      --command='test -e ~/bigbatch-run.stopped' 2>/dev/null
+}
+
+# The trainers' exit status: followed to their end, reattaching while the VM is up and they are
+# still running (a dropped ssh connection).
 train_once() {
-  local remote
-  remote="cd ~/bigbatch && TF_CPP_MIN_LOG_LEVEL=3 ~/bigbatch-venv/bin/python -m bigbatch.main"
-  remote+=" --distributed=on"
-  [[ ${#train_args[@]} -gt 0 ]] && remote+=" $(quoted "${train_args[@]}")"
-  # pipefail: the trainer's exit status (75 = preempted), not tee's.
-  remote="set -o pipefail; $remote 2>&1 | tee ~/bigbatch-run.log"
+  local status
+  [[ "${1:-start}" == start ]] && start_detached
+  while :; do
+    status=0
+    follow || status=$?
+    if [[ $dry_run -eq 1 || $status -ne 255 ]]; then
+      return "$status"
+    fi
+    if [[ "$(state)" == READY ]] && running; then
+      echo "tpu_vm.sh: lost the connection to worker 0; the trainers go on; reattaching" >&2
+      sleep "$poll_seconds"
+      continue
+    fi
+    return "$status"
+  done
+}
+
+stop() {
+  local remote='touch ~/bigbatch-run.stopped; '
+  remote+='test -s ~/bigbatch-run.pid && kill -TERM "$(cat ~/bigbatch-run.pid)" 2>/dev/null; true'
   run_cmd "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="$remote"
 }
 
@@ -245,12 +339,17 @@ stopped_for_preemption() {
 }
 
 train() {
-  local restarts=0 status current
+  local restarts=0 status current how="${1:-start}"
   while :; do
     status=0
-    train_once || status=$?
-    [[ $status -eq 0 ]] && return 0
+    train_once "$how" || status=$?
+    how=start
+    [[ $status -eq 0 || $dry_run -eq 1 ]] && return "$status"
     current="$(state)"
+    if [[ "$current" == READY ]] && stopped_by_user; then
+      echo "tpu_vm.sh: stopped by \`tpu_vm.sh stop\` (exit $status); rerun \`run\` to resume" >&2
+      return "$status"
+    fi
     # gcloud may report a worker's exit 75 as its own failure status: the log says for sure.
     if [[ $status -ne 75 && "$current" == READY ]] && stopped_for_preemption; then
       status=75
@@ -278,8 +377,17 @@ train() {
 case "$command" in
   create) create ;;
   setup) setup ;;
-  run) train ;;
+  run)
+    # A run already in progress (this launcher died and was started again): attach to it.
+    if [[ $dry_run -eq 0 ]] && running; then
+      echo "tpu_vm.sh: the trainers are already running on $name; attaching" >&2
+      train attach
+    else
+      train
+    fi ;;
   up) create; setup; train ;;
+  attach) train attach ;;
+  stop) stop ;;
   logs) run_cmd "${tpu[@]}" ssh "$name" "${where[@]}" --worker=0 \
             --command='tail -n +1 -F ~/bigbatch-run.log' ;;
   status)

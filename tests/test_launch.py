@@ -11,8 +11,10 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -300,13 +302,16 @@ TPU = ['--name=bb-64k', '--zone=us-central2-b', '--project=my-proj', '--accelera
        '--runtime_version=tpu-ubuntu2204-base', '--config=configs/r50_64k.py',
        '--workdir=gs://bucket/r50_64k']
 WHERE = '--zone=us-central2-b --project=my-proj'
-TPU_CREATE = (f'gcloud compute tpus tpu-vm create bb-64k {WHERE} --accelerator-type=v4-128 '
-              '--version=tpu-ubuntu2204-base')
-QR_CREATE = (f'gcloud compute tpus queued-resources create bb-64k --node-id=bb-64k {WHERE} '
-             '--accelerator-type=v4-128 --runtime-version=tpu-ubuntu2204-base')
+# Autocheckpoint (v2-v4, v5e) is a `gcloud alpha` flag of both create commands.
+TPU_CREATE = (f'gcloud alpha compute tpus tpu-vm create bb-64k {WHERE} --accelerator-type=v4-128 '
+              '--version=tpu-ubuntu2204-base --autocheckpoint-enabled')
+QR_CREATE_BARE = (f'gcloud compute tpus queued-resources create bb-64k --node-id=bb-64k {WHERE} '
+                  '--accelerator-type=v4-128 --runtime-version=tpu-ubuntu2204-base')
+QR_CREATE = QR_CREATE_BARE.replace('gcloud compute', 'gcloud alpha compute')
 QR_STATE = f"gcloud compute tpus queued-resources describe bb-64k {WHERE} '--format=value(state.state)'"
 QR_WAIT = ['# repeated every 60s until the state is ACTIVE:', QR_STATE]
 QR_DELETE = f'gcloud compute tpus queued-resources delete bb-64k {WHERE} --force --quiet'
+VM_STATE = f"gcloud compute tpus tpu-vm describe bb-64k {WHERE} '--format=value(state)'"
 
 
 def _tpu_setup(tmp):
@@ -324,27 +329,42 @@ def _tpu_setup(tmp):
       "-c .ci/constraints-extras.txt -e '.[tpu]'\""]
 
 
-TPU_RUN = (f"gcloud compute tpus tpu-vm ssh bb-64k {WHERE} --worker=all '--command=set -o "
-           'pipefail; cd ~/bigbatch && TF_CPP_MIN_LOG_LEVEL=3 ~/bigbatch-venv/bin/python -m '
-           'bigbatch.main --distributed=on --config=configs/r50_64k.py '
-           "--workdir=gs://bucket/r50_64k 2>&1 | tee ~/bigbatch-run.log'")
+SSH = f'gcloud compute tpus tpu-vm ssh bb-64k {WHERE}'
+TPU_START = (
+    f"{SSH} --worker=all '--command=rm -f ~/bigbatch-run.pid ~/bigbatch-run.status "
+    "~/bigbatch-run.stopped; setsid nohup bash -c '\\''(cd ~/bigbatch && TF_CPP_MIN_LOG_LEVEL=3 "
+    'exec ~/bigbatch-venv/bin/python -m bigbatch.main --distributed=on '
+    '--config=configs/r50_64k.py --workdir=gs://bucket/r50_64k) >~/bigbatch-run.log 2>&1 '
+    '</dev/null & echo $! >~/bigbatch-run.pid; wait $!; echo $? >~/bigbatch-run.status'
+    "'\\'' >/dev/null 2>&1 </dev/null &'")
+TPU_FOLLOW = (f"{SSH} --worker=0 '--command=while [ ! -s ~/bigbatch-run.pid ]; do sleep 1; done; "
+              'tail -n +1 -F --pid="$(cat ~/bigbatch-run.pid)" ~/bigbatch-run.log; sleep 1; '
+              'exit "$(cat ~/bigbatch-run.status 2>/dev/null || echo 255)"\'')
+TPU_STOP = (f"{SSH} --worker=all '--command=touch ~/bigbatch-run.stopped; test -s "
+            '~/bigbatch-run.pid && kill -TERM "$(cat ~/bigbatch-run.pid)" 2>/dev/null; true\'')
 
 
 @pytest.mark.parametrize('command,expected', [
-    (['up'], [TPU_CREATE, 'SETUP', TPU_RUN]),
-    (['up', '--spot'], [QR_CREATE + ' --spot', *QR_WAIT, 'SETUP', TPU_RUN]),
-    (['create', '--queued', '--valid_until=6h'],
-     [QR_CREATE + ' --valid-until-duration=6h', *QR_WAIT]),
-    (['create'], [TPU_CREATE]),
+    (['up'], [QR_CREATE + ' --autocheckpoint-enabled', *QR_WAIT, 'SETUP', TPU_START,
+              TPU_FOLLOW]),
+    (['up', '--spot'], [QR_CREATE + ' --spot --autocheckpoint-enabled', *QR_WAIT, 'SETUP',
+                        TPU_START, TPU_FOLLOW]),
+    (['up', '--direct'], [TPU_CREATE, 'SETUP', TPU_START, TPU_FOLLOW]),
+    (['create', '--valid_until=6h'],
+     [QR_CREATE + ' --autocheckpoint-enabled --valid-until-duration=6h', *QR_WAIT]),
+    (['create', '--no_autocheckpoint'], [QR_CREATE_BARE, *QR_WAIT]),
+    (['create', '--direct', '--spot', '--no_autocheckpoint'],
+     [f'gcloud compute tpus tpu-vm create bb-64k {WHERE} --accelerator-type=v4-128 '
+      '--version=tpu-ubuntu2204-base --spot']),
     (['setup'], ['SETUP']),
-    (['run'], [TPU_RUN]),
-    (['logs'], [f'gcloud compute tpus tpu-vm ssh bb-64k {WHERE} --worker=0 '
-                "'--command=tail -n +1 -F ~/bigbatch-run.log'"]),
-    (['status'], [f"gcloud compute tpus tpu-vm describe bb-64k {WHERE} '--format=value(state)'"]),
-    (['status', '--spot'],
-     [QR_STATE, f"gcloud compute tpus tpu-vm describe bb-64k {WHERE} '--format=value(state)'"]),
-    (['delete'], [f'gcloud compute tpus tpu-vm delete bb-64k {WHERE} --quiet']),
-    (['delete', '--spot'], [QR_DELETE]),
+    (['run'], [TPU_START, TPU_FOLLOW]),
+    (['attach'], [TPU_FOLLOW]),
+    (['stop'], [TPU_STOP]),
+    (['logs'], [f"{SSH} --worker=0 '--command=tail -n +1 -F ~/bigbatch-run.log'"]),
+    (['status'], [QR_STATE, VM_STATE]),
+    (['status', '--direct'], [VM_STATE]),
+    (['delete'], [QR_DELETE]),
+    (['delete', '--direct'], [f'gcloud compute tpus tpu-vm delete bb-64k {WHERE} --quiet']),
 ])
 def test_tpu_vm_dry_run(fakes, command, expected):
   proc = _ok(fakes.run('tpu_vm.sh', command[0], '--dry-run', *TPU, *command[1:],
@@ -362,9 +382,36 @@ def test_tpu_vm_needs_a_name_and_a_command(fakes):
   assert fakes.run('tpu_vm.sh', 'up', '--zone=z').returncode == 1
   proc = fakes.run('tpu_vm.sh', 'launch', '--name=a', '--zone=z')
   assert proc.returncode == 1 and 'Commands:' in proc.stderr and proc.stdout == ''
-  proc = fakes.run('tpu_vm.sh', 'create', '--name=a', '--zone=z', '--valid_until=6h')
-  assert proc.returncode == 1 and '--valid_until needs --spot or --queued' in proc.stderr
+  proc = fakes.run('tpu_vm.sh', 'create', '--name=a', '--zone=z', '--direct', '--valid_until=6h')
+  assert proc.returncode == 1 and '--valid_until needs a queued resource' in proc.stderr
+  proc = fakes.run('tpu_vm.sh', 'create', '--name=a', '--zone=z', '--accelerator_type=v7x-8')
+  assert proc.returncode == 1
+  assert 'no documented runtime version for --accelerator_type=v7x-8' in proc.stderr
   assert fakes.calls() == []
+
+
+@pytest.mark.parametrize('accelerator_type,runtime,alpha_flag', [
+    # Cloud TPU's "TPU software versions" table for JAX; Autocheckpoint where it is offered.
+    ('v6e-256', 'v2-alpha-tpuv6e', False),
+    ('v5p-128', 'v2-alpha-tpuv5', False),
+    ('v5litepod-256', 'v2-alpha-tpuv5-lite', True),
+    ('v4-128', 'tpu-ubuntu2204-base', True),
+    ('v3-32', 'tpu-ubuntu2204-base', True),
+])
+def test_tpu_vm_runtime_and_autocheckpoint_follow_the_accelerator(fakes, accelerator_type,
+                                                                  runtime, alpha_flag):
+  proc = _ok(fakes.run('tpu_vm.sh', 'create', '--dry-run', '--name=a', '--zone=z',
+                       f'--accelerator_type={accelerator_type}'))
+  create = shlex.split(proc.stdout.splitlines()[0])
+  assert f'--runtime-version={runtime}' in create
+  assert ('--autocheckpoint-enabled' in create) == alpha_flag == (create[1] == 'alpha')
+  # An explicit version still wins.
+  proc = _ok(fakes.run('tpu_vm.sh', 'create', '--dry-run', '--name=a', '--zone=z',
+                       f'--accelerator_type={accelerator_type}', '--runtime_version=mine'))
+  assert '--runtime-version=mine' in shlex.split(proc.stdout.splitlines()[0])
+
+
+NOT_RUNNING = {'--command=test -s ~/bigbatch-run.pid': [[1, '']]}
 
 
 def test_tpu_vm_spot_waits_for_its_queued_resource_then_sets_up_and_trains(fakes):
@@ -372,8 +419,8 @@ def test_tpu_vm_spot_waits_for_its_queued_resource_then_sets_up_and_trains(fakes
       'queued-resources describe': [[0, 'WAITING_FOR_RESOURCES'], [0, 'PROVISIONING'],
                                     [0, 'ACTIVE']]}))
   argvs = [a for a in fakes.argvs() if a[0] == 'gcloud']
-  expected = [QR_CREATE + ' --spot', QR_STATE, QR_STATE, QR_STATE,
-              *_tpu_setup(fakes.tmp)[1:], TPU_RUN]
+  expected = [QR_CREATE + ' --spot --autocheckpoint-enabled', QR_STATE, QR_STATE, QR_STATE,
+              *_tpu_setup(fakes.tmp)[1:], TPU_START, TPU_FOLLOW]
   assert argvs == [shlex.split(line) for line in expected]
   assert ('queued resource bb-64k: WAITING_FOR_RESOURCES' in proc.stderr
           and 'queued resource bb-64k: ACTIVE' in proc.stderr)
@@ -390,7 +437,7 @@ def test_tpu_vm_stops_when_the_queued_request_fails(fakes):
 
 
 def test_tpu_vm_tolerates_a_few_failed_checks_of_the_request_but_not_many(fakes):
-  create = ['create', *TPU, '--queued']
+  create = ['create', *TPU]
   _ok(fakes.run('tpu_vm.sh', *create, rules={
       'queued-resources describe': [[1, ''], [0, ''], [0, 'ACTIVE']]}))
   proc = fakes.run('tpu_vm.sh', *create, rules={'queued-resources describe': [[1, '']] * 5})
@@ -401,24 +448,119 @@ def test_tpu_vm_tolerates_a_few_failed_checks_of_the_request_but_not_many(fakes)
 def test_tpu_vm_requests_a_preempted_spot_slice_again_and_resumes(fakes):
   # The first run ends as the VM is preempted (ssh fails: 255); the VM is PREEMPTED.
   proc = _ok(fakes.run('tpu_vm.sh', 'run', *TPU, '--spot', '--max_restarts=2', rules={
-      'ssh bb-64k --zone=us-central2-b --project=my-proj --worker=all --command=set':
-          [[255, ''], [0, '']],
-      'tpu-vm describe': [[0, 'PREEMPTED']],
+      **NOT_RUNNING, '--command=while': [[255, ''], [0, '']],
+      'tpu-vm describe': [[0, 'PREEMPTED'], [0, 'PREEMPTED']],
       'queued-resources describe': [[0, 'ACTIVE']]}))
   argvs = [a for a in fakes.argvs() if a[0] == 'gcloud']
-  describe = shlex.split(f"gcloud compute tpus tpu-vm describe bb-64k {WHERE} "
-                         "'--format=value(state)'")
-  assert argvs == [shlex.split(TPU_RUN), describe, shlex.split(QR_DELETE),
-                   shlex.split(QR_CREATE + ' --spot'), shlex.split(QR_STATE),
+  running = shlex.split(f"{SSH} --worker=0 '--command=test -s ~/bigbatch-run.pid && ! test -e "
+                        "~/bigbatch-run.status'")
+  assert argvs == [running, shlex.split(TPU_START), shlex.split(TPU_FOLLOW),
+                   shlex.split(VM_STATE), shlex.split(VM_STATE), shlex.split(QR_DELETE),
+                   shlex.split(QR_CREATE + ' --spot --autocheckpoint-enabled'),
+                   shlex.split(QR_STATE),
                    *[shlex.split(line) for line in _tpu_setup(fakes.tmp)[1:]],
-                   shlex.split(TPU_RUN)]
+                   shlex.split(TPU_START), shlex.split(TPU_FOLLOW)]
   assert 'preempted (exit 255, VM PREEMPTED); restart 1 of 2' in proc.stderr
 
 
 def test_tpu_vm_does_not_resubmit_a_failure_on_a_healthy_vm(fakes):
   proc = fakes.run('tpu_vm.sh', 'run', *TPU, '--spot', rules={
-      '--command=set': [[1, '']], 'tpu-vm describe': [[0, 'READY']],
-      '--command=tail': [[1, '']]})  # the log does not say "stopped: preempted"
+      **NOT_RUNNING, '--command=while': [[1, '']], 'tpu-vm describe': [[0, 'READY']],
+      '--command=test -e ~/bigbatch-run.stopped': [[1, '']],
+      '--command=tail -n 20': [[1, '']]})  # the log does not say "stopped: preempted"
   assert proc.returncode == 1
   assert 'failed (exit 1) on a healthy VM; not resubmitting' in proc.stderr
   assert not any('create' in a or 'delete' in a for a in fakes.argvs())
+
+
+def test_tpu_vm_does_not_restart_what_stop_stopped(fakes):
+  proc = fakes.run('tpu_vm.sh', 'run', *TPU, rules={
+      **NOT_RUNNING, '--command=while': [[75, '']], 'tpu-vm describe': [[0, 'READY']]})
+  assert proc.returncode == 75
+  assert 'stopped by `tpu_vm.sh stop` (exit 75)' in proc.stderr
+  assert sum('--command=rm -f' in ' '.join(a) for a in fakes.argvs()) == 1  # started once
+
+
+def test_tpu_vm_reattaches_after_a_dropped_connection_and_to_a_running_run(fakes):
+  # ssh drops (255) while the VM is READY and the trainer still runs: follow it again.
+  proc = _ok(fakes.run('tpu_vm.sh', 'run', *TPU, rules={
+      **{'--command=test -s ~/bigbatch-run.pid': [[1, ''], [0, '']]},
+      '--command=while': [[255, ''], [0, '']], 'tpu-vm describe': [[0, 'READY']]}))
+  assert 'lost the connection to worker 0; the trainers go on; reattaching' in proc.stderr
+  lines = [' '.join(a) for a in fakes.argvs()]
+  assert sum('--command=rm -f' in line for line in lines) == 1
+  assert sum('--command=while' in line for line in lines) == 2
+  # `run` on a slice whose trainers are already running attaches instead of starting again.
+  fakes.log.unlink()
+  proc = _ok(fakes.run('tpu_vm.sh', 'run', *TPU, rules={}))
+  assert 'already running on bb-64k; attaching' in proc.stderr
+  assert not any('--command=rm -f' in ' '.join(a) for a in fakes.argvs())
+
+
+# A gcloud whose `ssh --command=C` runs C here (HOME = the fake worker's home) and whose
+# `describe` answers READY: the detached start, follow and stop run for real.
+LOCAL_GCLOUD = f'''#!{sys.executable}
+import subprocess, sys
+args = sys.argv[1:]
+if 'ssh' in args:
+  command = next(a for a in args if a.startswith('--command='))[len('--command='):]
+  sys.exit(subprocess.run(['bash', '-c', command]).returncode)
+if 'describe' in args:
+  print('READY')
+'''
+# The trainer stand-in: prints, then waits; SIGTERM makes it print the trainer's line, exit 75.
+FAKE_TRAINER = '''#!/usr/bin/env bash
+trap 'echo "bigbatch: stopped: preempted (SIGTERM)"; exit 75' TERM
+echo "training $*"
+while :; do sleep 0.1; done
+'''
+
+
+def test_tpu_vm_trainers_outlive_the_launcher_and_stop_checkpoints_them(tmp_path):
+  home = tmp_path / 'home'
+  (home / 'bigbatch').mkdir(parents=True)
+  (home / 'bigbatch-venv' / 'bin').mkdir(parents=True)
+  trainer = home / 'bigbatch-venv' / 'bin' / 'python'
+  trainer.write_text(FAKE_TRAINER)
+  trainer.chmod(0o755)
+  bindir = tmp_path / 'bin'
+  bindir.mkdir()
+  (bindir / 'gcloud').write_text(LOCAL_GCLOUD)
+  (bindir / 'gcloud').chmod(0o755)
+  env = {k: v for k, v in os.environ.items() if not k.startswith(('TPU_VM_', 'XLA_'))}
+  env.update(HOME=str(home), PATH=f'{bindir}{os.pathsep}{os.environ["PATH"]}',
+             TPU_VM_POLL_SECONDS='0', TMPDIR=str(tmp_path))
+  launcher = subprocess.Popen(['bash', 'launch/tpu_vm.sh', 'run', *TPU], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+  pid_file, log = home / 'bigbatch-run.pid', home / 'bigbatch-run.log'
+  try:
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text().strip() and log.exists()
+               and 'training' in log.read_text()):
+      assert time.monotonic() < deadline, 'the trainer did not start'
+      time.sleep(0.1)
+    pid = int(pid_file.read_text())
+    # The launcher dies (a laptop that sleeps, a closed terminal): the trainer goes on.
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait(timeout=10)
+    time.sleep(0.5)
+    os.kill(pid, 0)  # still running
+    assert 'training -m bigbatch.main --distributed=on --config=configs/r50_64k.py' in (
+        log.read_text())
+    # `stop`: SIGTERM to the trainer, which checkpoints and exits 75; `attach` follows it to
+    # its end and does not restart it.
+    subprocess.run(['bash', 'launch/tpu_vm.sh', 'stop', *TPU], cwd=ROOT, env=env, check=True,
+                   timeout=30)
+    attach = subprocess.run(['bash', 'launch/tpu_vm.sh', 'attach', *TPU], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert attach.returncode == 75, attach.stderr
+    assert 'bigbatch: stopped: preempted (SIGTERM)' in attach.stdout
+    assert 'stopped by `tpu_vm.sh stop`' in attach.stderr
+    assert (home / 'bigbatch-run.status').read_text().strip() == '75'
+  finally:
+    if pid_file.exists() and pid_file.read_text().strip():
+      try:
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+      except ProcessLookupError:
+        pass
