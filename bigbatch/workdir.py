@@ -28,6 +28,7 @@ import json
 import os
 import re
 import socket
+import stat
 import threading
 import time
 from typing import Any
@@ -214,16 +215,25 @@ def set_aside(workdir: epath.PathLike) -> str | None:
   On an object store this copies every object, then deletes the originals (see `move`): it takes
   time in proportion to the checkpoints held, and if stopped, rerunning with
   --restart_from_scratch finishes the job into another '.old-<time>' without losing anything.
+
+  A workdir that is a symbolic link (to a directory on larger storage, say) keeps its link: the
+  directory it points to is moved to '<that directory>.old-<time>', beside it (a rename on its own
+  filesystem), and an empty directory is made in its place, so the link points at the fresh run.
   """
   path = epath.Path(workdir)
   if not path.exists():
     return None
+  link = None
+  if not is_object_store(path) and os.path.islink(str(path)):
+    link, path = path, epath.Path(os.path.realpath(str(path)))
   target = stem = f'{path}.old-{time.strftime("%Y%m%d-%H%M%S")}'
   n = 0
   while epath.Path(target).exists():  # a second set_aside within the second, or a partial copy
     n += 1
     target = f'{stem}-{n}'
   move(path, target)
+  if link is not None:
+    os.mkdir(str(path), stat.S_IMODE(os.stat(target).st_mode))  # the link's target, empty
   return target
 
 

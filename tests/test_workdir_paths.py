@@ -16,6 +16,8 @@ import pytest
 from bigbatch import metrics
 from bigbatch import workdir as workdir_lib
 
+DOC_ROWS = ('workdir-symlink-restart',)  # the rows of docs/errors.md tested here
+
 
 class _FakeBucket(backend_lib.Backend):
   """gs://X -> <root>/X on local disk, without append or directory rename; logs open modes."""
@@ -252,6 +254,32 @@ def test_set_aside_locally_is_one_rename(tmp_path, monkeypatch):
   moved = workdir_lib.set_aside(workdir + '/')
   assert renames == [(workdir, moved)] and moved.startswith(workdir + '.old-')
   assert _tree(moved) == before and not os.path.exists(workdir)
+
+
+@pytest.mark.parametrize('how', ['set_aside', 'restart'])
+def test_set_aside_of_a_symlinked_workdir_keeps_the_link(how, tmp_path):
+  """The link stays a link to the same path, now an empty directory; the old run is beside the
+  link's target (on the target's filesystem), not a renamed link."""
+  storage = tmp_path / 'big storage' / 'run'
+  _make_run(str(storage))
+  before = _tree(str(storage))
+  link = tmp_path / 'wd'
+  os.symlink(os.path.relpath(storage, tmp_path), link)
+  if how == 'set_aside':
+    moved = workdir_lib.set_aside(str(link) + '/')
+  else:
+    lock = workdir_lib.WorkdirLock.acquire(link)
+    moved = workdir_lib.restart(lock)
+  assert moved.startswith(f'{storage}.old-'), moved
+  assert _tree(moved) == before
+  assert os.path.islink(link) and os.path.realpath(link) == str(storage)
+  if how == 'set_aside':
+    assert os.listdir(storage) == []
+  else:
+    assert os.listdir(storage) == [workdir_lib.LOCK_FILE]
+    lock.release()
+    assert os.listdir(link) == []
+  assert sorted(os.listdir(tmp_path)) == ['big storage', 'wd']
 
 
 def test_ensure_writable_reports_an_object_store_error(bucket, monkeypatch):
