@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import shlex
 import statistics
 import time
 from typing import Any, Callable, Mapping
@@ -286,5 +287,5 @@ def summary(workdir: str, final: Mapping[str, float], seconds: float) -> str:
              if (root / name).exists()]
   lines.append(f'Files in {workdir}: {", ".join(present) or "none"}.')
   if 'metrics.jsonl' in present:
-    lines.append(f'Plot: python -m bigbatch.plot {workdir}')
+    lines.append(f'Plot: python -m bigbatch.plot {shlex.quote(str(workdir))}')
   return '\n'.join(lines)

@@ -33,6 +33,7 @@ it only when an image set is read. Preprocessing: image_preprocess.py; readers: 
 """
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 from absl import logging
@@ -76,7 +77,7 @@ def prepare(name: str, data_dir: epath.PathLike | None = None, *, file_format: s
         raise fields.ConfigError(
             f'TFDS data set {name!r} is not prepared under {data_dir}, and several processes '
             f'cannot safely prepare a remote directory at once; prepare it first, e.g. '
-            f'`tfds build {name} --data_dir={data_dir}`')
+            f'`{shlex.join(["tfds", "build", name, f"--data_dir={data_dir}"])}`')
       builder.download_and_prepare(file_format=file_format, download_config=download_config)
   stored = builder.info.file_format
   if file_format and stored is not None and stored.value != file_format:

@@ -52,6 +52,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import time
 from typing import Iterable
 
@@ -447,8 +448,9 @@ def merge(study: ml_collections.ConfigDict, workdir: str, echo=print) -> list[di
 def commands(study: ml_collections.ConfigDict, workdir: str, config_arg: str) -> list[str]:
   """One command per unfinished trial, for a SLURM array or several TPU slices."""
   done = read_results(workdir)
-  return [f'python -m bigbatch.study --config={config_arg} --workdir={workdir} '
-          f'--trial={t.trial_id}' for t in trials(study) if t.trial_id not in done]
+  return [shlex.join(['python', '-m', 'bigbatch.study', f'--config={config_arg}',
+                       f'--workdir={workdir}', f'--trial={t.trial_id}'])
+          for t in trials(study) if t.trial_id not in done]
 
 
 def base_study() -> ml_collections.ConfigDict:
