@@ -10,6 +10,8 @@ naming the field and the fix, not a traceback after minutes of setup.
 """
 from __future__ import annotations
 
+import re
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -101,6 +103,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Checks everything that can be checked without data or compilation: the shared fields here,
   then each module's own. Raises ConfigError."""
   fields.choice(config, 'task', tasks.NAMES)
+  seed = config.seed
+  if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+    # np.random.default_rng refuses negative seeds, jax.random.PRNGKey overflows past 2**63,
+    # and the data sets' counter hashes keep 32 bits (seed and seed + 2**32 would coincide).
+    raise ConfigError(f'config.seed={seed!r}: must be an integer in [0, 2**32 - 1]; set '
+                      f'--config.seed=...')
   for path in ('global_batch', 'accumulation_steps', 'eval_batch', 'log_every_steps',
                'checkpoint_every_steps', 'keep_checkpoints', 'max_nonfinite_steps'):
     fields.positive(config, path)
@@ -124,10 +132,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       or not 1 <= config.profile_steps[0] <= config.profile_steps[1]):
     raise ConfigError(f'config.profile_steps={config.profile_steps}: give (first, last) update '
                       f'numbers, 1 <= first <= last')
+  source = config.init_from
+  if source is not None and not (
+      source.startswith('/') or re.match(r'[a-zA-Z][a-zA-Z0-9+.-]*://', source)):
+    # A relative path would depend on the directory each process starts in, and orbax refuses
+    # it only when the run starts from it, after the data set is loaded.
+    raise ConfigError(f'config.init_from={source!r}: give the other run\'s workdir as an '
+                      f'absolute path or a URL (gs://...), or unset it')
   fields.choice(config, 'mode', ('train', 'eval'))
   fields.choice(config, 'nonfinite', ('skip', 'stop'))
   fields.finite(config, 'precise_bn_batches', low=0)
   fields.finite(config, 'label_smoothing', low=0.0, high=1.0, high_open=True)
+  for path in ('mesh.data', 'mesh.model'):  # -1: the devices the other axis leaves
+    fields.integer(config, path, low=-1)
   data_parallel, _ = sharding.mesh_shape(config, num_devices)
   per_update, k = config.global_batch, config.accumulation_steps
   if per_update % (data_parallel * k):

@@ -24,8 +24,25 @@ def get(config, path: str) -> Any:
   return node
 
 
+# The largest magnitudes a number may have: integers become int32 in jax (without x64) and
+# int64 in numpy, floats become float32 (the lr, BN statistics, margins). Past these a value
+# would overflow in a library (OverflowError, inf) instead of being refused here.
+INT_MAX = 2**31 - 1
+FLOAT_MAX = 3.4028234663852886e38  # float32's largest finite value
+
+
+def _too_large(path: str, value) -> None:
+  if isinstance(value, int) and abs(value) > INT_MAX:
+    raise ConfigError(f'config.{path}={value!r}: too large; integers must lie within '
+                      f'+-(2**31 - 1) (int32, as jax keeps them); set --config.{path}=...')
+  if isinstance(value, float) and abs(value) > FLOAT_MAX:
+    raise ConfigError(f'config.{path}={value!r}: too large; numbers must lie within +-3.4e38 '
+                      f'(float32); set --config.{path}=...')
+
+
 def positive(config, path: str, allow_none: bool = False) -> None:
-  """The field is a finite number > 0 (or None with allow_none)."""
+  """The field is a finite number > 0 (or None with allow_none), representable in int32 (an
+  int) or float32 (a float)."""
   value = get(config, path)
   if value is None and allow_none:
     return
@@ -33,11 +50,13 @@ def positive(config, path: str, allow_none: bool = False) -> None:
       or not math.isfinite(value) or not value > 0):
     raise ConfigError(f'config.{path}={value!r}: must be a positive, finite number; set '
                       f'--config.{path}=...')
+  _too_large(path, value)
 
 
 def finite(config, path: str, *, low: float | None = None, high: float | None = None,
            high_open: bool = False, allow_none: bool = False) -> None:
-  """The field is a finite number in [low, high] (or [low, high) with high_open)."""
+  """The field is a finite number in [low, high] (or [low, high) with high_open), representable
+  in int32 (an int) or float32 (a float)."""
   value = get(config, path)
   if value is None and allow_none:
     return
@@ -48,6 +67,16 @@ def finite(config, path: str, *, low: float | None = None, high: float | None = 
     bounds = f'[{"-inf" if low is None else low}, {"inf" if high is None else high}' + (
         ')' if high_open or high is None else ']')
     raise ConfigError(f'config.{path}={value!r}: must be a finite number in {bounds}')
+  _too_large(path, value)
+
+
+def integer(config, path: str, *, low: int, high: int = INT_MAX) -> None:
+  """The field is an integer (not a bool) in [low, high]."""
+  value = get(config, path)
+  if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+    top = '2**31 - 1' if high == INT_MAX else high
+    raise ConfigError(f'config.{path}={value!r}: must be an integer in [{low}, {top}]; set '
+                      f'--config.{path}=...')
 
 
 def choice(config, path: str, choices: Sequence[str]) -> None:

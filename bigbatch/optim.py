@@ -140,9 +140,11 @@ def validate(config) -> None:
                    config.global_batch)
   for path in ('lr.warmup_init_lr', 'lr.end_lr', 'optimizer.weight_decay'):
     fields.finite(config, path, low=0.0)
-  for path in ('lr.power', 'lr.decay_factor', 'optimizer.momentum', 'optimizer.eps',
-               'optimizer.trust_coefficient'):
-    fields.finite(config, path)
+  # A power <= 0 makes polynomial decay constant or infinite at the end; a decay factor <= 0 a
+  # negative or zero lr; eps <= 0 a division by zero in Adam/LAMB; eta <= 0 no LARS update.
+  for path in ('lr.power', 'lr.decay_factor', 'optimizer.eps', 'optimizer.trust_coefficient'):
+    fields.positive(config, path)
+  fields.finite(config, 'optimizer.momentum', low=0.0, high=1.0)  # > 1 grows without bound
   for path in ('optimizer.b1', 'optimizer.b2'):  # 1 would divide by 1 - b^t = 0 (bias correction)
     fields.finite(config, path, low=0.0, high=1.0, high_open=True)
   fields.positive(config, 'optimizer.clip_grad_norm', allow_none=True)
@@ -159,9 +161,11 @@ def validate(config) -> None:
                         f'(30, 60, 80)')
   if config.lr.table:
     for row in config.lr.table:
-      if not (len(row) == 3 and _number(row[0]) and row[0] > 0 and _number(row[1])
-              and row[1] > 0 and (row[2] is None or _number(row[2]) and row[2] >= 0)):
-        raise ConfigError(f'config.lr.table row {tuple(row)!r}: expected (max_batch, peak_lr, '
+      if not (isinstance(row, (tuple, list)) and len(row) == 3 and _number(row[0])
+              and row[0] > 0 and _number(row[1]) and row[1] > 0
+              and (row[2] is None or _number(row[2]) and row[2] >= 0)):
+        shown = tuple(row) if isinstance(row, (tuple, list)) else row
+        raise ConfigError(f'config.lr.table row {shown!r}: expected (max_batch, peak_lr, '
                           f'warmup_epochs or None) with finite numbers, max_batch and peak_lr '
                           f'> 0, warmup_epochs >= 0')
   if config.lr.decay == 'step' and not (config.lr.boundaries_epochs or config.lr.boundaries_steps):
@@ -198,8 +202,8 @@ def batch_phases(config, num_train_examples: int) -> tuple[Phase, ...]:
                       f'num_steps)')
   rows = [(0, 1)]
   for row in schedule:
-    if (len(row) != 2 or not all(map(_number, row)) or int(row[0]) != row[0]
-        or int(row[1]) != row[1]
+    if (not isinstance(row, (tuple, list)) or len(row) != 2 or not all(map(_number, row))
+        or int(row[0]) != row[0] or int(row[1]) != row[1]
         or not rows[-1][0] < row[0] < config.num_epochs or not row[1] > rows[-1][1]):
       raise ConfigError(
           f'{field}={tuple(schedule)}: expected ((epoch, multiplier), ...) with whole epochs '

@@ -93,10 +93,9 @@ def validate(config) -> None:
   """Checks config.data (for the data set it names) without reading data. Raises ConfigError."""
   d = config.data
   fields.choice(config, 'data.name', DATASETS)
-  if not isinstance(d.prefetch, int) or isinstance(d.prefetch, bool) or d.prefetch < 0:
-    raise fields.ConfigError(f'config.data.prefetch={d.prefetch!r}: must be an integer >= 0')
+  fields.integer(config, 'data.prefetch', low=0)  # batches prepared ahead
   if d.num_parallel_calls != -1 and not (isinstance(d.num_parallel_calls, int)
-                                         and d.num_parallel_calls >= 1):
+                                         and 1 <= d.num_parallel_calls <= fields.INT_MAX):
     raise fields.ConfigError(f'config.data.num_parallel_calls={d.num_parallel_calls}: must be '
                              '-1 (AUTOTUNE) or positive')
   if d.file_format not in (None, 'tfrecord', 'array_record'):
@@ -107,6 +106,9 @@ def validate(config) -> None:
   elif d.name in IMAGE_DATASETS:
     for path in ('data.image_size', 'data.shuffle_buffer'):
       fields.positive(config, path)
+    if not isinstance(d.train_split, str) or not d.train_split.strip():
+      raise fields.ConfigError(f'config.data.train_split={d.train_split!r}: name a TFDS split, '
+                               f'e.g. train or train[:99%]')
   elif d.name in faces.FACE_DATASETS:
     faces.validate(config)
 

@@ -53,6 +53,11 @@ def validate(config) -> None:
                'verification_pairs'):
     if not isinstance(d[name], int) or d[name] <= 0:
       raise fields.ConfigError(f'config.data.{name}={d[name]!r}: must be a positive integer')
+    fields.positive(config, f'data.{name}')  # and within int32
+  if d.num_identities * d.images_per_identity > fields.INT_MAX:  # num_train: example indices
+    raise fields.ConfigError(f'config.data.num_identities x images_per_identity = '
+                             f'{d.num_identities * d.images_per_identity}: too many examples; '
+                             f'must be at most 2**31 - 1')
   if d.latent_dim + d.nuisance_dim > 1024:  # 4x as many hidden units: _exact's 2^12 terms
     raise fields.ConfigError(f'config.data.latent_dim + nuisance_dim = '
                              f'{d.latent_dim + d.nuisance_dim}: must be <= 1024')
@@ -61,6 +66,7 @@ def validate(config) -> None:
   if not isinstance(d.verification_identities, int) or d.verification_identities < 2:
     raise fields.ConfigError(f'config.data.verification_identities='
                              f'{d.verification_identities!r}: must be an integer >= 2')
+  fields.positive(config, 'data.verification_identities')  # and within int32
 
 
 def _upsample_matrix(n_in: int, n_out: int) -> np.ndarray:

@@ -76,7 +76,8 @@ def validate(config) -> None:
                              'integer (112 for the public face sets)')
   if not isinstance(d.face_flip, bool):
     raise fields.ConfigError(f'config.data.face_flip={d.face_flip!r}: must be True or False')
-  if isinstance(d.verification_bins, str):
+  if not isinstance(d.verification_bins, (tuple, list)) or not all(
+      isinstance(b, str) and b for b in d.verification_bins):
     raise fields.ConfigError(f'config.data.verification_bins={d.verification_bins!r}: give a '
                              f'list of .bin files, e.g. ("lfw.bin",)')
 

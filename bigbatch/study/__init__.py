@@ -47,7 +47,8 @@ def validate(config, data_parallel: int) -> None:
   if config.target.value is not None:
     fields.choice(config, 'target.mode', ('max', 'min'))
     fields.finite(config, 'target.value')
-    if not config.target.metric.startswith(('eval/', 'eval_ema/', 'verify/')):
+    if not isinstance(config.target.metric, str) or not config.target.metric.startswith(
+        ('eval/', 'eval_ema/', 'verify/')):
       raise fields.ConfigError(f'config.target.metric={config.target.metric!r}: name an '
                                f'evaluation metric, e.g. eval/top1 or eval/loss')
   if config.noise_scale.enabled:
