@@ -40,20 +40,20 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._path = epath.Path(path)
     self._rewrite = workdir_lib.is_object_store(path)
     kept = []
-    if self._path.exists():
-      kept = cut_back(self._path, resume_step)
-      if not self._rewrite:
-        with self._path.open('w') as f:
-          f.writelines(kept)
+    if workdir_lib.exists(self._path):
+      with workdir_lib.storage(self._path):
+        kept = cut_back(self._path, resume_step)
+      if not self._rewrite:  # replaced whole: a full disk here leaves the old file as it was
+        workdir_lib.write_text(self._path, ''.join(kept))
     if self._rewrite:
       self._lines = kept
       self._write_all()
     else:
-      self._file = self._path.open('a')
+      with workdir_lib.storage(self._path):
+        self._file = self._path.open('a')
 
   def _write_all(self):
-    with self._path.open('w') as f:
-      f.write(''.join(self._lines))
+    workdir_lib.write_text(self._path, ''.join(self._lines))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     record = {'step': int(step)}
@@ -65,8 +65,11 @@ class JsonlWriter(metric_writers.MetricWriter):
       self._lines.append(line)
       self._write_all()
     else:
-      self._file.write(line)
-      self._file.flush()
+      # A full disk: StorageError (exit 5); the rows before are intact, and a torn last line is
+      # set aside by the resume (`cut_back`).
+      with workdir_lib.storage(self._path):
+        self._file.write(line)
+        self._file.flush()
 
   # metrics.jsonl holds scalars only; images, histograms etc. go to TensorBoard alone.
   def write_summaries(self, step, values, metadata=None):
@@ -92,11 +95,13 @@ class JsonlWriter(metric_writers.MetricWriter):
 
   def flush(self):
     if not self._rewrite:  # an object store's object is complete after each write
-      self._file.flush()
+      with workdir_lib.storage(self._path):
+        self._file.flush()
 
   def close(self):
     if not self._rewrite:
-      self._file.close()
+      with workdir_lib.storage(self._path):
+        self._file.close()
 
 
 def _row_step(line: str) -> int | None:
@@ -158,15 +163,62 @@ class _NullWriter(JsonlWriter):
     pass
 
 
+class _Guarded(metric_writers.MetricWriter):
+  """A writer whose storage failures (TensorFlow's ResourceExhaustedError on a full disk, an
+  OSError) become workdir.StorageError naming `path`, from its creation on."""
+
+  def __init__(self, path: epath.PathLike, make: Callable[[], metric_writers.MetricWriter]):
+    self._path = path
+    with workdir_lib.storage(path):
+      self._writer = make()
+
+  def _call(self, name, *args, **kwargs):
+    with workdir_lib.storage(self._path):
+      return getattr(self._writer, name)(*args, **kwargs)
+
+  def write_summaries(self, step, values, metadata=None):
+    self._call('write_summaries', step, values, metadata)
+
+  def write_scalars(self, step, scalars):
+    self._call('write_scalars', step, scalars)
+
+  def write_images(self, step, images):
+    self._call('write_images', step, images)
+
+  def write_videos(self, step, videos):
+    self._call('write_videos', step, videos)
+
+  def write_audios(self, step, audios, *, sample_rate):
+    self._call('write_audios', step, audios, sample_rate=sample_rate)
+
+  def write_texts(self, step, texts):
+    self._call('write_texts', step, texts)
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    self._call('write_histograms', step, arrays, num_buckets)
+
+  def write_hparams(self, hparams):
+    self._call('write_hparams', hparams)
+
+  def flush(self):
+    self._call('flush')
+
+  def close(self):
+    self._call('close')
+
+
 def create_writer(workdir: epath.PathLike, *, is_main: bool, resume_step: int = 0):
   """TensorBoard events in workdir/tensorboard (tf.summary writes gs:// itself) and
-  workdir/metrics.jsonl, on process 0; a writer that drops everything elsewhere."""
+  workdir/metrics.jsonl, on process 0; a writer that drops everything elsewhere. A file that
+  cannot be written raises workdir.StorageError (bigbatch/main.py: exit 5)."""
   if not is_main:
     return _NullWriter()
   path = epath.Path(workdir)
-  path.mkdir(parents=True, exist_ok=True)
+  with workdir_lib.storage(path):
+    path.mkdir(parents=True, exist_ok=True)
+  tensorboard = path / 'tensorboard'
   return metric_writers.MultiWriter([
-      metric_writers.SummaryWriter(str(path / 'tensorboard')),
+      _Guarded(tensorboard, lambda: metric_writers.SummaryWriter(str(tensorboard))),
       JsonlWriter(path / 'metrics.jsonl', resume_step=resume_step),
   ])
 

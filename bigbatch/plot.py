@@ -18,11 +18,14 @@ What the x axes mean:
             first step and the time between a preemption and its resume are not)
 
 A run that is still training can be plotted: a torn last line of metrics.jsonl is skipped, as
-the trainer does on resume. Anything else unreadable is one line on stderr and exit status 1.
+the trainer does on resume. Anything else unreadable is one line on stderr and exit status 1; a
+figure that cannot be written (a full disk) is one line and exit status 5, the previous figure
+intact.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -33,6 +36,8 @@ from absl import app
 from absl import flags
 from etils import epath
 import numpy as np
+
+from bigbatch import workdir as workdir_lib
 
 X_AXES = ('steps', 'epochs', 'examples', 'time')
 _X_LABELS = {'steps': 'steps', 'epochs': 'epochs', 'examples': 'training examples seen',
@@ -251,9 +256,11 @@ def plot(runs: Sequence[Run], x: str, path: str, *, smooth: float = 0.0,
   if title:
     fig.suptitle(title)
   out = epath.Path(path)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  with out.open('wb') as f:
-    fig.savefig(f, format='png')
+  png = io.BytesIO()
+  fig.savefig(png, format='png')
+  with workdir_lib.storage(out.parent):
+    out.parent.mkdir(parents=True, exist_ok=True)
+  workdir_lib.write_text(out, png.getvalue())  # whole: a full disk keeps the previous figure
 
 
 def _eval_names(runs: Sequence[Run]) -> list[str]:
@@ -283,6 +290,9 @@ def main(argv: Sequence[str]) -> None:
   except PlotError as e:
     print(f'bigbatch.plot: error: {e}', file=sys.stderr)
     sys.exit(1)
+  except workdir_lib.StorageError as e:  # the figure could not be written (full disk, ...)
+    print(f'bigbatch.plot: storage error: {e}', file=sys.stderr)
+    sys.exit(5)
 
 
 if __name__ == '__main__':

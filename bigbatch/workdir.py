@@ -40,8 +40,6 @@ from etils import epath
 import ml_collections
 import numpy as np
 
-from bigbatch import optim
-
 CONFIG_FILE = 'config.json'
 LOCK_FILE = 'bigbatch.lock'
 
@@ -57,6 +55,65 @@ LENGTH = frozenset({'num_steps', 'num_epochs'})
 
 class WorkdirError(RuntimeError):
   """The workdir holds another experiment. The message lists the differences and the way out."""
+
+
+STORAGE_FIX = 'free space or fix permissions, then rerun the same command'
+
+
+class StorageError(RuntimeError):
+  """One of bigbatch's own files (metrics, TensorBoard events, config.json, derived.json, an
+  evaluation's or a study's results, the lock, a plot) could not be written or read: a full
+  disk, a quota, permissions, an object store that cannot be reached. `str()` is the whole
+  line: the path, the reason and the fix (bigbatch/main.py: exit 5). Files are replaced whole
+  (`write_json`), so what was written before stays intact."""
+
+  def __init__(self, path, reason: str, fix: str = STORAGE_FIX):
+    self.path, self.reason, self.fix = str(path), reason, fix
+    super().__init__(f'{self.path}: {reason}; {fix}')
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
+
+
+def _storage_failure(e: BaseException) -> bool:
+  """An OSError, or what an object-store client raises instead (tf.io.gfile's OpErrors, google
+  and fsspec exceptions are not OSErrors); not a bug such as a TypeError in our own code."""
+  if isinstance(e, OSError):
+    return True
+  return any(c.__module__.split('.')[0] in ('tensorflow', 'google', 'gcsfs', 'fsspec', 'botocore',
+                                            's3fs')
+             for c in type(e).__mro__[:-2])
+
+
+def storage_reason(e: BaseException) -> str:
+  """The reason of a storage failure, in one line: 'No space left on device', or the object
+  store client's first line with its exception type."""
+  if isinstance(e, OSError) and e.strerror:
+    return e.strerror
+  text = getattr(e, 'message', None) or str(e)
+  first = ' '.join(text.strip().splitlines()[0].split()) if text.strip() else ''
+  if isinstance(e, OSError):
+    return first or type(e).__name__
+  return f'{first} ({type(e).__name__})' if first else type(e).__name__
+
+
+class storage:  # pylint: disable=invalid-name  (a context manager, used as `with storage(p):`)
+  """Turns a storage failure inside the block into StorageError naming `path`."""
+
+  def __init__(self, path, fix: str = STORAGE_FIX):
+    self.path, self.fix = path, fix
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, e, tb):
+    if e is None or isinstance(e, StorageError) or not _storage_failure(e):
+      return False
+    fix = self.fix
+    if is_object_store(self.path) and not isinstance(e, OSError):
+      fix = ('check the URL, the network and the credentials (gcloud auth application-default '
+             'login), then rerun the same command')
+    raise StorageError(self.path, storage_reason(e), fix) from e
 
 
 def _flatten(d, prefix=''):
@@ -78,23 +135,57 @@ def is_object_store(path: epath.PathLike) -> bool:
   return scheme is not None and scheme.group(1).lower() != 'file'
 
 
+def absolute(path: str) -> str:
+  """`path` made absolute against the current directory, once, where the command line gives it
+  (a relative workdir would otherwise depend on where each process starts, and orbax refuses
+  relative checkpoint paths); a URL (gs://, file://...) is returned as it is."""
+  if re.match(r'[a-zA-Z][a-zA-Z0-9+.-]*://', path):
+    return path
+  return os.path.abspath(path)
+
+
 def exists(path: epath.PathLike) -> bool:
-  return epath.Path(path).exists()
+  """Whether `path` exists; StorageError if that cannot be told (an object store that cannot be
+  reached: the first existence check of a run says so in one line)."""
+  with storage(path):
+    return epath.Path(path).exists()
 
 
 def isdir(path: epath.PathLike) -> bool:
-  return epath.Path(path).is_dir()
+  with storage(path):
+    return epath.Path(path).is_dir()
 
 
 def read_json(path: epath.PathLike) -> Any:
-  return json.loads(epath.Path(path).read_text())
+  with storage(path):
+    text = epath.Path(path).read_text()
+  return json.loads(text)
+
+
+def write_text(path: epath.PathLike, text: str | bytes) -> None:
+  """Replaces the file at `path` with `text` (str or bytes) whole: locally a temporary file
+  beside it, then os.replace, so a full disk or a kill leaves the previous file intact (never a
+  torn one); on an object store the new object appears whole. StorageError when it cannot be
+  written."""
+  path = epath.Path(path)
+  mode = 'wb' if isinstance(text, bytes) else 'w'
+  with storage(path):
+    if is_object_store(path):
+      with path.open(mode) as f:
+        f.write(text)
+      return
+    temporary = path.with_name(f'.{path.name}.{uuid.uuid4().hex[:8]}.tmp')
+    try:
+      with open(temporary, mode) as f:
+        f.write(text)
+      os.replace(temporary, path)
+    finally:
+      temporary.unlink(missing_ok=True)
 
 
 def write_json(path: epath.PathLike, obj: Any, *, indent: int | None = 2) -> None:
-  """Writes `obj` as JSON, replacing the file (on an object store the new object appears whole,
-  never half-written)."""
-  with epath.Path(path).open('w') as f:
-    json.dump(obj, f, indent=indent)
+  """Writes `obj` as JSON, replacing the file whole (`write_text`)."""
+  write_text(path, json.dumps(obj, indent=indent))
 
 
 def move(source: epath.PathLike, target: epath.PathLike) -> None:
@@ -201,6 +292,7 @@ def check_layout(workdir: epath.PathLike) -> None:
 
 
 def _same_past_lr(old_config, new_config, num_train: int, resume_step: int) -> bool:
+  from bigbatch import optim  # pylint: disable=g-import-not-at-top  (jax: not for bigbatch.plot)
   old = optim.make(old_config, num_train)
   new = optim.make(new_config, num_train)
   steps = np.arange(resume_step)
@@ -246,6 +338,8 @@ def ensure_writable(workdir: epath.PathLike) -> None:
     probe.write_text('ok')
     probe.unlink()
   except Exception as e:  # pylint: disable=broad-except
+    if isinstance(e, OSError) and e.errno in _FULL:  # a full disk: no other workdir would help
+      raise StorageError(workdir, storage_reason(e)) from None
     # Locally an OSError; tf.io.gfile's errors for gs:// (PermissionDenied...) are not OSErrors.
     reason = ((e.strerror or e) if isinstance(e, OSError) else f'{type(e).__name__}: {e}')
     raise WorkdirError(f'cannot write to the workdir {workdir}: {reason}; choose a '
@@ -263,7 +357,7 @@ def remove_if_empty(workdir: epath.PathLike) -> None:
 
 
 def record(workdir: epath.PathLike, config) -> None:
-  (epath.Path(workdir) / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+  write_text(epath.Path(workdir) / CONFIG_FILE, config.to_json_best_effort(indent=2))
 
 
 # ----------------------------------------------------------------------------- the workdir lock
@@ -449,9 +543,13 @@ class WorkdirLock:
   def _take(self) -> None:
     try:
       self._take_or_raise()
-    except OSError as e:  # the lock's path is a directory, the disk is full, ...
-      raise WorkdirError(f'cannot take the lock {self.path}: {e.strerror or e}; check the '
-                         f'workdir, or use another --workdir') from None
+    except IsADirectoryError:
+      raise WorkdirError(f'{self.path} is a directory; bigbatch writes its {LOCK_FILE} there. '
+                         f'Move it out of the way, or use a new --workdir') from None
+    except Exception as e:  # pylint: disable=broad-except  (the disk is full, ...)
+      if not _storage_failure(e):
+        raise
+      raise StorageError(self.path, storage_reason(e)) from None
 
   def _take_or_raise(self) -> None:
     path, workdir = self.path, self.workdir

@@ -12,10 +12,10 @@ local path or an object-store URL).
 """
 from __future__ import annotations
 
+import io
 import math
 from typing import Sequence
 
-from etils import epath
 import numpy as np
 
 _DPI = 110
@@ -24,9 +24,12 @@ _MAX_NOISE_PANELS = 4
 
 
 def _save(fig, path: str) -> None:
-  """PNG to a local path or an object-store URL (etils.epath)."""
-  with epath.Path(path).open('wb') as f:
-    fig.savefig(f, format='png')
+  """PNG to a local path or an object-store URL (etils.epath), replaced whole;
+  workdir.StorageError when it cannot be written."""
+  from bigbatch import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  png = io.BytesIO()
+  fig.savefig(png, format='png')
+  workdir_lib.write_text(path, png.getvalue())
 
 
 def _new_figure(ncols: int = 1, nrows: int = 1):

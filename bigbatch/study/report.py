@@ -31,6 +31,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from etils import epath
 import numpy as np
 
+from bigbatch import workdir as workdir_lib
 from bigbatch.study import figures
 
 # (file stem, title) of each figure, in the order of the report. A figure whose data are missing
@@ -386,7 +387,8 @@ def write_report(results: Sequence[Mapping[str, Any]], workdir: str, *, title: s
   fits = {v: _fit_variant(vrows) for v, vrows in by_variant.items()}
 
   fig_dir = os.path.join(workdir, 'figures')
-  epath.Path(fig_dir).mkdir(parents=True, exist_ok=True)
+  with workdir_lib.storage(fig_dir):
+    epath.Path(fig_dir).mkdir(parents=True, exist_ok=True)
   paths = {stem: os.path.join(fig_dir, f'{stem}.png') for stem, _ in FIGURES}
   for p in paths.values():
     if epath.Path(p).exists():
@@ -465,7 +467,7 @@ def write_report(results: Sequence[Mapping[str, Any]], workdir: str, *, title: s
     md.append('')
 
   path = os.path.join(workdir, 'report.md')
-  epath.Path(path).write_text('\n'.join(md))
+  workdir_lib.write_text(path, '\n'.join(md))  # whole; StorageError when it cannot be written
   return path
 
 
@@ -593,7 +595,8 @@ def write_fixed_epochs_report(results: Sequence[Mapping[str, Any]], workdir: str
     extra_figures += (('steps_to_target', 'Steps to the target vs batch size'),)
   all_figures = FIXED_EPOCHS_FIGURES + extra_figures
   fig_dir = os.path.join(workdir, 'figures')
-  epath.Path(fig_dir).mkdir(parents=True, exist_ok=True)
+  with workdir_lib.storage(fig_dir):
+    epath.Path(fig_dir).mkdir(parents=True, exist_ok=True)
   paths = {stem: os.path.join(fig_dir, f'{stem}.png') for stem, _ in all_figures}
   for p in paths.values():
     if epath.Path(p).exists():
@@ -709,5 +712,5 @@ def write_fixed_epochs_report(results: Sequence[Mapping[str, Any]], workdir: str
 
   md += _figures_section(all_figures, why_not)
   path = os.path.join(workdir, 'report.md')
-  epath.Path(path).write_text('\n'.join(md))
+  workdir_lib.write_text(path, '\n'.join(md))  # whole; StorageError when it cannot be written
   return path

@@ -65,6 +65,7 @@ from bigbatch import config_lib
 from bigbatch import data
 from bigbatch import optim
 from bigbatch import sharding
+from bigbatch import signals
 from bigbatch import trainer
 from bigbatch import workdir as workdir_lib
 from bigbatch.fields import ConfigError
@@ -325,22 +326,19 @@ def _append_result(workdir: str, row: dict) -> None:
   path = epath.Path(workdir) / 'results.jsonl'
   line = json.dumps(row) + '\n'
   if workdir_lib.is_object_store(workdir):  # no append there: rewrite the object
-    path.write_text((path.read_text() if path.exists() else '') + line)
-  else:
-    with path.open('a') as f:
+    with workdir_lib.storage(path):
+      before = path.read_text() if path.exists() else ''
+    workdir_lib.write_text(path, before + line)
+  else:  # appended: a full disk (StorageError) leaves the rows before intact
+    with workdir_lib.storage(path), path.open('a') as f:
       f.write(line)
 
 
 def _write_json(path: str, obj) -> None:
   if not _is_main():
     return
-  if workdir_lib.is_object_store(path):  # objects appear whole
-    workdir_lib.write_json(path, obj, indent=1)
-    return
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)  # a killed write never leaves a torn result.json
+  # Replaced whole: a killed write or a full disk never leaves a torn result.json.
+  workdir_lib.write_json(path, obj, indent=1)
 
 
 # ----------------------------------------------------------------------------- running
@@ -352,7 +350,8 @@ def run_trial(trial: Trial, workdir: str, cache=None) -> dict:
   # pylint: disable-next=g-import-not-at-top  (imports TensorFlow; --print_commands needs none)
   from bigbatch import loop
   trial_dir = os.path.join(workdir, 'trials', trial.trial_id)
-  epath.Path(trial_dir).mkdir(parents=True, exist_ok=True)
+  with workdir_lib.storage(trial_dir):
+    epath.Path(trial_dir).mkdir(parents=True, exist_ok=True)
   start = time.monotonic()
   diverged = False
   try:
@@ -381,7 +380,9 @@ def run(study: ml_collections.ConfigDict, workdir: str, *, only: Iterable[str] =
   if unknown:
     raise ConfigError(f'--trial {", ".join(unknown)}: not a trial of this study; '
                       f'--print_commands lists them')
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  _check_workdir(workdir)
+  with workdir_lib.storage(workdir):
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   _write_json(os.path.join(workdir, 'study_config.json'), json.loads(study.to_json_best_effort()))
   done = read_results(workdir)
   todo = [t for t in all_trials if t.trial_id not in done and (not only or t.trial_id in only)]
@@ -392,10 +393,17 @@ def run(study: ml_collections.ConfigDict, workdir: str, *, only: Iterable[str] =
   if cache is None:
     cache = trainer.CompileCache()  # trials that differ in the peak lr or seed share a step
   for i, trial in enumerate(todo):
-    row = run_trial(trial, workdir, cache)
-    done[trial.trial_id] = row
-    if not only:
-      _append_result(workdir, row)
+    # A signal's line names the trial; SIGTERM during it checkpoints its current update
+    # (loop.Preempted), and the rerun skips the trials with results and resumes this one.
+    signals.set_context(f' in trial {trial.trial_id} ({i + 1} of {len(todo)})')
+    try:
+      row = run_trial(trial, workdir, cache)
+      done[trial.trial_id] = row
+      if not only:
+        with signals.critical():  # a signal's hard exit waits: no torn line in results.jsonl
+          _append_result(workdir, row)
+    finally:
+      signals.set_context('')
     elapsed = time.monotonic() - started
     eta = elapsed / (i + 1) * (len(todo) - i - 1)
     if study.get('kind') == 'fixed_epochs':
@@ -437,16 +445,31 @@ def merge(study: ml_collections.ConfigDict, workdir: str, echo=print) -> list[di
   """Gathers the result.json files of trials run separately (--trial) into results.jsonl and
   writes the report."""
   all_trials = trials(study)
+  _check_workdir(workdir)
   in_jsonl = {r['trial_id'] for r in _read_metrics(os.path.join(workdir, 'results.jsonl'))}
-  done = read_results(workdir)
+  done = read_results(workdir) if workdir_lib.isdir(workdir) else {}
+  if not done:
+    raise workdir_lib.WorkdirError(
+        f'{workdir} holds no trial results to merge (no results.jsonl, no '
+        f'trials/<id>/result.json); run the trials first (--print_commands lists one command '
+        f'per trial), or point --workdir at the study directory')
   for t in all_trials:
     if t.trial_id in done and t.trial_id not in in_jsonl:
       _append_result(workdir, done[t.trial_id])
   return finish(study, workdir, all_trials, done, echo=echo)
 
 
+def _check_workdir(workdir: str) -> None:
+  """WorkdirError (exit 2) if --workdir names something that is not a directory."""
+  if workdir_lib.exists(workdir) and not workdir_lib.isdir(workdir):
+    raise workdir_lib.WorkdirError(
+        f'--workdir {workdir} is a file, not a directory: the study writes its trials, results '
+        f'and report there; choose another --workdir')
+
+
 def commands(study: ml_collections.ConfigDict, workdir: str, config_arg: str) -> list[str]:
   """One command per unfinished trial, for a SLURM array or several TPU slices."""
+  _check_workdir(workdir)
   done = read_results(workdir)
   return [shlex.join(['python', '-m', 'bigbatch.study', f'--config={config_arg}',
                        f'--workdir={workdir}', f'--trial={t.trial_id}'])
