@@ -80,6 +80,8 @@ def _storage_failure(e: BaseException) -> bool:
   and fsspec exceptions are not OSErrors); not a bug such as a TypeError in our own code."""
   if isinstance(e, OSError):
     return True
+  if type(e).__name__ in ('InvalidArgumentError', 'UnimplementedError', 'InternalError'):
+    return False  # TensorFlow saying our own call is wrong: a bug, with its traceback
   return any(c.__module__.split('.')[0] in ('tensorflow', 'google', 'gcsfs', 'fsspec', 'botocore',
                                             's3fs')
              for c in type(e).__mro__[:-2])
@@ -136,9 +138,9 @@ def is_object_store(path: epath.PathLike) -> bool:
 
 
 def absolute(path: str) -> str:
-  """`path` made absolute against the current directory, once, where the command line gives it
-  (a relative workdir would otherwise depend on where each process starts, and orbax refuses
-  relative checkpoint paths); a URL (gs://, file://...) is returned as it is."""
+  """`path` made absolute against the current directory, once, where the command line gives it,
+  so every later use agrees (the schedule line, the lock, orbax, which refuses a relative
+  checkpoint path); a URL (gs://, file://...) is returned as it is."""
   if re.match(r'[a-zA-Z][a-zA-Z0-9+.-]*://', path):
     return path
   return os.path.abspath(path)
