@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -243,3 +244,34 @@ def test_init_from_error_leaves_no_empty_directory(existed, tmp_path, capsys):
     assert sorted(os.listdir(workdir)) == ['notes.txt']
   else:
     assert not workdir.exists()
+
+
+@pytest.mark.slow  # ~1-2 min on 2 loaded cores: a real trainer and a real evaluation
+def test_eval_beside_a_real_trainer_that_rotates_every_step(tmp_path):
+  """The issue's case with real processes: a trainer checkpointing every step and keeping two,
+  so every checkpoint the evaluation listed at its start is gone by the time it has compiled.
+  The evaluation exits 0 with the eval-<step>.json of a checkpoint that was current then."""
+  workdir = tmp_path / 'wd'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  args = [sys.executable, '-m', 'bigbatch.main', '--config=configs/quickstart.py:steps=100000',
+          f'--workdir={workdir}', '--config.model.width=8', '--config.eval_every_epochs=1000',
+          '--config.log_every_steps=1000', '--config.checkpoint_every_steps=1',
+          '--config.keep_checkpoints=2']
+  trainer = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.monotonic() + 300
+    while not [p for p in (os.listdir(workdir / 'checkpoints')
+                           if (workdir / 'checkpoints').is_dir() else []) if p.isdigit()]:
+      assert trainer.poll() is None and time.monotonic() < deadline
+      time.sleep(1)
+    evaluation = subprocess.run(args + ['--config.mode=eval'], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=300)
+    assert trainer.poll() is None  # the trainer ran all along
+  finally:
+    trainer.kill()
+    trainer.wait()
+  assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+  (result,) = [p for p in os.listdir(workdir) if p.startswith('eval-')]
+  assert int(result[len('eval-'):-len('.json')]) >= 1
