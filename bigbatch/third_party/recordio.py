@@ -23,9 +23,12 @@ them from a .lst). An index that breaks this (two keys at one offset, an offset 
 lands inside the record before it) maps keys to records that are not theirs: one record read
 under two keys and so under two labels, another never read. `read_index` refuses it at open,
 naming the keys and offsets: a repeated offset, one that does not increase, or one less than 8
-bytes after the previous. An offset further inside the previous record needs no scan of the file
-to be caught: no record starts there (the data holds no aligned magic, and a continuation part
-is not a start), so reading it raises.
+bytes after the previous. Distinct offsets out of order would read (mxnet reads them), but no
+writer makes them, and they cannot be told from two lines whose offsets were swapped, where each
+key reads the other's record and label; so they are refused too, and keys stay free in order.
+An offset further inside the previous record needs no scan of the file to be caught: no record
+starts there (the data holds no aligned magic, and a continuation part is not a start), so
+reading it raises.
 
 Errors. Every malformed, truncated or mismatched input raises `RecordIOError` (a ValueError) whose
 message names the file and the byte offset, never another exception type and never a silent skip.
