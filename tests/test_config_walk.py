@@ -65,8 +65,10 @@ def _leaves(node, prefix=''):
     if isinstance(value, config_dict.ConfigDict):
       yield from _leaves(value, f'{prefix}{key}.')
     else:
-      field = node._fields[key]  # pylint: disable=protected-access
-      kind = field._field_type if isinstance(field, config_dict.FieldReference) else type(value)  # pylint: disable=protected-access
+      # pylint: disable-next=protected-access  (a placeholder's declared type)
+      field = node._fields[key]
+      reference = isinstance(field, config_dict.FieldReference)
+      kind = field._field_type if reference else type(value)  # pylint: disable=protected-access
       yield f'{prefix}{key}', kind
 
 

@@ -183,7 +183,8 @@ def test_tensorboard_writes_on_a_full_disk(tmp_path, monkeypatch):
     raise tf.errors.ResourceExhaustedError(None, None, 'No space left on device')
 
   tensorboard = writer._writers[0]  # pylint: disable=protected-access
-  monkeypatch.setattr(tensorboard._writer, 'write_scalars', full)  # pylint: disable=protected-access
+  inner = tensorboard._writer  # pylint: disable=protected-access
+  monkeypatch.setattr(inner, 'write_scalars', full)
   with pytest.raises(workdir_lib.StorageError,
                      match=f'{tmp_path}/tensorboard: No space left on device '
                            r'\(ResourceExhaustedError\)'):
@@ -289,7 +290,8 @@ def test_object_store_error_at_startup_in_process(tmp_path, capsys, monkeypatch)
           None, None, "Error executing an HTTP request: libcurl code 6 meaning 'Could not resolve "
           f"hostname'\n\t when reading metadata of {path}")
 
-  monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, 'gs', Unreachable())  # pylint: disable=protected-access
+  backends = gpath._PREFIX_TO_BACKEND  # pylint: disable=protected-access
+  monkeypatch.setitem(backends, 'gs', Unreachable())
   monkeypatch.setattr(gpath, '_is_tf_installed', lambda: False)
   with pytest.raises(SystemExit) as e:
     main.run(_short(), 'gs://bucket/run')
