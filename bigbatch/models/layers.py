@@ -75,11 +75,9 @@ class BatchNorm(nn.Module):
     # Cast first, reshape after: XLA folds a bf16 producer's f32 -> bf16 -> f32 round trip only
     # where the two converts meet (CPU computes bf16 convolutions in f32), and a reshape between
     # them would keep the round trip and an extra pass.
-    xg = x.astype(jnp.float32)
-    if g < n:
-      # x_GxgxF: G groups of g examples, F = all remaining axes (spatial..., channels).
-      xg = xg.reshape((n // g, g) + x.shape[1:])
-    axes = tuple(range(xg.ndim - x.ndim, xg.ndim - 1))
+    # x_GxgxF: G groups of g examples, F = all remaining axes (spatial..., channels); always
+    # grouped, G = 1 under plain and sync BN and where a device holds one ghost group.
+    xg = x.astype(jnp.float32).reshape((n // g, g) + x.shape[1:])
     per_channel = lambda v: v.reshape((1,) * (xg.ndim - 1) + (c,))
     sync = self.axis_name is not None and self.group_size is None
     # One pass over the activations: both moments from one read, accumulated in float32, taken
@@ -89,9 +87,9 @@ class BatchNorm(nn.Module):
     if sync:
       shift = per_channel(ra_mean.value)
     else:
-      first = tuple(slice(0, 1) if i in axes else slice(None) for i in range(xg.ndim))
+      first = (slice(None),) + (slice(0, 1),) * (xg.ndim - 2) + (slice(None),)
       shift = jax.lax.stop_gradient(xg[first])
-    moments = _shifted_moments(xg, shift, axes)
+    moments = _shifted_moments(xg, shift)
     if sync:
       # Sync BN: one collective per layer, both moments in one buffer.
       moments = jax.lax.pmean(moments, self.axis_name)
@@ -106,9 +104,11 @@ class BatchNorm(nn.Module):
     # y = x * a + b, a and b per channel (and group): the backward pass then reduces dy and
     # dy * x per group and derives every other gradient from those per-channel sums, where
     # (x - mean) * a + bias would keep x - mean in memory for its reduction and reduce dy again
-    # over all groups for the bias.
+    # over all groups for the bias. Both reductions are _group_sum's (the transpose of
+    # _broadcast_groups), the statistics' own order (module doc, Layouts).
     a = jax.lax.rsqrt(var + self.epsilon) * per_channel(scale)
-    y = xg * a + (per_channel(bias) - mean * a)
+    y = (xg * _broadcast_groups(a, xg.shape)
+         + _broadcast_groups(per_channel(bias) - mean * a, xg.shape))
 
     if not self.is_initializing():
       mean, var = _mean_var(running, shift)
@@ -119,26 +119,61 @@ class BatchNorm(nn.Module):
     return y.reshape(x.shape).astype(self.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _shifted_moments(x, shift, axes):
-  """[E[x - shift], E[(x - shift)^2]] over `axes` (keepdims), stacked; no gradient to shift.
+def _group_sum(x):
+  """Sums of x_GxgxFxC over each group's examples and positions, keepdims: G x 1 x 1... x C.
+
+  The order of the additions depends on g and F only, never on G (how many groups the device
+  holds): each example's positions are reduced on their own (a reduction whose kept axes, not
+  its reduced ones, grow with G), then the g per-example sums are added pairwise in a fixed
+  tree (slices and adds, which XLA does not reassociate). One reduction over the group's axes
+  is rounded differently by XLA for different G (and for G = 1, whose axis it drops).
+  """
+  s = jnp.sum(x, axis=tuple(range(2, x.ndim - 1))) if x.ndim > 3 else x  # G x g x C
+  while s.shape[1] > 1:
+    half = s.shape[1] // 2
+    pairs = s[:, :half] + s[:, half:2 * half]
+    s = pairs if s.shape[1] % 2 == 0 else jnp.concatenate([pairs, s[:, 2 * half:]], axis=1)
+  return s.reshape(x.shape[:1] + (1,) * (x.ndim - 2) + x.shape[-1:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _broadcast_groups(v, shape):
+  """v_Gx1...xC broadcast to x's shape G x g x F x C; its transpose is _group_sum."""
+  return jnp.broadcast_to(v, shape)
+
+
+def _broadcast_groups_fwd(v, shape):
+  return _broadcast_groups(v, shape), None
+
+
+def _broadcast_groups_bwd(shape, _, g):
+  return (_group_sum(g),)
+
+
+_broadcast_groups.defvjp(_broadcast_groups_fwd, _broadcast_groups_bwd)
+
+
+@jax.custom_vjp
+def _shifted_moments(x, shift):
+  """[E[x - shift], E[(x - shift)^2]] over each group of x_GxgxFxC (keepdims), stacked; no
+  gradient to shift.
 
   The backward pass, dx = (g_0 + 2 g_1 (x - shift)) / n, recomputes x - shift from x, which the
   layer's output keeps for its own backward anyway. (XLA's cost analysis of the ResNet-50 step
   counts the same bytes as for differentiating the expression with a stop_gradient shift.)
   """
   d = x - shift
-  return jnp.stack([jnp.mean(d, axis=axes, keepdims=True),
-                    jnp.mean(jnp.square(d), axis=axes, keepdims=True)])
+  n = math.prod(x.shape[1:-1])
+  return jnp.stack([_group_sum(d) / n, _group_sum(jnp.square(d)) / n])
 
 
-def _shifted_moments_fwd(x, shift, axes):
-  return _shifted_moments(x, shift, axes), (x, shift)
+def _shifted_moments_fwd(x, shift):
+  return _shifted_moments(x, shift), (x, shift)
 
 
-def _shifted_moments_bwd(axes, residuals, g):
+def _shifted_moments_bwd(residuals, g):
   x, shift = residuals
-  n = math.prod(x.shape[a] for a in axes)
+  n = math.prod(x.shape[1:-1])
   return (g[0] + 2 * g[1] * (x - shift)) / n, jnp.zeros_like(shift)
 
 
