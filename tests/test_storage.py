@@ -392,3 +392,13 @@ def test_real_full_disk_metrics_and_json(tmp_path):
     writer.close()
   finally:
     subprocess.run(['umount', '-l', str(disk)], check=False, timeout=30)
+
+
+def test_study_workdir_is_made_absolute(tmp_path, monkeypatch):
+  """The study's trials checkpoint under its workdir, and its printed commands may run in
+  another directory (a SLURM array): a relative --workdir is made absolute."""
+  from bigbatch.study import run  # pylint: disable=g-import-not-at-top
+  from configs import study_digits  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  commands = run.commands(study_digits.get_config(), 'studies/a', 'configs/study_digits.py')
+  assert commands and all(f' --workdir={tmp_path}/studies/a ' in c for c in commands), commands[0]

@@ -374,6 +374,7 @@ def run(study: ml_collections.ConfigDict, workdir: str, *, only: Iterable[str] =
   """Runs every unfinished trial (or those named in `only`), then writes the report (not for
   `only`). Returns all results known in the workdir. `cache`: a trainer.CompileCache for the
   trials (None: a new one, shared by this call's trials)."""
+  workdir = workdir_lib.absolute(workdir)  # the trials' checkpoints need an absolute path
   all_trials = trials(study)
   by_id = {t.trial_id: t for t in all_trials}
   unknown = sorted(set(only) - set(by_id))
@@ -444,6 +445,7 @@ def finish(study, workdir: str, all_trials: list[Trial], done: dict[str, dict],
 def merge(study: ml_collections.ConfigDict, workdir: str, echo=print) -> list[dict]:
   """Gathers the result.json files of trials run separately (--trial) into results.jsonl and
   writes the report."""
+  workdir = workdir_lib.absolute(workdir)
   all_trials = trials(study)
   _check_workdir(workdir)
   in_jsonl = {r['trial_id'] for r in _read_metrics(os.path.join(workdir, 'results.jsonl'))}
@@ -469,6 +471,7 @@ def _check_workdir(workdir: str) -> None:
 
 def commands(study: ml_collections.ConfigDict, workdir: str, config_arg: str) -> list[str]:
   """One command per unfinished trial, for a SLURM array or several TPU slices."""
+  workdir = workdir_lib.absolute(workdir)  # the commands may run in another directory
   _check_workdir(workdir)
   done = read_results(workdir)
   return [shlex.join(['python', '-m', 'bigbatch.study', f'--config={config_arg}',
