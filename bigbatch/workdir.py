@@ -273,7 +273,10 @@ def check_compatible(workdir: str, config, *, num_train: int, resume_step: int,
         f'{workdir} holds another experiment (recorded in {where}); the config changes '
         f'{shown}{more}'
         f'{" and the lr of steps already run" if refused[-1].startswith("(") else ""}. '
-        f'Use a new --workdir, or pass --restart_from_scratch to set the old run aside')
+        + (f'Evaluate with the config the run was trained with (config.json there); an '
+           f'evaluation may change only what observes the run, such as eval_batch'
+           if config.get('mode') == 'eval' else
+           f'Use a new --workdir, or pass --restart_from_scratch to set the old run aside'))
 
 
 # What bigbatch keeps in a workdir, by kind. A path of the wrong kind (a file named checkpoints)

@@ -33,7 +33,8 @@ sys.path.insert(0, ROOT)
 from configs import quickstart  # noqa: E402
 
 DOC_ROWS = ('eval-checkpoint-rotated', 'eval-beside-trainer-none-readable', 'eval-no-checkpoint',
-            'eval-restart-from-scratch', 'start-failed-leaves-no-directory')
+            'eval-restart-from-scratch', 'eval-other-experiment',
+            'start-failed-leaves-no-directory')
 
 
 def _state(value):
@@ -225,6 +226,20 @@ def test_eval_refuses_restart_from_scratch(trained, capsys):
   assert '--restart_from_scratch with config.mode=eval' in line, line
   assert sorted(os.listdir(trained)) == before
   assert not [p for p in os.listdir(trained.parent) if '.old-' in p]
+
+
+def test_eval_with_another_config_is_told_to_use_the_runs(trained, live_trainer, capsys):
+  """eval-other-experiment: the advice is the run's config, never --restart_from_scratch (which
+  would set aside the live trainer's workdir)."""
+  _hold(trained, live_trainer)
+  before = sorted(os.listdir(trained))
+  with pytest.raises(SystemExit) as e:
+    main.run(_short(mode='eval', global_batch=64), str(trained))
+  line = _one_line(e, capsys, main.EXIT_CONFIG_ERROR)
+  assert 'holds another experiment' in line and 'global_batch: 128 -> 64' in line, line
+  assert 'Evaluate with the config the run was trained with' in line, line
+  assert 'restart_from_scratch' not in line, line
+  assert sorted(os.listdir(trained)) == before
 
 
 @pytest.mark.parametrize('existed', [False, True])
