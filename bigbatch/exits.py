@@ -50,3 +50,37 @@ def classify(e: BaseException) -> tuple[str, str, int] | None:
                     f'resumes from the last checkpoint that was written'), code
     return kind, str(e), code
   return None
+
+
+def _root_cause(e: BaseException) -> BaseException:
+  while e.__cause__ is not None or e.__context__ is not None:
+    e = e.__cause__ or e.__context__
+  return e
+
+
+def flag_error_message(e: Exception, config_arg: str) -> str:
+  """The one line (after `flag error: `) of a failure to parse the flags or load the config file
+  (`config_arg`: the `--config=...` argument as given): a bad flag, a missing or failing config
+  file, a bad config argument, an unknown --config.field; never the chained traceback."""
+  # pylint: disable=g-import-not-at-top
+  from absl import flags
+  from bigbatch.fields import ConfigError
+  cause = _root_cause(e)
+  reason = ' '.join(str(cause).replace("\\'", "'").split()).strip('\'"')
+  if 'Error whilst parsing config file' in str(e):
+    # get_config raised (a bad `file.py:ARG`, or a bug in the file): ml_collections puts the
+    # reason after a traceback on the following lines; it is the root cause.
+    detail = ' '.join(str(cause).split())
+    return f'{config_arg}: the config file\'s get_config failed: {detail}' + (
+        '' if isinstance(cause, ConfigError) else f' ({type(cause).__name__})')
+  if isinstance(cause, AttributeError) and 'get_config' in str(cause):
+    return f'{config_arg}: the config file defines no get_config(arg=None) function'
+  if isinstance(e, flags.Error) and not isinstance(cause, (OSError, KeyError, AttributeError)):
+    return str(e).splitlines()[0]
+  if 'Failed loading config file' in str(cause):
+    last = str(cause).strip().splitlines()[-1].strip()
+    return f'{config_arg}: the config file cannot be loaded ({last})'
+  if isinstance(cause, (KeyError, AttributeError)):
+    detail = ' '.join(str(cause.args[0] if cause.args else cause).split())
+    return f'a --config.* override names no config field: {detail}'
+  return f'{reason} ({type(cause).__name__})'

@@ -137,12 +137,6 @@ def _run(config, workdir: str, *, restart_from_scratch: bool, hooks) -> dict:
     _fail(*failure)
 
 
-def _root_cause(e: BaseException) -> BaseException:
-  while e.__cause__ is not None or e.__context__ is not None:
-    e = e.__cause__ or e.__context__
-  return e
-
-
 def _unset_overrides(argv) -> tuple[list[str], list[str]]:
   """argv without its `--config.FIELD=None` arguments, and those FIELDs. config_flags parses an
   override by the field's type and refuses None for a number, yet a field such as num_epochs
@@ -174,27 +168,7 @@ def _parse_flags(argv):
     config = _CONFIG.value  # config_flags defers a load failure to the first use
     config.get('seed')
   except Exception as e:  # pylint: disable=broad-except
-    cause = _root_cause(e)
-    reason = ' '.join(str(cause).replace("\\'", "'").split()).strip('\'"')
-    if 'Error whilst parsing config file' in str(e):
-      # get_config raised (a bad `file.py:ARG`, or a bug in the file): ml_collections puts the
-      # reason after a traceback on the following lines; it is the root cause.
-      detail = ' '.join(str(cause).split())
-      message = f'{config_arg}: the config file\'s get_config failed: {detail}' + (
-          '' if isinstance(cause, config_lib.ConfigError) else f' ({type(cause).__name__})')
-    elif isinstance(cause, AttributeError) and 'get_config' in str(cause):
-      message = f'{config_arg}: the config file defines no get_config(arg=None) function'
-    elif isinstance(e, flags.Error) and not isinstance(cause, (OSError, KeyError, AttributeError)):
-      message = str(e).splitlines()[0]
-    elif 'Failed loading config file' in str(cause):
-      last = str(cause).strip().splitlines()[-1].strip()
-      message = f'{config_arg}: the config file cannot be loaded ({last})'
-    elif isinstance(cause, (KeyError, AttributeError)):
-      detail = ' '.join(str(cause.args[0] if cause.args else cause).split())
-      message = f'a --config.* override names no config field: {detail}'
-    else:
-      message = f'{reason} ({type(cause).__name__})'
-    _flag_error(message)
+    _flag_error(exits.flag_error_message(e, config_arg))  # shared with bigbatch.study
   finally:
     sys.argv = original
   if _WORKDIR.value is None and not _PRINT_DERIVED.value:
