@@ -37,8 +37,8 @@ class Preempted(Exception):
   def __init__(self, step: int, signum: int = signal.SIGTERM):
     what = ('interrupted (SIGINT)' if signum == signal.SIGINT else
             f'preempted ({signals.name(signum)})')
-    super().__init__(f'{what}: checkpoint written at step {step}; rerun the same command to '
-                     f'resume')
+    super().__init__(f'{what}{signals.context()}: checkpoint written at step {step}; rerun the '
+                     f'same command to resume')
     self.step, self.signum = step, signum
 
 

@@ -223,6 +223,10 @@ def set_context(text: str) -> None:
   _state.context = text
 
 
+def context() -> str:
+  return _state.context
+
+
 @contextlib.contextmanager
 def phase(where: str | None):
   with _state.lock:
