@@ -2,6 +2,19 @@
 
     python benchmarks/partial_fc.py [--num_classes=200000] [--dim=512] [--batch=512]
                                     [--rates=1.0,0.3,0.1] [--repeats=3] [--no_docs]
+    python benchmarks/partial_fc.py --shard_shape [--shards=64] [--num_classes=2059906]
+                                    [--batch=65536] [--time_batch=8192] [--repeats=2]
+
+--shard_shape: one device's share of Partial FC at the scale it is for, face_64k_lamb on 64
+devices (WebFace42M's 2,059,906 identities, 32,187 rows per shard, global batch 65,536 gathered
+on every device): the per-device program run on one device (its collectives over one device
+are no-ops, so the work and the memory are one shard's, the communication is left out), at
+rate 0.1 (3,218 rows: int(0.1 * 32,187), arcface_torch's rounding) vs rate 1 (every row of the
+shard: the full softmax, model parallel). Memory: XLA's memory analysis of the program compiled
+at the full batch (nothing is run at that size); time: the same program at --time_batch
+examples (the full batch would take minutes per call on CPU), labels drawn as a shard sees them
+at 64 devices (about batch / 64 distinct positives), and once with an overflowing batch (2 x S
+distinct positives on the shard: the extra column blocks run).
 
 The classifier part of a face-recognition step only: given fixed embeddings [batch, dim] (split
 over 8 emulated CPU devices) and labels, forward and backward of the ArcFace margin softmax
@@ -36,6 +49,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
 import jax  # noqa: E402
 from jax import lax  # noqa: E402
+import numpy as np  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
@@ -115,7 +129,7 @@ def run(num_classes: int, dim: int, batch: int, rates, repeats: int) -> dict:
   for rate in rates:
     step = _pfc_step(mesh, num_classes, rate)
     c = step.lower(centers, emb, labels, key).compile()
-    s = partial_fc.sample_size(num_classes, NUM_DEVICES, batch, rate)
+    s = partial_fc.sample_size(num_classes, NUM_DEVICES, rate)
     entries[f'Partial FC, rate {rate:g}'] = (
         (lambda c=c: jax.block_until_ready(c(centers, emb, labels, key))), c, s,
         4 * (2 * (c_pad // NUM_DEVICES) * dim + 2 * batch * s))
@@ -132,8 +146,106 @@ def run(num_classes: int, dim: int, batch: int, rates, repeats: int) -> dict:
   return results
 
 
+def run_shard_shape(num_classes: int, shards: int, dim: int, batch: int, time_batch: int,
+                    rate: float, repeats: int) -> dict:
+  cs = partial_fc.padded_num_classes(num_classes, shards) // shards
+  s = partial_fc.sample_size(num_classes, shards, rate)
+  mesh = jax.make_mesh((1, 1), partial_fc.AXES, devices=jax.devices()[:1],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  # One shard's classes are the whole class set of the one-device program: Cs rows, S of them
+  # sampled (int(rate * Cs) is the same number).
+  assert partial_fc.sample_size(cs, 1, rate) == s
+  entries = {'full softmax (rate 1, model parallel)': 1.0, f'Partial FC, rate {rate:g}': rate}
+  sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
+                                                  sharding=NamedSharding(mesh, P()))
+  rng = np.random.default_rng(0)
+  kw = jax.random.key(0)
+  centers = partial_fc.init_centers(kw, cs, dim, 1)
+  emb = jax.random.normal(jax.random.key(1), (time_batch, dim))
+  per_shard = max(1, batch // shards)  # the distinct positives a shard sees at `shards` devices
+  normal = jnp.asarray(rng.choice(cs, per_shard, replace=False)[
+      rng.integers(0, per_shard, time_batch)], jnp.int32)
+  crowded = jnp.asarray(rng.choice(cs, min(cs, 2 * s, time_batch), replace=False)[
+      np.arange(time_batch) % min(cs, 2 * s, time_batch)], jnp.int32)
+  key = jax.random.key(2)
+  results, calls = {}, {}
+  for name, r in entries.items():
+    step = _pfc_step(mesh, cs, r)
+    big = step.lower(sds((cs, dim), jnp.float32), sds((batch, dim), jnp.float32),
+                     sds((batch,), jnp.int32), key).compile()
+    columns = partial_fc.sample_size(cs, 1, r)
+    small = step.lower(centers, emb, normal, key).compile()
+    results[name] = {'columns': columns, 'logits_bytes': 4 * batch * columns, **_memory(big)}
+    calls[name] = lambda small=small, labels=normal: jax.block_until_ready(
+        small(centers, emb, labels, key))
+    if r < 1:
+      calls[name + ', overflowing batch'] = lambda small=small: jax.block_until_ready(
+          small(centers, emb, crowded, key))
+      results[name + ', overflowing batch'] = dict(results[name], columns=min(cs, 2 * s))
+    print(f'  compiled: rate {r:g}', file=sys.stderr, flush=True)
+  losses_seen = {n: float(c()[0]) for n, c in calls.items()}
+  walls, cpus = common.time_interleaved(calls, repeats)
+  for name in calls:
+    results[name].update(wall_s=common.median(walls[name]), cpu_s=common.median(cpus[name]),
+                         loss=losses_seen[name])
+  return results
+
+
+def main_shard_shape(args):
+  num_classes = args.num_classes if args.num_classes != 200_000 else 2_059_906
+  batch = args.batch if args.batch != 512 else 65_536
+  rate = [float(r) for r in args.rates.split(',')][-1]
+  results = run_shard_shape(num_classes, args.shards, args.dim, batch, args.time_batch, rate,
+                            args.repeats)
+  cs = partial_fc.padded_num_classes(num_classes, args.shards) // args.shards
+  full = results['full softmax (rate 1, model parallel)']
+  rows = []
+  for name, r in results.items():
+    rows.append([name, f'{r["columns"]:,}', common.mib(r['logits_bytes']),
+                 common.mib(r['temp']), common.mib(r['total']),
+                 f'{full["total"] / r["total"]:.2f}x', f'{r["wall_s"]:.3f}',
+                 f'{r["cpu_s"]:.2f}', f'{full["wall_s"] / r["wall_s"]:.2f}x'])
+  header = ['classifier (one shard)', 'softmax columns', f'logits [{batch:,} x columns] f32',
+            'temp / device', 'total / device', 'less memory', f'step wall s (batch '
+            f'{args.time_batch:,})', 'step CPU s', 'speedup (wall)']
+  text = report.table(header, rows)
+  pfc = results[f'Partial FC, rate {rate:g}']
+  ratio = full['total'] / pfc['total']
+  checks = [
+      f'Rate {rate:g} vs the full softmax at this shard shape: {ratio:.1f}x less memory per '
+      f'device (XLA total), {full["temp"] / pfc["temp"]:.1f}x less temp, '
+      f'{full["logits_bytes"] / pfc["logits_bytes"]:.1f}x smaller logits; target >= 5x: '
+      f'{"met" if ratio >= 5 else "MISSED"}.',
+      'The overflowing batch runs the same compiled program (one shape): its extra column '
+      'blocks are computed only when a shard\'s positives exceed S, and recomputed in the '
+      'backward pass, so its memory is the normal batch\'s.']
+  print(text)
+  for line in checks:
+    print(line)
+  body = (f'`python benchmarks/partial_fc.py --shard_shape`: one device\'s share of the '
+          f'classifier (forward + backward w.r.t. embeddings and centers, ArcFace s=64 m=0.5) '
+          f'for face_64k_lamb on {args.shards} devices: {num_classes:,} classes, {cs:,} rows per '
+          f'shard, {args.dim}-d embeddings, the global batch of {batch:,} gathered on every '
+          f'device. The per-device program on one CPU device (collectives over one device are '
+          f'no-ops: one shard\'s work and memory, no communication). Memory: XLA\'s memory '
+          f'analysis of the program compiled at batch {batch:,} (argument + output + temp; '
+          f'nothing run at that size). Time: the same program at batch {args.time_batch:,} '
+          f'(CPU; the full batch takes minutes per call), labels as a shard sees them at '
+          f'{args.shards} devices (~{max(1, batch // args.shards):,} distinct positives), median '
+          f'of {args.repeats} interleaved runs.\n\n'
+          + text + '\n\n' + '\n'.join(f'- {line}' for line in checks))
+  if not args.no_docs:
+    report.update_section('partial-fc-shard',
+                          f'Partial FC at the {args.shards}-device shard shape', body)
+  return results
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--shard_shape', action='store_true',
+                      help='one shard of face_64k_lamb on --shards devices (module doc)')
+  parser.add_argument('--shards', type=int, default=64)
+  parser.add_argument('--time_batch', type=int, default=8192)
   parser.add_argument('--num_classes', type=int, default=200_000)
   parser.add_argument('--dim', type=int, default=512)
   parser.add_argument('--batch', type=int, default=512)
@@ -142,6 +254,8 @@ def main():
   parser.add_argument('--no_docs', action='store_true',
                       help='print only; do not write the section of docs/performance.md')
   args = parser.parse_args()
+  if args.shard_shape:
+    return main_shard_shape(args)
   rates = [float(r) for r in args.rates.split(',')]
   results = run(args.num_classes, args.dim, args.batch, rates, args.repeats)
 

@@ -257,8 +257,10 @@ def _parameters(config, trainer, num_classes: int) -> dict:
     out['class_centers'] = {
         'classes': num_classes, 'rows': centers.shape[0], 'dim': centers.shape[1],
         'shards': shards, 'rows_per_shard': centers.sharding.shard_shape(centers.shape)[0],
-        'sampled_rows_per_shard': partial_fc.sample_size(num_classes, shards, microbatch,
-                                                         config.face.sample_rate)}
+        'sampled_rows_per_shard': partial_fc.sample_size(num_classes, shards,
+                                                         config.face.sample_rate),
+        'max_rows_per_shard': partial_fc.capacity(num_classes, shards, microbatch,
+                                                  config.face.sample_rate)}
   return out
 
 
@@ -437,7 +439,8 @@ def format(d: dict, *, memory_hint: str = '--print_derived_memory') -> str:  # p
       rows += [('class centers', f'{c["classes"]:,} classes -> {c["rows"]:,} rows x {c["dim"]} '
                                  f'over {c["shards"]} shards'),
                ('rows per shard', f'{c["rows_per_shard"]:,} ({c["sampled_rows_per_shard"]:,} '
-                                  f'sampled per step)')]
+                                  f'sampled per step; all positives, up to '
+                                  f'{c["max_rows_per_shard"]:,}, when they are more)')]
     lines += _section('Parameters (jax.eval_shape; nothing initialized)', rows)
   m = d.get('memory')
   if m is None:

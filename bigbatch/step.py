@@ -27,7 +27,8 @@ from bigbatch import trust_ratio
 from bigbatch.study import noise_scale
 
 # loss_fn(params, batch_stats, image_MxHxWxC, label_M, key) -> (loss, (new BN stats, accuracy)):
-# the mean loss of one microbatch share on one device.
+# the mean loss of one microbatch share on one device. `accuracy` may instead be a dict with
+# 'accuracy' and counts (device-invariant scalars) that the step's metrics sum over microbatches.
 LossFn = Callable[..., tuple[jax.Array, tuple[Any, jax.Array]]]
 
 
@@ -136,6 +137,10 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
 
   grad_sum, (losses, accuracies, stats, small_sqs) = lax.scan(
       microbatch, jax.tree.map(jnp.zeros_like, params), (batch, jnp.arange(k)))
+  counts = {}
+  if isinstance(accuracies, dict):  # the task's counts, e.g. Partial FC's overflows
+    counts = {name: mean_over(v.sum()) for name, v in accuracies.items() if name != 'accuracy'}
+    accuracies = accuracies['accuracy']
   # The one gradient reduction of the update (replicated parameters only).
   grads = jax.tree.map(lambda g, sh: g / k if sh else lax.pmean(g / k, axes), grad_sum, sharded)
 
@@ -190,6 +195,7 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
       'nonfinite_total': new_state.nonfinite_total,
       **trust_ratio.trust_ratio_stats(opt_state),
       **gns_metrics,
+      **counts,
   }
   return new_state, metrics
 

@@ -1,7 +1,8 @@
 """Margin softmax (ArcFace, CosFace, combined) against a float64 NumPy reference written from the
 formulas with arccos: values, gradients (central finite differences of the reference), the
-easy_margin=False fallback beyond theta + m > pi, the straight-through gradient, finiteness at
-cos = +-1."""
+easy_margin=False fallback beyond theta + m > pi, finiteness at cos = +-1; straight_through and
+cap_loss against a float64 transcription of arcface_torch's CombinedMarginLoss and
+DistCrossEntropy."""
 from __future__ import annotations
 
 import math
@@ -120,31 +121,89 @@ def test_rows_labelled_minus_one_get_no_margin():
                              atol=1e-4)
 
 
-@pytest.mark.parametrize('name', ['arcface', 'multiplicative'])
-def test_straight_through_keeps_value_with_gradient_of_plain_cosine(name):
+def ref_arcface_torch_logits(cos, labels, m):
+  """arcface_torch's CombinedMarginLoss after PartialFC_V2's clamp, as written there: cosines
+  clamped to [-1, 1]; ArcFace (m1 = 1, m3 = 0): target cos(arccos(c) + m2), no fallback;
+  CosFace (m3 > 0): target c - m3; times s."""
+  m1, m2, m3 = m
+  cos = np.clip(cos, -1.0, 1.0)
+  logits = cos.copy()
+  for b, y in enumerate(labels):
+    if y >= 0:
+      c = cos[b, y]
+      logits[b, y] = np.cos(np.arccos(c) + m2) if m3 == 0 else c - m3
+  return S * logits
+
+
+def _ce(logits, labels):
+  mx = logits.max(axis=1, keepdims=True)
+  return (np.log(np.exp(logits - mx).sum(axis=1)) + mx[:, 0]
+          - logits[np.arange(len(labels)), labels])
+
+
+@pytest.mark.parametrize('name', ['arcface', 'cosface'])
+def test_straight_through_is_arcface_torch_loss(name):
   m = MARGINS[name]
   cos, labels = _cos_and_labels()
+  cos[0, (labels[0] + 1) % cos.shape[1]] = 1.0000002  # rounding past 1: clamped
   lbl = jnp.asarray(labels)
 
-  def loss_fn(c, straight_through):
-    logits = losses.margin_logits(c, lbl, s=S, m1=m[0], m2=m[1], m3=m[2],
-                                  straight_through=straight_through)
+  def loss_fn(c):
+    logits = losses.margin_logits(c, lbl, s=S, m1=m[0], m2=m[1], m3=m[2], straight_through=True)
     return jnp.mean(jax.nn.logsumexp(logits, axis=1)
                     - jnp.take_along_axis(logits, lbl[:, None], axis=1)[:, 0])
 
   with jax.enable_x64(True):
     c64 = jnp.asarray(cos, jnp.float64)
-    v_st, g_st = jax.value_and_grad(loss_fn)(c64, True)
-    v, g = jax.value_and_grad(loss_fn)(c64, False)
-  np.testing.assert_allclose(float(v_st), float(v), rtol=1e-12)
-  # d/dcos of CE(logits) with logits = s*cos + const offset: s * (softmax(logits) - onehot) / B.
-  logits = ref_logits(cos, labels, m)
+    v_st, g_st = jax.value_and_grad(loss_fn)(c64)
+  logits = ref_arcface_torch_logits(cos, labels, m)
+  np.testing.assert_allclose(float(v_st), np.mean(_ce(logits, labels)), rtol=1e-12)
+  # Its gradient: d CE / d cos = s * (softmax - onehot) / B, zero where the clamp is active.
   p = np.exp(logits - logits.max(1, keepdims=True))
   p /= p.sum(1, keepdims=True)
-  onehot = np.eye(cos.shape[1])[labels]
-  np.testing.assert_allclose(np.asarray(g_st), S * (p - onehot) / len(labels), atol=1e-10)
-  # ... which is not the true gradient at the targets.
-  assert np.max(np.abs(np.asarray(g_st) - np.asarray(g))) > 1e-3
+  want = S * (p - np.eye(cos.shape[1])[labels]) / len(labels) * (np.abs(cos) <= 1)
+  np.testing.assert_allclose(np.asarray(g_st), want, atol=1e-10)
+  if name == 'arcface':
+    # No fallback: rows with theta + m > pi (2 of TARGET_COS) differ from the default form;
+    # the others agree with it.
+    beyond = np.arccos(TARGET_COS) + m[1] > math.pi
+    assert beyond.sum() == 2
+    ours = ref_logits(np.clip(cos, -1, 1), labels, m)
+    idx = np.arange(len(labels)), labels
+    assert np.all(np.abs(logits[idx] - ours[idx])[beyond] > 1)
+    np.testing.assert_allclose(logits[idx][~beyond], ours[idx][~beyond], atol=1e-9)
+
+
+@pytest.mark.parametrize('m', [(1.2, 0.3, 0.1), (1.0, 0.3, 0.2), (1.0, 0.0, -0.1),
+                               (0.9, 0.0, 0.0)])
+def test_straight_through_refuses_what_arcface_torch_does_not_compute(m):
+  with pytest.raises(ValueError, match='arcface_torch'):
+    losses.margin_logits(jnp.zeros((2, 3)), jnp.zeros(2, jnp.int32), s=S, m1=m[0], m2=m[1],
+                         m3=m[2], straight_through=True)
+
+
+def test_cap_loss_is_arcface_torch_reported_value_with_the_uncapped_gradient():
+  rng = np.random.default_rng(3)
+  x, w = rng.normal(size=(6, 4)), rng.normal(size=(5, 4))
+  labels = rng.integers(0, 5, size=6)
+  x[:2] = 3 * w[labels[:2]]  # these two rows on their centers: small losses
+  labels = jnp.asarray(labels)
+  # A large margin and scale put the other rows' target probability below 1e-30.
+  kw = dict(s=S, m2=1.5)
+  with jax.enable_x64(True):
+    x64, w64 = jnp.asarray(x), jnp.asarray(w)
+    v, g = jax.value_and_grad(losses.margin_softmax_loss)(x64, w64, labels, **kw)
+    v_cap, g_cap = jax.value_and_grad(losses.margin_softmax_loss)(x64, w64, labels,
+                                                                  cap_loss=True, **kw)
+    cos = np.asarray(losses.normalize(x64) @ losses.normalize(w64).T)
+    rows = _ce(np.asarray(losses.margin_logits(jnp.asarray(cos), labels, **kw)),
+               np.asarray(labels))
+  assert np.sum(rows > losses.LOSS_CAP) >= 1 and np.sum(rows < losses.LOSS_CAP) >= 1
+  np.testing.assert_allclose(float(v), np.mean(rows), rtol=1e-12)
+  # mean(-log(max(p, 1e-30))): each row capped at 69.08.
+  np.testing.assert_allclose(float(v_cap), np.mean(np.minimum(rows, -np.log(1e-30))),
+                             rtol=1e-12)
+  np.testing.assert_array_equal(np.asarray(g_cap), np.asarray(g))
 
 
 @pytest.mark.parametrize('name', sorted(MARGINS))
@@ -176,3 +235,17 @@ def test_normalize_and_dense_loss():
   got = losses.margin_softmax_loss(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32),
                                    jnp.asarray(labels), s=S, m2=0.5)
   np.testing.assert_allclose(float(got), ref_loss(cos, labels, (1.0, 0.5, 0.0)), rtol=1e-5)
+
+
+@pytest.mark.parametrize('margins', [(1.2, 0.3, 0.1), (1.0, 0.5, 0.4)])
+def test_straight_through_config_error_names_the_field(margins):
+  from bigbatch import config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.base_config()
+  c.task, c.data.name, c.model.name = 'face', 'face_synthetic', 'iresnet'
+  c.num_steps, c.global_batch = 10, 32
+  c.face.m1, c.face.m2, c.face.m3 = margins
+  c.face.straight_through = True
+  with pytest.raises(config_lib.ConfigError, match=r'config\.face\.straight_through.*arcface_torch'):
+    config_lib.validate(c, num_devices=8)
+  c.face.straight_through = False
+  config_lib.validate(c, num_devices=8)  # the true-gradient form computes any margins

@@ -64,7 +64,8 @@ def _mapped(mesh_shape, config):
   spec_w = partial_fc.centers_spec()
   return jax.shard_map(
       per_device, mesh=mesh, in_specs=(P(), spec_w, P(axes), P(axes), P()),
-      out_specs=(P(), {'accuracy': P(), 'sampled_classes': P(axes)}, P(), spec_w))
+      out_specs=(P(), {'accuracy': P(), 'sampled_classes': P(axes), 'overflow': P()}, P(),
+                 spec_w))
 
 
 def _jit(f, **kwargs):
@@ -142,8 +143,8 @@ def test_sampled_softmax_equals_dense_softmax_over_the_sampled_classes(mesh_shap
   num_classes, rate = 301, 0.5  # C_pad 304: 38 rows per shard, S = max(19, 16) = 19
   theta, w, x, labels = _problem(num_classes, seed=1)
   config = _config(num_classes, rate)
-  s = partial_fc.sample_size(num_classes, 8, BATCH, rate)
-  assert s == 19
+  s = partial_fc.sample_size(num_classes, 8, rate)
+  assert s == 19 and partial_fc.capacity(num_classes, 8, BATCH, rate) == 19
   step = _step(mesh_shape, config)
   value, aux, g_theta, g_w = step(theta, w, x, labels, jax.random.key(3))
   sampled = np.asarray(aux['sampled_classes']).reshape(8, s)
@@ -172,22 +173,143 @@ def test_sampled_softmax_equals_dense_softmax_over_the_sampled_classes(mesh_shap
   np.testing.assert_array_equal(np.asarray(aux3['sampled_classes']), sampled.reshape(-1))
 
 
-def test_sample_size_never_drops_positives():
-  # S >= min(B, Cs) (all positives a shard can hold), S <= Cs, S >= rate * Cs.
-  for num_classes, batch, rate in [(301, 16, 0.1), (301, 64, 0.1), (37, 16, 0.1),
-                                   (10**6, 512, 0.1), (10**6, 512, 0.3), (100, 4, 1.0)]:
-    cs = partial_fc.padded_num_classes(num_classes, 8) // 8
-    s = partial_fc.sample_size(num_classes, 8, batch, rate)
-    assert min(batch, cs) <= s <= cs and s >= rate * cs - 1e-9
-  assert partial_fc.sample_size(10**6, 8, 512, 0.1) == 12500
-  # A batch whose 16 labels all fall in one shard of 38 rows still keeps every positive.
-  num_classes = 301
-  theta, w, x, _ = _problem(num_classes, seed=2)
-  labels = jnp.arange(16, dtype=jnp.int32) + 38 * 2
-  _, aux, _, _ = _step((8, 1), _config(num_classes, 0.1))(theta, w, x, labels,
-                                                         jax.random.key(0))
-  shard2 = np.asarray(aux['sampled_classes']).reshape(8, -1)[2]
-  assert set(np.asarray(labels)) <= set(shard2)
+def _dense64(theta, w, x, labels, columns, **margin):
+  """The float64 margin softmax over `columns` (global class ids) only, on one device."""
+  with jax.enable_x64(True):
+    def f(theta, w):
+      target = jnp.argmax(labels[:, None] == columns[None, :], axis=1)
+      return losses.margin_softmax_loss(x @ theta, w[columns], target, **{**MARGIN, **margin})
+    args = [jnp.asarray(np.asarray(a), jnp.float64) for a in (theta, w, x)]
+    labels, columns = jnp.asarray(np.asarray(labels)), jnp.asarray(np.asarray(columns))
+    value, (g_theta, g_w) = jax.value_and_grad(f, argnums=(0, 1))(args[0], args[1])
+    return float(value), np.asarray(g_theta), np.asarray(g_w)
+
+
+def _check_sampled(mesh_shape, num_classes, rate, labels, seed, **margin):
+  """One step against the float64 softmax over the classes it reports; returns the per-shard
+  columns and the overflow flag."""
+  theta, w, x, _ = _problem(num_classes, seed=seed)
+  config = partial_fc.Config(num_classes=num_classes, sample_rate=rate, **{**MARGIN, **margin})
+  value, aux, g_theta, g_w = _step(mesh_shape, config)(theta, w, x, labels, jax.random.key(5))
+  cs = partial_fc.padded_num_classes(num_classes, 8) // 8
+  sampled = np.asarray(aux['sampled_classes']).reshape(8, -1)
+  assert sampled.shape[1] == partial_fc.capacity(num_classes, 8, len(labels), rate)
+  s = partial_fc.sample_size(num_classes, 8, rate)
+  for shard, row in enumerate(sampled):
+    real = row[row >= 0]
+    assert len(set(real)) == len(real) and np.all(real // cs == shard)
+    positives = {int(y) for y in np.asarray(labels) if y // cs == shard}
+    assert set(real[:len(positives)]) == positives  # every positive, first
+    padding = cs * (shard + 1) - num_classes
+    assert len(real) == min(max(s, len(positives)), cs - max(padding, 0))  # rate * Cs, or more
+  columns = sampled[sampled >= 0]
+  want, want_theta, want_w = _dense64(theta, w, x, labels, columns, **margin)
+  np.testing.assert_allclose(float(value), want, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(g_theta), want_theta, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(g_w), want_w, rtol=1e-4, atol=1e-6)
+  unsampled = np.setdiff1d(np.arange(w.shape[0]), columns)
+  assert np.all(np.asarray(g_w)[unsampled] == 0)
+  return sampled, float(aux['overflow'])
+
+
+def test_sample_size_is_rate_times_shard_rows_rounded_down():
+  # int(rate * Cs) as arcface_torch's partial_fc_v2, whatever the batch; rate 1: every row.
+  assert partial_fc.sample_size(10**6, 8, 0.1) == 12500
+  assert partial_fc.sample_size(301, 8, 0.1) == 3  # Cs 38: int(3.8)
+  assert partial_fc.sample_size(301, 8, 1.0) == 38
+  assert partial_fc.sample_size(37, 8, 0.1) == 0  # Cs 5: positives only, as arcface_torch
+  # face_64k_lamb: 2,059,906 WebFace42M identities over 64 devices, Cs = 32,187.
+  assert partial_fc.sample_size(2_059_906, 64, 0.1) == 3218
+  assert partial_fc.sample_size(2_059_906, 8, 0.1) == 25748  # Cs 257,489: 10%, not 25%
+  # The sampled order is long enough for every positive a batch can bring to a shard.
+  assert partial_fc.capacity(301, 8, 16, 0.1) == 16
+  assert partial_fc.capacity(301, 8, 64, 0.1) == 38
+  assert partial_fc.capacity(2_059_906, 64, 65536, 0.1) == 32187
+
+
+@pytest.mark.parametrize('mesh_shape', [(8, 1), (4, 2)])
+def test_normal_batch_is_rate_times_shard_rows_and_the_float64_sampled_softmax(mesh_shape):
+  num_classes, rate = 301, 0.1  # Cs 38, S = 3
+  rng = np.random.default_rng(7)
+  # At most 3 distinct positives per shard: the softmax is exactly S = 3 columns per shard.
+  labels = np.concatenate([38 * shard + rng.choice(35, 2, replace=False) for shard in range(8)])
+  labels = jnp.asarray(labels, jnp.int32)
+  sampled, overflow = _check_sampled(mesh_shape, num_classes, rate, labels, seed=3)
+  assert overflow == 0
+  assert np.all(np.sum(sampled >= 0, axis=1)[:7] == 3)
+
+
+@pytest.mark.parametrize('margin', [{}, {'straight_through': True}, {'cap_loss': True}])
+def test_overflowing_batch_keeps_every_positive_exactly(margin):
+  # 11 distinct labels on shard 2 (S = 3 there): its softmax is those 11 classes, nothing else
+  # (arcface_torch's rule), computed in blocks of 3 columns; the other shards sample 3 each.
+  num_classes, rate = 301, 0.1
+  labels = np.asarray([76, 77, 79, 80, 83, 85, 88, 90, 95, 101, 113, 113, 0, 150, 151, 300])
+  sampled, overflow = _check_sampled((8, 1), num_classes, rate, jnp.asarray(labels, jnp.int32),
+                                     seed=2, **margin)
+  assert overflow == 1
+  assert set(sampled[2][sampled[2] >= 0]) == set(labels[:11])
+  assert np.sum(sampled[3] >= 0) == 3 and {150, 151} <= set(sampled[3])
+
+
+def test_batch_larger_than_a_shard_samples_positives_first():
+  # B = 16 >= Cs = 5 (37 classes): the order covers the whole shard, yet only max(S = 2,
+  # positives) of it is in the softmax, positives first; several shards overflow.
+  labels = np.asarray([0, 1, 2, 3, 3, 4, 5, 6, 11, 12, 13, 17, 22, 30, 35, 36])
+  sampled, overflow = _check_sampled((8, 1), 37, 0.5, jnp.asarray(labels, jnp.int32), seed=4)
+  assert overflow == 1 and sampled.shape[1] == 5
+  assert set(sampled[0][sampled[0] >= 0]) == {0, 1, 2, 3, 4}  # 5 positives: all, only them
+  assert np.sum(sampled[4] >= 0) == 2 and 22 in sampled[4]  # 1 positive + 1 negative
+
+
+def test_overflow_counts_in_the_step_metrics():
+  from bigbatch import step as step_lib  # pylint: disable=g-import-not-at-top
+  mesh, axes = _mesh((8, 1)), partial_fc.AXES
+  config = _config(301, 0.1)
+  theta, w, x, _ = _problem(301, seed=2)
+  normal = np.arange(16) * 19  # 2 per shard
+  crowded = 76 + np.arange(16)  # 16 on shard 2
+
+  def loss_fn(params, batch_stats, x, y, key):
+    loss, aux = partial_fc.loss(params['centers'], x @ params['theta'], y, key, config=config)
+    return loss, ({}, {'accuracy': aux['accuracy'], 'partial_fc_overflow': aux['overflow']})
+
+  tx = optax.inject_hyperparams(lambda peak_lr: optax.sgd(0.0))(peak_lr=0.0)
+  assert isinstance(tx.init({}), optax.InjectStatefulHyperparamsState)
+
+  def per_device(params, batch):
+    state = step_lib.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats={}, opt_state=tx.init(params),
+        rng=jax.random.PRNGKey(0), nonfinite_streak=jnp.zeros((), jnp.int32),
+        nonfinite_total=jnp.zeros((), jnp.int32), ema_params={}, noise_scale={})
+    _, metrics = step_lib.train_step(state, batch, loss_fn=loss_fn, tx=tx,
+                                     lr_fn=lambda count, peak: peak, axes=axes)
+    return metrics['partial_fc_overflow'], metrics['loss']
+
+  spec = {'theta': P(), 'centers': partial_fc.centers_spec()}
+  step = _jit(jax.shard_map(per_device, mesh=mesh, in_specs=(spec, P(None, 'data')),
+                            out_specs=(P(), P())))
+  # Three microbatches, two of them overflowing: the metric counts them.
+  labels = jnp.asarray(np.stack([normal, crowded, crowded]), jnp.int32)
+  count, loss = step({'theta': theta, 'centers': w},
+                     {'image': jnp.stack([x, x, x]), 'label': labels})
+  assert float(count) == 2 and np.isfinite(float(loss))
+
+
+@pytest.mark.slow
+def test_face_64k_lamb_derives_rate_times_shard_rows_on_64_devices():
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.join(os.path.dirname(__file__), '..')
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=64')
+  out = subprocess.run(
+      [sys.executable, '-m', 'bigbatch.main', '--config=configs/face_64k_lamb.py',
+       '--print_derived'], cwd=root, env=env, capture_output=True, text=True, timeout=300,
+      check=True).stdout
+  assert ('rows per shard          32,187 (3,218 sampled per step; all positives, up to '
+          '32,187, when they are more)') in out
 
 
 def test_centers_and_momentum_stay_sharded_and_unsampled_rows_stay_put():
@@ -220,7 +342,7 @@ def test_centers_and_momentum_stay_sharded_and_unsampled_rows_stay_put():
     assert array.sharding.is_equivalent_to(sharding, 2)
     assert {s.data.shape for s in array.addressable_shards} == {(c_pad // 8, D)}
   changed = np.any(np.asarray(new_centers) != before, axis=1)
-  s = partial_fc.sample_size(num_classes, 8, BATCH, rate)
+  s = partial_fc.sample_size(num_classes, 8, rate)
   assert changed.sum() == 8 * s  # every sampled row (all real here), nothing else
   assert not np.any(changed[num_classes:])
 

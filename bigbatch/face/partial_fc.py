@@ -13,17 +13,31 @@ Per-device computation (`loss`, called inside `jax.shard_map` over the axes in
 `Config.axis_names`):
   1. The local embeddings [m, D] are L2-normalized and all-gathered (tiled) with the labels
      over all device axes: every device sees the global batch [B = N * m, D].
-  2. Shard j keeps the positive classes of the global batch that it holds, plus random
-     negatives, S rows in all (`sample_size`, static): S = min(Cs, max(ceil(rate * Cs),
-     min(B, Cs))). A shard holds at most min(B, Cs) distinct positives, so positives are never
-     dropped; the rest of the S rows are negatives. Rows are chosen by top_k of (uniform score,
-     + 2 for positives, -1 for padding), i.e. positives first, then a uniformly random subset of
-     the other real classes; keys are fold_in(key, shard index). At S = Cs (rate 1, or a batch
-     at least as large as a shard) every row is taken, in order, without sampling.
-  3. Logits [B, S] = margin_logits(cos) with each row's target remapped to its sampled column
-     (-1 where another shard holds it). Cross-entropy across shards: row max by pmax
-     (stop_gradient: the max cancels out of the value), exp-sums by psum, the target logit by
-     psum from its owner; loss = mean over the global batch, the same value on every device.
+  2. Shard j's softmax holds the positive classes of the global batch that it holds, topped up
+     with uniformly random other real classes to S = int(rate * Cs) rows (`sample_size`,
+     rounded down as arcface_torch's partial_fc_v2), whatever the batch: max(S, P) rows where
+     P is the shard's distinct positives, exactly arcface_torch's rule (which keeps all P rows
+     when P > S). The order is drawn once, K = max(S, min(B, Cs)) long (`capacity`: no shard
+     holds more positives than that): top_k of (uniform score, + 2 for positives, -1 for
+     padding), i.e. positives first, then negatives; keys are fold_in(key, shard index). At
+     S = Cs (rate 1) every row is taken, in order, without sampling.
+     Static shapes: the first S columns are one [B, S] block, computed every step. A shard
+     whose P exceeds S (rare at scale: at 64 devices and B = 65,536 a shard sees at most
+     ~B / 64 = 1,024 distinct positives on average against S = 3,218; frequent with few
+     classes per device and a large batch, as in small synthetic runs)
+     computes its columns S..P in further blocks of ceil(S / 4) under lax.cond inside a
+     rematerialized lax.scan: blocks past P are skipped, so a normal step does no extra work,
+     one compiled program serves every batch, each shard decides alone (no host decision, no
+     agreement between processes), and the extra buffers are a quarter of the [B, S] logits'.
+     Nothing is dropped, the rate is never changed: the aux 'overflow' (0/1, any shard) is
+     the trainer's `partial_fc_overflow` metric (the microbatches of the step that overflowed).
+  3. Logits [B, columns] = margin_logits(cos) with each row's target remapped to its sampled
+     column (-1 where another shard holds it). Cross-entropy across shards: each block gives
+     its row max (stop_gradient: the max cancels out of the value) and exp-sum, merged within
+     the shard; across shards the max by pmax, the rescaled exp-sums by psum, the target logit
+     by psum from its owner; loss = mean over the global batch, the same value on every device
+     (with Config.cap_loss each row's value capped at -log(1e-30), as arcface_torch reports it;
+     the gradient is the uncapped one: bigbatch/face/losses.py).
 
 Gradient contract (what the trainer must do; tested in tests/test_partial_fc.py). The trainer
 calls `jax.value_and_grad` of this per-device loss w.r.t.
@@ -67,7 +81,7 @@ nonzero gradient (zero update, state rows unchanged elsewhere), as partial_fc v1
 per-sample momentum.
 
 Shapes: B global batch, m per-device batch, D embedding dim, C classes, Cs rows per shard,
-S sampled rows per shard.
+S sampled rows per shard, K the length of the sampled order, P a shard's distinct positives.
 """
 from __future__ import annotations
 
@@ -87,13 +101,19 @@ from bigbatch.face import losses
 AXES = ('data', 'model')
 _POSITIVE_BONUS = 2.0  # uniform scores are in [0, 1): positives sort first
 _PADDING_SCORE = -1.0  # below every real class
+# The columns beyond S of an overflowing shard are computed in blocks of S / 4: the buffers of
+# that (rarely run, compiled-in) path add about a quarter of the [B, S] logits' to the step.
+EXTRA_BLOCKS_PER_SAMPLE = 4
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Partial FC and its margin. Defaults: ArcFace (s=64, m=0.5), sample rate 0.1.
 
-  sample_rate: fraction of each shard's classes in the softmax (1.0: all, model parallel).
+  sample_rate: fraction of each shard's classes in the softmax (1.0: all, model parallel),
+    int(rate * Cs) rows, or all of the shard's positives where they are more.
+  straight_through: arcface_torch's CombinedMarginLoss (bigbatch/face/losses.py).
+  cap_loss: report arcface_torch's loss value (each row capped at -log(1e-30)); same gradient.
   """
   num_classes: int
   sample_rate: float = 0.1
@@ -102,9 +122,12 @@ class Config:
   m2: float = 0.5
   m3: float = 0.0
   straight_through: bool = False
+  cap_loss: bool = False
   axis_names: Sequence[str] = AXES
 
   def __post_init__(self):
+    if self.straight_through:
+      losses.check_straight_through(self.m1, self.m2, self.m3)
     if not 0.0 < self.sample_rate <= 1.0:
       raise ValueError(f'sample_rate must be in (0, 1], got {self.sample_rate}')
     if self.num_classes < 1:
@@ -116,12 +139,20 @@ def padded_num_classes(num_classes: int, num_shards: int) -> int:
   return -(-num_classes // num_shards) * num_shards
 
 
-def sample_size(num_classes: int, num_shards: int, global_batch: int, sample_rate: float) -> int:
-  """S = min(Cs, max(ceil(rate * Cs), min(B, Cs))): rows per shard in the softmax (module doc)."""
+def sample_size(num_classes: int, num_shards: int, sample_rate: float) -> int:
+  """S = int(rate * Cs): the rows of each shard in the softmax of a batch whose positives on
+  every shard number at most S (module doc). Rounded down, as arcface_torch's partial_fc_v2
+  (`int(self.sample_rate * self.num_local)`); rate 1 is every row."""
   cs = padded_num_classes(num_classes, num_shards) // num_shards
-  # The small tolerance keeps e.g. 0.1 * 30 = 3.0000000000000004 from rounding up to 4.
-  by_rate = math.ceil(sample_rate * cs - 1e-9)
-  return min(cs, max(by_rate, min(global_batch, cs)))
+  return cs if sample_rate >= 1.0 else int(sample_rate * cs)
+
+
+def capacity(num_classes: int, num_shards: int, global_batch: int, sample_rate: float) -> int:
+  """max(S, min(B, Cs)): the most rows one shard's softmax can have for a batch of B (the
+  positives of a shard number at most min(B, Cs)); the sampled order is drawn this long and
+  the rows beyond S are computed only when a shard's positives exceed S (module doc)."""
+  cs = padded_num_classes(num_classes, num_shards) // num_shards
+  return max(sample_size(num_classes, num_shards, sample_rate), min(global_batch, cs))
 
 
 def centers_spec(axis_names: Sequence[str] = AXES) -> P:
@@ -168,28 +199,69 @@ def _varying(x, axes: Sequence[str]):
   return lax.pcast(x, missing, to='varying') if missing else x
 
 
-def sample_rows(key, labels_B, *, offset, shard_rows: int, num_classes: int, num_sampled: int):
-  """The rows of one shard in its softmax: (rows_S local indices, positives first; valid_S
-  (row holds a real class); column_B: each label's column in rows_S, -1 if not in this shard).
+def sample_rows(key, labels_B, *, offset, shard_rows: int, num_classes: int, num_sampled: int,
+                every_row: bool | None = None):
+  """The sampled order of one shard: (rows_K local indices, positives first, then uniformly
+  random other real classes, then padding; valid_K (row holds a real class); column_B: each
+  label's column in rows_K, -1 if not in this shard; num_positive: the distinct positives).
 
-  offset: the shard's first class id (may be traced). Positives are never dropped when
-  num_sampled >= min(B, shard_rows), which `sample_size` guarantees.
+  offset: the shard's first class id (may be traced). K = num_sampled; the order keeps every
+  positive when K >= min(B, shard_rows), which `capacity` guarantees. every_row: the rows in
+  their order, unsampled (rate 1); default: K == shard_rows.
   """
+  if every_row is None:
+    every_row = num_sampled == shard_rows
   local_B = labels_B.astype(jnp.int32) - offset
   in_shard_B = (local_B >= 0) & (local_B < shard_rows)
   local_B = jnp.where(in_shard_B, local_B, 0)
   row_ids = jnp.arange(shard_rows, dtype=jnp.int32)
   valid_rows = offset + row_ids < num_classes
-  if num_sampled == shard_rows:
-    rows_S = row_ids
+  positive = jnp.zeros((shard_rows,), jnp.int32).at[local_B].max(in_shard_B.astype(jnp.int32))
+  if every_row:
+    rows_K = row_ids[:num_sampled]
   else:
-    positive = jnp.zeros((shard_rows,), jnp.int32).at[local_B].max(in_shard_B.astype(jnp.int32))
     score = jax.random.uniform(key, (shard_rows,)) + _POSITIVE_BONUS * positive
-    _, rows_S = lax.top_k(jnp.where(valid_rows, score, _PADDING_SCORE), num_sampled)
-  column_of_row = jnp.full((shard_rows,), -1, jnp.int32).at[rows_S].set(
+    _, rows_K = lax.top_k(jnp.where(valid_rows, score, _PADDING_SCORE), num_sampled)
+  column_of_row = jnp.full((shard_rows,), -1, jnp.int32).at[rows_K].set(
       jnp.arange(num_sampled, dtype=jnp.int32))
   column_B = jnp.where(in_shard_B, column_of_row[local_B], -1)
-  return rows_S, valid_rows[rows_S], column_B
+  return rows_K, valid_rows[rows_K], column_B, jnp.sum(positive)
+
+
+def _merge(a, b):
+  """Two partial softmax statistics of the same rows over disjoint columns, as one."""
+  (m_a, s_a, t_a, best_a, tc_a), (m_b, s_b, t_b, best_b, tc_b) = a, b
+  m = jnp.maximum(m_a, m_b)
+  scale = lambda mx: jnp.where(jnp.isfinite(mx), jnp.exp(mx - jnp.where(jnp.isfinite(m), m, 0)),
+                               0.0)
+  return (m, s_a * scale(m_a) + s_b * scale(m_b), t_a + t_b, jnp.maximum(best_a, best_b),
+          tc_a + tc_b)
+
+
+def _block(config: Config, e_BxD, centers_CsxD, rows_W, valid_W, column_B, start, gather: bool):
+  """Partial statistics of the columns [start, start + W) of the sampled order: per row the max
+  logit m (no gradient; -inf without a valid column), sum exp(logit - m), the target logit
+  where the target is in the block (else 0), and the best and the target cosine (accuracy;
+  no gradient)."""
+  width = rows_W.shape[0]
+  # The gather's backward scatters into zeros: unsampled rows get an exactly zero gradient.
+  w_WxD = centers_CsxD[rows_W] if gather else centers_CsxD
+  cos_BxW = e_BxD @ losses.normalize(w_WxD).T
+  local_B = column_B - start
+  in_block_B = (local_B >= 0) & (local_B < width)
+  logits_BxW = losses.margin_logits(
+      cos_BxW, jnp.where(in_block_B, local_B, -1), s=config.s, m1=config.m1, m2=config.m2,
+      m3=config.m3, straight_through=config.straight_through)
+  logits_BxW = jnp.where(valid_W[None, :], logits_BxW, -jnp.inf)
+  m_B = lax.stop_gradient(jnp.max(logits_BxW, axis=1))
+  safe_m_B = jnp.where(jnp.isfinite(m_B), m_B, 0.0)
+  s_B = jnp.sum(jnp.exp(logits_BxW - safe_m_B[:, None]), axis=1)
+  col_B = jnp.clip(local_B, 0, width - 1)[:, None]
+  t_B = jnp.where(in_block_B, jnp.take_along_axis(logits_BxW, col_B, axis=1)[:, 0], 0.0)
+  cos_BxW = lax.stop_gradient(cos_BxW)
+  best_B = jnp.max(jnp.where(valid_W[None, :], cos_BxW, -jnp.inf), axis=1)
+  tc_B = jnp.where(in_block_B, jnp.take_along_axis(cos_BxW, col_B, axis=1)[:, 0], 0.0)
+  return m_B, s_B, t_B, best_B, tc_B
 
 
 def loss(centers_CsxD, embeddings_MxD, labels_M, key, *, config: Config):
@@ -200,14 +272,18 @@ def loss(centers_CsxD, embeddings_MxD, labels_M, key, *, config: Config):
   key: the step's (or microbatch's) sampling key, the same on every device.
   Returns (loss, aux): loss is the mean over the global batch (device-invariant); aux holds
     'accuracy' (top-1 among the sampled classes, exact at rate 1; no gradient),
-    'sampled_classes' [S] int32 global class ids of this shard's softmax columns, -1 for padding.
+    'sampled_classes' [K] int32 global class ids of this shard's softmax columns in the
+      sampled order, -1 for padding and for the columns beyond max(S, positives) (K =
+      `capacity`),
+    'overflow' float32 0/1 (device-invariant): whether some shard's positives exceeded S.
   Gradients follow the contract in the module doc.
   """
   axes = tuple(config.axis_names)
   num_shards = lax.axis_size(axes)
   shard_rows, _ = centers_CsxD.shape
   global_batch = num_shards * embeddings_MxD.shape[0]
-  num_sampled = sample_size(config.num_classes, num_shards, global_batch, config.sample_rate)
+  num_sampled = sample_size(config.num_classes, num_shards, config.sample_rate)
+  num_ordered = capacity(config.num_classes, num_shards, global_batch, config.sample_rate)
   want_rows = padded_num_classes(config.num_classes, num_shards) // num_shards
   if shard_rows != want_rows:
     raise ValueError(f'centers shard has {shard_rows} rows; {config.num_classes} classes over '
@@ -222,32 +298,59 @@ def loss(centers_CsxD, embeddings_MxD, labels_M, key, *, config: Config):
 
   shard = lax.axis_index(axes)
   offset = shard * shard_rows
-  rows_S, valid_S, column_B = sample_rows(
+  rows_K, valid_K, column_B, num_positive = sample_rows(
       jax.random.fold_in(key, shard), labels_B, offset=offset, shard_rows=shard_rows,
-      num_classes=config.num_classes, num_sampled=num_sampled)
-  # The gather's backward scatters into zeros: unsampled rows get an exactly zero gradient.
-  w_SxD = centers_CsxD if num_sampled == shard_rows else centers_CsxD[rows_S]
-  cos_BxS = e_BxD @ losses.normalize(w_SxD).T
-  logits_BxS = losses.margin_logits(cos_BxS, column_B, s=config.s, m1=config.m1, m2=config.m2,
-                                    m3=config.m3, straight_through=config.straight_through)
-  logits_BxS = jnp.where(valid_S[None, :], logits_BxS, -jnp.inf)
+      num_classes=config.num_classes, num_sampled=num_ordered,
+      every_row=num_sampled == shard_rows)
+  # The softmax columns: the first max(S, positives) of the sampled order (arcface_torch's
+  # rule: all positives, topped up with random negatives to S).
+  num_active = jnp.maximum(num_sampled, num_positive)
+  valid_K = valid_K & (jnp.arange(num_ordered) < num_active)
+  width = max(num_sampled, 1)
+  block = functools.partial(_block, config, e_BxD, centers_CsxD, column_B=column_B)
+  stats = block(rows_K[:width], valid_K[:width], start=0, gather=width < shard_rows)
+  extra_width = -(-width // EXTRA_BLOCKS_PER_SAMPLE)
+  num_extra = -(-(num_ordered - width) // extra_width)
+  if num_extra:
+    # Positives beyond S: further blocks of S / EXTRA_BLOCKS_PER_SAMPLE columns, each computed
+    # (under lax.cond) only where this shard's positives reach it, its activations recomputed
+    # in the backward pass: the buffers they add are a fraction of the [B, S] logits', whatever
+    # the batch.
+    pad = width + num_extra * extra_width - num_ordered
+    rows_NxW = jnp.pad(rows_K, (0, pad))[width:].reshape(num_extra, extra_width)
+    valid_NxW = jnp.pad(valid_K, (0, pad))[width:].reshape(num_extra, extra_width)
+
+    @jax.checkpoint
+    def extra(carry, xs):
+      rows_W, valid_W, start = xs
+      return lax.cond(start < num_active,
+                      lambda: _merge(carry, block(rows_W, valid_W, start=start, gather=True)),
+                      lambda: carry), None
+
+    starts = width + extra_width * jnp.arange(num_extra, dtype=jnp.int32)
+    stats, _ = lax.scan(extra, stats, (rows_NxW, valid_NxW, starts))
+  m_B, s_B, target_B, best_B, target_cos_B = stats
 
   # Distributed log-softmax. Every row has its target among the valid columns of some shard,
   # so the global max is finite even where a shard is all padding.
-  max_B = lax.pmax(lax.stop_gradient(jnp.max(logits_BxS, axis=1)), axes)
-  sumexp_B = lax.psum(jnp.sum(jnp.exp(logits_BxS - max_B[:, None]), axis=1), axes)
-  has_target_B = column_B >= 0
-  target_col_B = jnp.maximum(column_B, 0)[:, None]
-  target_B = lax.psum(jnp.where(
-      has_target_B, jnp.take_along_axis(logits_BxS, target_col_B, axis=1)[:, 0], 0.0), axes)
-  loss_value = jnp.mean(jnp.log(sumexp_B) + max_B - target_B)
+  max_B = lax.pmax(m_B, axes)
+  sumexp_B = lax.psum(jnp.where(jnp.isfinite(m_B), s_B * jnp.exp(
+      jnp.where(jnp.isfinite(m_B), m_B, 0.0) - max_B), 0.0), axes)
+  target_B = lax.psum(target_B, axes)
+  row_loss_B = jnp.log(sumexp_B) + max_B - target_B
+  if config.cap_loss:
+    # arcface_torch's reported value: -log(max(p_target, 1e-30)) per row; the gradient stays
+    # the uncapped cross-entropy's, as its backward.
+    row_loss_B = row_loss_B + lax.stop_gradient(
+        jnp.minimum(row_loss_B, losses.LOSS_CAP) - row_loss_B)
+  loss_value = jnp.mean(row_loss_B)
 
-  cos_BxS = lax.stop_gradient(cos_BxS)
-  best_B = lax.pmax(jnp.max(jnp.where(valid_S[None, :], cos_BxS, -jnp.inf), axis=1), axes)
-  target_cos_B = lax.psum(jnp.where(
-      has_target_B, jnp.take_along_axis(cos_BxS, target_col_B, axis=1)[:, 0], 0.0), axes)
+  best_B = lax.pmax(best_B, axes)
+  target_cos_B = lax.psum(target_cos_B, axes)
+  overflow = lax.pmax((num_positive > num_sampled).astype(jnp.float32), axes)
   aux = {'accuracy': jnp.mean((target_cos_B >= best_B).astype(jnp.float32)),
-         'sampled_classes': jnp.where(valid_S, offset + rows_S, -1).astype(jnp.int32)}
+         'sampled_classes': jnp.where(valid_K, offset + rows_K, -1).astype(jnp.int32),
+         'overflow': overflow}
   return loss_value, aux
 
 

@@ -15,6 +15,7 @@ from bigbatch import fields
 from bigbatch import optim
 from bigbatch import sharding
 from bigbatch.data import faces
+from bigbatch.face import losses
 from bigbatch.face import partial_fc
 from bigbatch.face import verification
 from bigbatch.tasks import base
@@ -32,7 +33,10 @@ def loss_fn(params, batch_stats, image_MxHxWxC, label_M, key, *, model,
   embeddings, updates = model.apply(variables, image_MxHxWxC, train=True,
                                     mutable=['batch_stats'], rngs=rngs)
   loss, aux = partial_fc.loss(params['centers'], embeddings, label_M, key, config=face)
-  return loss, (updates.get('batch_stats', {}), aux['accuracy'])
+  # partial_fc_overflow: 1 where some shard's positives exceeded its sample S (then all of them
+  # were in its softmax; the step's metric sums its microbatches).
+  return loss, (updates.get('batch_stats', {}),
+                {'accuracy': aux['accuracy'], 'partial_fc_overflow': aux['overflow']})
 
 
 class Task(base.Task):
@@ -48,7 +52,7 @@ class Task(base.Task):
     f = config.face
     self.partial_fc = partial_fc.Config(
         num_classes=num_classes, sample_rate=f.sample_rate, s=f.s, m1=f.m1, m2=f.m2, m3=f.m3,
-        straight_through=f.straight_through)
+        straight_through=f.straight_through, cap_loss=f.cap_loss)
     self._verification = None  # {name: (images, issame)}, read once
 
   @staticmethod
@@ -59,9 +63,13 @@ class Task(base.Task):
         'face.m1': 1.0,
         'face.m2': 0.5,
         'face.m3': 0.0,
-        # The reference's no_grad margin (gradient as if there were no margin); False: true
-        # gradient.
+        # arcface_torch's CombinedMarginLoss (its no_grad margin: gradient as if there were no
+        # margin; ArcFace without the theta + m > pi fallback; bigbatch/face/losses.py); False:
+        # the true gradient of the margin with the fallback.
         'face.straight_through': False,
+        # Report arcface_torch's loss value: each row's cross-entropy capped at -log(1e-30)
+        # (gradient unchanged); False: the uncapped mean.
+        'face.cap_loss': False,
         'face.sample_rate': 0.1,  # Partial FC: fraction of each device's centers in the softmax
         # Momentum and weight decay only on the rows sampled in the step (partial_fc v1);
         # False: all rows (arcface_torch's partial_fc_v2).
@@ -89,6 +97,11 @@ class Task(base.Task):
     fields.positive(config, 'face.s')
     for m in ('face.m1', 'face.m2', 'face.m3'):
       fields.finite(config, m)
+    if config.face.straight_through:
+      try:
+        losses.check_straight_through(config.face.m1, config.face.m2, config.face.m3)
+      except ValueError as e:
+        raise fields.ConfigError(f'config.face.{e}') from None
     fields.positive(config, 'model.embedding_dim')
     fields.positive(config, 'face.verify_batch')
     data_parallel, _ = sharding.mesh_shape(config, num_devices)
