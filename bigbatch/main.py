@@ -20,7 +20,12 @@ import os
 import sys
 import time
 
-from absl import app
+# TensorFlow (the input pipeline) prints C++ start-up lines (CPU instruction sets, oneDNN, no
+# CUDA driver) that are not the user's business: its errors only, unless the user set it. Before
+# anything imports jax, which sets its own default (1, which lets TensorFlow's INFO lines out).
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
 from absl import logging
 import ml_collections
@@ -31,9 +36,6 @@ from bigbatch import distributed
 from bigbatch import exits
 from bigbatch import signals
 
-# TensorFlow (the input pipeline) prints C++ start-up lines (CPU instruction sets, no CUDA
-# driver) that are not the user's business: its errors only, unless the user set it.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, e.g. configs/quickstart.py or configs/x.py:arg.',
