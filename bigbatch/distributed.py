@@ -19,8 +19,11 @@ main.py parses flags and loads the config before anything touches jax.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
+import sys
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -251,6 +254,80 @@ def from_process_0(value: bool | Sequence[int]) -> Any:
   padded = np.zeros((n,), np.int32)
   padded[:min(n, len(values))] = values[:n]
   return [int(v) for v in multihost_utils.broadcast_one_to_all(padded)]
+
+
+# ----------------------------------------------------------------------------- fatal errors
+
+# A process that fails (a data error, a full disk, a bug) exits; the others would wait in their
+# next collective until JAX's heartbeat timeout (minutes) and then abort without saying why.
+# Instead the failing process writes its line under this key prefix of the coordination
+# service's key-value store, and every process polls it: the first failure it sees from another
+# process becomes its own line and exit code within seconds. JAX has no public key-value API;
+# `jax._src.distributed.global_state.client` is the client jax.distributed.initialize made (orbax
+# reaches the same object for its barriers).
+FAILURE_PREFIX = 'bigbatch/failed/'
+FAILURE_POLL_SECONDS = 1.0
+
+
+def _kv_client():
+  try:
+    from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return getattr(jax_distributed.global_state, 'client', None)
+
+
+def publish_failure(line: str, code: int) -> bool:
+  """Tells the other processes that this one is failing with `line` (its `bigbatch: ...` text
+  without the prefix) and exit `code`. Process 0, which hosts the coordination service, then
+  gives them time to read it before it goes. True if published (False with one process, or
+  before jax.distributed started)."""
+  if 'jax' not in sys.modules:  # failed before jax was imported: no run to tell
+    return False
+  import jax  # pylint: disable=g-import-not-at-top
+  client = _kv_client()
+  if client is None or jax.process_count() <= 1:
+    return False
+  try:
+    client.key_value_set(f'{FAILURE_PREFIX}{jax.process_index()}',
+                         json.dumps({'code': int(code), 'line': line}))
+  except Exception:  # pylint: disable=broad-except  (the service is gone: nothing to tell)
+    return False
+  if jax.process_index() == 0:
+    time.sleep(3 * FAILURE_POLL_SECONDS)
+  return True
+
+
+def watch_failures(on_failure: Callable[[int, str, int], None]) -> threading.Thread | None:
+  """A daemon thread that calls on_failure(process, line, code) once, when another process has
+  published a failure (publish_failure). None with one process."""
+  import jax  # pylint: disable=g-import-not-at-top
+  client = _kv_client()
+  if jax.process_count() <= 1 or client is None:
+    return None
+  me = jax.process_index()
+
+  def poll():
+    while True:
+      time.sleep(FAILURE_POLL_SECONDS)
+      try:
+        entries = client.key_value_dir_get(FAILURE_PREFIX)
+      except Exception:  # pylint: disable=broad-except  (the service ended: JAX's own abort)
+        return
+      for key, value in sorted(entries):
+        process = int(key.rsplit('/', 1)[-1])
+        if process == me:
+          continue
+        try:
+          record = json.loads(value)
+          on_failure(process, str(record['line']), int(record['code']))
+        except (ValueError, KeyError, TypeError):
+          on_failure(process, value, 1)
+        return
+
+  thread = threading.Thread(target=poll, name='bigbatch-failure-watcher', daemon=True)
+  thread.start()
+  return thread
 
 
 def all_processes(ok: bool) -> list[bool]:

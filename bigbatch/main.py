@@ -96,8 +96,18 @@ def _fail(kind: str, error: Exception, code: int):
   _QUIET.release()
   logging.flush()
   sys.stdout.flush()
+  # A signal stops every process together (hooks.Preemption); any other failure is told to the
+  # other processes of a multi-process run, which stop on it (distributed.watch_failures).
+  published = kind != 'stopped' and distributed.publish_failure(f'{kind}: {error}', code)
   if not signals.write_line(f'bigbatch: {kind}: {error}\n'):
     signals.wait_for_exit()  # the signal watcher wrote the line and is ending the process
+  if published:
+    # jax's exit handler would wait at its shutdown barrier for the processes that are now
+    # stopping on this failure (or abort when the coordinator goes first): leave without it.
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access
   sys.exit(code)
 
 
@@ -133,10 +143,27 @@ def _run(config, workdir: str, *, restart_from_scratch: bool, hooks) -> dict:
     # non-finite errors, and loop.Preempted. Anything else is a bug: its traceback.
     failure = exits.classify(e)
     if failure is None:
+      # A bug: its traceback here, and the other processes stop with its name.
+      distributed.publish_failure(f'crashed: {type(e).__name__}: {e}', 1)
       raise
     if isinstance(e, checkpoint.SaveError):
       _QUIET.discard()  # orbax's own error lines about this save: the line says it all
+    if isinstance(e, loop.Preempted):
+      _leave_distributed()
     _fail(*failure)
+
+
+def _leave_distributed() -> None:
+  """Multi-host, after a preemption: every process stopped at the same update (the Preemption
+  hook's sync) and leaves jax.distributed together, before its line. The exit after the line
+  skips the interpreter's teardown, where this would otherwise happen, and a process whose peer
+  vanished without it aborts (SIGABRT) instead of exiting 75."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    try:
+      jax.distributed.shutdown()
+    except Exception as e:  # pylint: disable=broad-except  (the line and 75 matter more)
+      logging.warning('jax.distributed.shutdown after the preemption failed: %s', e)
 
 
 def _unset_overrides(argv) -> tuple[list[str], list[str]]:
@@ -282,6 +309,15 @@ def _quiet_console() -> None:
     handler.setFormatter(_ConsoleFormat())
 
 
+def _another_process_failed(process: int, line: str, code: int) -> None:
+  """Another process of this run failed (distributed.watch_failures): its line, as this
+  process's, and its exit code, at once (this process is likely blocked in a collective)."""
+  _QUIET.release()
+  logging.flush()
+  if signals.write_line(f'bigbatch: stopped: process {process} failed: {line}\n'):
+    os._exit(code)  # pylint: disable=protected-access
+
+
 def _start_distributed():
   """jax.distributed.initialize when multi-host, before anything asks jax for its devices (run
   validates the config against the global device count)."""
@@ -333,6 +369,7 @@ def main(argv, hooks=()):
         _start_distributed()  # may wait minutes for the other processes
       except signals.Interrupted as e:
         _fail('stopped', e, _signal_exit(e.signum))
+      distributed.watch_failures(_another_process_failed)
       if _PRINT_DERIVED.value:
         _print_derived(_CONFIG.value)
         return

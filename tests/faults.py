@@ -4,7 +4,8 @@
 Spec 'KIND:N': 'kill_after_step:N' (SIGKILL once update N is dispatched, after earlier async
 saves finished, so which checkpoint survives is fixed), 'kill_during_save:N' (SIGKILL right after
 the asynchronous save of update N starts), 'term_after_step:N' (SIGTERM to itself),
-'nan_from_step:N' (the images of update N and later become NaN).
+'nan_from_step:N' (the images of update N and later become NaN), 'data_error_after_step:N'
+(the data set fails to read once update N is dispatched: a data error on this process alone).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import jax.numpy as jnp
 
 from bigbatch import hooks
 
-KINDS = ('kill_after_step', 'kill_during_save', 'term_after_step', 'nan_from_step')
+KINDS = ('kill_after_step', 'kill_during_save', 'term_after_step', 'nan_from_step',
+         'data_error_after_step')
 
 
 class Fault(hooks.Hook):
@@ -42,6 +44,9 @@ class Fault(hooks.Hook):
       run.ckpt.wait()
     logging.warning('fault injected: %s at step %d', self.kind, done)
     logging.flush()
+    if self.kind == 'data_error_after_step':
+      from bigbatch.data import common  # pylint: disable=g-import-not-at-top
+      raise common.DataError(f'injected: the record of step {done + 1} cannot be read')
     os.kill(os.getpid(), signal.SIGTERM if self.kind.startswith('term') else signal.SIGKILL)
 
 

@@ -227,6 +227,28 @@ def test_a_dead_process_ends_the_others_within_the_heartbeat_timeout(tmp_path):
   assert ended - died < heartbeat + 60, (died, ended, err[-3000:])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('victim', [1, 0])  # 0 also hosts the coordination service
+def test_a_data_error_on_one_process_stops_every_process_with_its_cause(tmp_path, victim):
+  """A data error on one process alone: it exits 6 with its line; the other, waiting in the next
+  step's collectives, learns it from the coordination service's key-value store and exits 6
+  within seconds, naming that process and the error; neither waits for the heartbeat timeout."""
+  heartbeat = 300  # far beyond the bound below: the heartbeat is not what stops the other
+  results = _wait_all(
+      _spawn(str(tmp_path / 'wd'), port=_free_port(),
+             faults={victim: 'data_error_after_step:2'},
+             extra=[f'--heartbeat_timeout_seconds={heartbeat}']),
+      timeout=400)
+  (code_v, err_v, end_v), (code_o, err_o, end_o) = results[victim], results[1 - victim]
+  error = 'data error: injected: the record of step 3 cannot be read'
+  for code, err, line in ((code_v, err_v, f'bigbatch: {error}'),
+                          (code_o, err_o, f'bigbatch: stopped: process {victim} failed: {error}')):
+    assert code == 6, err[-3000:]
+    assert [l for l in err.splitlines() if l.startswith('bigbatch:')] == [line], err[-3000:]
+    assert 'Traceback' not in err
+  assert abs(end_o - end_v) < 30, (end_o, end_v)
+
+
 # ----------------------------------------------------------------------------- startup
 
 
