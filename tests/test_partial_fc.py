@@ -1,8 +1,11 @@
 """Partial FC on 8 emulated devices, under the trainer's gradient contract (pcast replicated
 params, one pmean of their gradients, centers' gradients unreduced): at sample rate 1 it is the
-dense margin softmax (value and gradients); at rate < 1 it is the dense softmax restricted to
-the classes it reports, positives always among them; centers and their momentum stay sharded
-C_pad / 8 rows per device; sampled_rows_update freezes unsampled rows."""
+dense margin softmax (value and gradients); at rate < 1 it is the float64 dense softmax
+restricted to the classes it reports: int(rate * Cs) per shard, positives first, or all of a
+shard's positives and nothing else where they are more (an overflowing batch, flagged in the
+step's metrics); centers and their momentum stay sharded C_pad / 8 rows per device;
+sampled_rows_update freezes unsampled rows; face_64k_lamb derives 3,218 rows per shard on 64
+devices."""
 from __future__ import annotations
 
 import functools
