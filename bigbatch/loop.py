@@ -318,6 +318,7 @@ def _train_and_evaluate(config, workdir: str, lock: workdir_lib.WorkdirLock | No
   if config.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir',
                       os.path.expanduser(config.compilation_cache_dir))
+  signals.guard_jax_cache_writes()  # a signal never leaves a torn entry in that cache
   mesh = sharding.make_mesh(config)
   distributed.log_topology(config, mesh)
   dataset = load_dataset(config)

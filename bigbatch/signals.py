@@ -17,7 +17,9 @@ trains on. So the handlers installed here only record the signal, and two reader
   SIGKILL loses nothing, but it first waits for the main thread to leave a `critical()` section
   (the workdir lock, a file being replaced) and runs the `at_exit` callbacks (log flushes, the
   lock's release). Inside the step loop it leaves the signal to the step boundary, except a
-  second SIGINT (^C ^C), which stops at once.
+  second SIGINT (^C ^C), which stops at once. An evaluation inside the step loop is not cut: its
+  result is the record of that step (a study's steps to target), and on several hosts all must
+  agree where to stop; the checkpoint follows it.
 
 SIGHUP (a closed terminal or ssh session) is a SIGTERM: the run stops as if preempted, exit 75,
 and rerunning the same command resumes. Exit codes: 75 (EX_TEMPFAIL: launch/slurm.sbatch
@@ -249,6 +251,26 @@ def critical():
 def add_at_exit(fn: Callable[[], None]) -> None:
   """A hard exit calls fn() first (a command's log flush)."""
   _state.at_exit.append(fn)
+
+
+def guard_jax_cache_writes() -> None:
+  """A hard exit waits for jax's persistent compilation cache to finish writing an entry: it
+  writes the file in place, and a torn entry is never rewritten (every later run would warn and
+  recompile that step). jax's private class, so only where it is as expected."""
+  try:
+    from jax._src import lru_cache  # pylint: disable=g-import-not-at-top
+    put = lru_cache.LRUCache.put
+  except (ImportError, AttributeError):
+    return
+  if getattr(put, '_bigbatch_critical', False):
+    return
+
+  def guarded(self, key, value):
+    with _critical:
+      return put(self, key, value)
+
+  guarded._bigbatch_critical = True  # pylint: disable=protected-access
+  lru_cache.LRUCache.put = guarded
 
 
 @contextlib.contextmanager

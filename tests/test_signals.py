@@ -44,6 +44,10 @@ def _run(workdir, signum, anchor, delay, extra=()):
   what happened."""
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
              JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  # No persistent compilation cache (tests/conftest.py shares one): the first update must
+  # really compile for the sweep to signal it there, and a process stopped at once while jax
+  # writes a cache entry (not atomically) would leave a torn entry for the other tests.
+  env.pop('JAX_COMPILATION_CACHE_DIR', None)
   lines: list[tuple[float, str]] = []
   seen = threading.Event()
   t0 = time.monotonic()
