@@ -79,6 +79,11 @@ def _shared_defaults() -> dict:
       'eval_every_epochs': placeholder(float),
       'eval_every_steps': placeholder(int),
       'checkpoint_every_steps': 500,
+      # Also a checkpoint once this many minutes have passed since the last one (process 0's
+      # clock, agreed by every process), so that a hard kill with no SIGTERM first (a host that
+      # dies, maintenance without Autocheckpoint) loses at most about that much; None: by steps
+      # only. 10 in the multi-device accelerator configs.
+      'checkpoint_every_minutes': placeholder(float),
       'keep_checkpoints': 3,
   }
 
@@ -112,6 +117,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   for path in ('global_batch', 'accumulation_steps', 'eval_batch', 'log_every_steps',
                'checkpoint_every_steps', 'keep_checkpoints', 'max_nonfinite_steps'):
     fields.positive(config, path)
+  fields.positive(config, 'checkpoint_every_minutes', allow_none=True)
   for a, b in (('num_epochs', 'num_steps'), ('eval_every_epochs', 'eval_every_steps')):
     if fields.get(config, a) is not None and fields.get(config, b) is not None:
       raise ConfigError(f'config.{a} and config.{b} are both set; set only one of them: '
@@ -186,6 +192,7 @@ def imagenet_resnet50(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   c.log_every_steps = 100
   c.eval_every_epochs = 4.0
   c.checkpoint_every_steps = 1000
+  c.checkpoint_every_minutes = 10.0  # a hard kill loses at most ~10 minutes of the pod
   c.compilation_cache_dir = '~/.cache/bigbatch/jax'  # restarts skip minutes of compilation
   return c
 
@@ -225,6 +232,7 @@ def runlocal(c: ml_collections.ConfigDict, *, steps: int = 2) -> ml_collections.
   c.eval_every_epochs = None
   c.eval_every_steps = None
   c.checkpoint_every_steps = steps
+  c.checkpoint_every_minutes = None
   c.compilation_cache_dir = None
   c.profile_steps = None
   return c

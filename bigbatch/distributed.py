@@ -391,17 +391,13 @@ def restore_latest(ckpt, like) -> tuple[Any, int | None]:
   return like, None
 
 
-class PreemptionSync:
-  """Whether any process has received SIGTERM, decided identically on every process.
+class AgreedMax:
+  """The largest of an int that every process contributes each step, the same on every process.
 
-  Each step, every process contributes its local flag to an all-reduce (max) over all devices,
-  dispatched asynchronously after the train step; the result is read one step later, when the
-  loop already waits for the previous step's metrics. So a SIGTERM to any host makes every
-  process checkpoint the same step (the one after the signal's) at no extra synchronization.
-  With one process, the local flag is the answer, at once.
-
-  Why not jax's `reached_preemption_sync_point`: it needs JAX's own C++ SIGTERM handler, which
-  the trainer's Python handler replaces (and which would swallow a SIGTERM during startup).
+  Each call dispatches an all-reduce (max) over all devices after the train step and returns the
+  previous call's result, read when the loop already waits for the previous step's metrics: the
+  answer comes one step late, at no extra synchronization. With one process the local value is
+  the answer, at once. (0 before any result.)
   """
 
   def __init__(self):
@@ -415,12 +411,25 @@ class PreemptionSync:
       self._devices = jax.local_devices()
       self._reduce = jax.jit(jnp.max, out_shardings=jax.sharding.NamedSharding(mesh, jax.P()))
 
-  def __call__(self, local: bool) -> bool:
+  def __call__(self, local: int) -> int:
     if not self._multi:
-      return bool(local)
+      return int(local)
     import jax  # pylint: disable=g-import-not-at-top
-    previous, flag = self._pending, np.array([int(local)], np.int32)
-    shards = [jax.device_put(flag, d) for d in self._devices]
+    previous, value = self._pending, np.array([int(local)], np.int32)
+    shards = [jax.device_put(value, d) for d in self._devices]
     self._pending = self._reduce(jax.make_array_from_single_device_arrays(
         (jax.device_count(),), self._sharding, shards))
-    return previous is not None and bool(previous)
+    return 0 if previous is None else int(previous)
+
+
+class PreemptionSync(AgreedMax):
+  """Whether any process has received SIGTERM, decided identically on every process (one step
+  late with several processes: AgreedMax). So a SIGTERM to any host makes every process
+  checkpoint the same step (the one after the signal's).
+
+  Why not jax's `reached_preemption_sync_point`: it needs JAX's own C++ SIGTERM handler, which
+  the trainer's Python handler replaces (and which would swallow a SIGTERM during startup).
+  """
+
+  def __call__(self, local: bool) -> bool:  # pytype: disable=signature-mismatch
+    return bool(super().__call__(int(bool(local))))

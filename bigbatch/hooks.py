@@ -20,6 +20,7 @@ from typing import Any, Callable
 from absl import logging
 import jax
 
+from bigbatch import distributed
 from bigbatch import flops
 from bigbatch import metrics as metrics_lib
 from bigbatch import optim
@@ -163,16 +164,40 @@ class Evaluate(Hook):
 
 
 class Checkpoint(Hook):
-  """An asynchronous checkpoint at the rule's steps, at the end, and where the run stops."""
+  """An asynchronous checkpoint at the rule's steps, at the end, and where the run stops; with
+  `minutes`, also once that much wall time has passed since the last checkpoint (of any hook).
+
+  The time rule must pick the same step on every process (a checkpoint is a collective write):
+  process 0 counts the periods its clock saw pass, `agree` (distributed.AgreedMax) gives every
+  process the largest count, and a new count means a checkpoint at this step. `clock` (seconds)
+  is passed in for the tests.
+  """
   order = 50
 
-  def __init__(self, every: Every):
-    self.every = every
+  def __init__(self, every: Every, minutes: float | None = None,
+               agree: Callable[[int], int] | None = None,
+               clock: Callable[[], float] = time.monotonic):
+    self.every, self.minutes, self.agree, self.clock = every, minutes, agree, clock
+    self._requested = self._done = 0  # periods process 0 counted; those checkpointed
+    self._since = self._saved = None  # clock and step of the last checkpoint seen
+
+  def start(self, run) -> None:
+    self._since, self._saved = self.clock(), run.last_good
 
   def after_step(self, run, done: int) -> None:
-    if self.every(run, done):
+    due = False
+    if self.minutes is not None:
+      if run.last_good != self._saved:  # another hook wrote one (the preemption's)
+        self._since, self._saved = self.clock(), run.last_good
+      if run.is_main and self.clock() - self._since >= 60.0 * self.minutes:
+        self._requested += 1
+        self._since = self.clock()
+      agreed = self.agree(self._requested) if self.agree else self._requested
+      due, self._done = agreed > self._done, max(agreed, self._done)
+    if self.every(run, done) or due:
       run.check_finite()
       run.save(done)
+      self._since, self._saved = self.clock(), done
 
 
 class Preemption(Hook):
@@ -195,6 +220,9 @@ class Preemption(Hook):
       if run.last_good != done:
         run.save(done)
       run.ckpt.wait()
+      # No process leaves before every process has written its part: srun's --kill-on-bad-exit
+      # ends the others as soon as one exits non-zero (75 included).
+      distributed.sync(f'checkpoint of step {done} written after {signal.Signals(signum).name}')
       logging.warning('%s: checkpoint written at step %d in %s; exiting.',
                       signal.Signals(signum).name, done, run.ckpt_dir)
       raise self.preempted(done, signum)
@@ -228,7 +256,8 @@ def standard(run, *, sigterm_received: Callable[[], int], preempt_sync,
   hooks: list[Any] = [
       Log(Every(steps=c.log_every_steps)),
       Evaluate(eval_every),
-      Checkpoint(Every(steps=c.checkpoint_every_steps)),
+      Checkpoint(Every(steps=c.checkpoint_every_steps), minutes=c.checkpoint_every_minutes,
+                 agree=distributed.AgreedMax() if c.checkpoint_every_minutes else None),
       Preemption(preempt_sync, sigterm_received, preempted),
   ]
   if c.profile_steps and run.is_main:

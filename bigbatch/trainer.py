@@ -65,7 +65,7 @@ class CompileCache:
 
   NOT_IN_STEP = (
       'seed', 'lr.base_lr', 'log_every_steps', 'eval_every_epochs', 'eval_every_steps',
-      'checkpoint_every_steps', 'keep_checkpoints', 'data.prefetch', 'data.data_dir', 'num_steps',
+      'checkpoint_every_steps', 'checkpoint_every_minutes', 'keep_checkpoints', 'data.prefetch', 'data.data_dir', 'num_steps',
       'num_epochs', 'nonfinite', 'max_nonfinite_steps', 'data.tfds_name', 'data.train_split',
       'data.eval_split', 'data.file_format', 'data.num_parallel_calls', 'data.shuffle_buffer',
       'profile_steps', 'compilation_cache_dir', 'mode', 'precise_bn_batches', 'init_from',

@@ -46,6 +46,7 @@ LOCK_FILE = 'bigbatch.lock'
 # Fields that observe the run (or say where to find data) without changing any update.
 OBSERVING = frozenset({
     'log_every_steps', 'eval_every_epochs', 'eval_every_steps', 'checkpoint_every_steps',
+    'checkpoint_every_minutes',
     'keep_checkpoints', 'data.prefetch', 'data.data_dir', 'eval_batch', 'profile_steps',
     'compilation_cache_dir', 'mode', 'precise_bn_batches',
 })

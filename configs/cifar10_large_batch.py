@@ -41,6 +41,7 @@ def get_config(arg=None):
   c.eval_batch = 1000
   c.eval_every_epochs = 8.0
   c.log_every_steps = 6
+  c.checkpoint_every_minutes = 10.0  # a hard kill loses at most ~10 minutes
   if args.runlocal:
     config_lib.runlocal(c)
   return c

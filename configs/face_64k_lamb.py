@@ -52,6 +52,7 @@ def get_config(arg=None):
   c.eval_every_epochs = 1.0
   c.log_every_steps = 20
   c.checkpoint_every_steps = 200
+  c.checkpoint_every_minutes = 10.0  # a hard kill loses at most ~10 minutes
   c.compilation_cache_dir = '~/.cache/bigbatch/jax'
   c.target.metric = 'verify/lfw/accuracy'
   if args.runlocal:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 
 import pytest
 
 from bigbatch import checkpoint
+from bigbatch import config_lib
 from bigbatch import hooks
 from bigbatch import loop
 from bigbatch import optim
@@ -92,3 +94,108 @@ def test_a_user_hook_runs_in_the_loop_and_can_stop_it(tmp_path):
   assert [r['step'] for r in rows if 'user/grad_norm' in r] == [3, 6]
   # The stop is the run's end: the checkpoint hook saved update 7.
   assert checkpoint.Checkpointer(str(tmp_path / 'checkpoints')).latest_step() == 7
+
+
+# ----------------------------------------------------------------------------- time checkpoints
+
+
+class _Clock:
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self):
+    return self.now
+
+
+@dataclasses.dataclass
+class _SavingRun:
+  """What the checkpoint hook reads and does: a run that records its saves."""
+  is_main: bool = True
+  total: int = 1000
+  should_stop: bool = False
+  last_good: int | None = None
+  saved: list = dataclasses.field(default_factory=list)
+
+  def check_finite(self):
+    pass
+
+  def save(self, step):
+    self.saved.append(step)
+    self.last_good = step
+
+
+def test_checkpoint_every_minutes_by_a_fake_clock():
+  clock, run = _Clock(), _SavingRun()
+  hook = hooks.Checkpoint(hooks.Every(steps=1000, at_end=False), minutes=10, clock=clock)
+  hook.start(run)
+  # (step, seconds since start): due once 600 s have passed since the last checkpoint.
+  for step, t in [(1, 100), (2, 599), (3, 601), (4, 700), (5, 1200), (6, 1202)]:
+    clock.now = t
+    hook.after_step(run, step)
+  assert run.saved == [3, 6]
+  # A checkpoint of another hook (the preemption's) restarts the period.
+  run.last_good = 7
+  clock.now = 1700
+  hook.after_step(run, 7)
+  for step, t in [(8, 2299), (9, 2301)]:
+    clock.now = t
+    hook.after_step(run, step)
+  assert run.saved == [3, 6, 9]
+
+
+def test_checkpoint_every_minutes_is_the_same_step_on_every_process():
+  """Two processes: only process 0's clock counts; the agreed count (max over processes, one
+  step late as the all-reduce gives it) makes both checkpoint the same step."""
+  clocks = [_Clock(), _Clock()]
+  runs = [_SavingRun(is_main=True), _SavingRun(is_main=False)]
+  sent, agreed = [[0, 0]], [0]
+
+  def agree_for(p):
+    def agree(value):
+      sent[-1][p] = value
+      return agreed[0]  # the previous step's max
+    return agree
+
+  procs = [hooks.Checkpoint(hooks.Every(steps=1000, at_end=False), minutes=1, clock=clocks[p],
+                            agree=agree_for(p)) for p in (0, 1)]
+  for p in (0, 1):
+    procs[p].start(runs[p])
+  # Process 0's clock passes a minute at step 2 (61 s) and again at step 5 (131 s: a minute after
+  # the checkpoint of step 3 at 70 s); process 1's clock is off and does not count.
+  times = {0: [10, 61, 70, 80, 131, 140], 1: [999, 999, 999, 999, 999, 999]}
+  for i, step in enumerate(range(1, 7)):
+    for p in (0, 1):
+      clocks[p].now = times[p][i]
+      procs[p].after_step(runs[p], step)
+    agreed[0] = max(sent[-1])  # the all-reduce of this step, read at the next
+    sent.append([0, 0])
+  assert runs[0].saved == runs[1].saved == [3, 6]  # one step after each
+
+
+@pytest.mark.slow
+def test_time_checkpoints_through_the_trainer_resume_bitwise(tmp_path):
+  """config.checkpoint_every_minutes wired through the loop: a period shorter than a step puts a
+  checkpoint at every update; resuming from one of them ends bitwise equal (the fingerprints of
+  every array of the final state) to a run without time checkpoints."""
+  def config(minutes):
+    c = quickstart.get_config('steps=6')
+    return config_lib.override(c, **{
+        'model.width': 4, 'eval_every_epochs': 1000.0, 'checkpoint_every_steps': 1000,
+        'keep_checkpoints': 10, 'checkpoint_every_minutes': minutes})
+
+  reference, timed = str(tmp_path / 'reference'), str(tmp_path / 'timed')
+  loop.train_and_evaluate(config(None), reference)
+  loop.train_and_evaluate(config(1e-9), timed)
+  assert sorted(map(int, os.listdir(os.path.join(timed, 'checkpoints')))) == [1, 2, 3, 4, 5, 6]
+  assert os.listdir(os.path.join(reference, 'checkpoints')) == ['6']
+  for step in ('5', '6'):  # as if killed after step 4's checkpoint
+    shutil.rmtree(os.path.join(timed, 'checkpoints', step))
+  loop.train_and_evaluate(config(1e-9), timed)
+
+  def final(workdir):
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+    try:
+      return ckpt.metadata(6)['fingerprints']
+    finally:
+      ckpt.close()
+  assert final(timed) == final(reference)
