@@ -141,7 +141,8 @@ VALID = {
 NONE_VALID = {
     'batch_schedule', 'checkpoint_every_minutes', 'compilation_cache_dir', 'data.data_dir',
     'data.eval_split',
-    'data.face_cache', 'data.face_root', 'data.file_format', 'data.tfds_name', 'ema_decay',
+    'data.face_cache', 'data.face_root', 'data.file_format', 'data.ijb_root', 'data.tfds_name',
+    'ema_decay',
     'eval_every_epochs', 'eval_every_steps', 'init_from', 'lr.boundaries_epochs',
     'lr.boundaries_steps', 'lr.table', 'lr.warmup_epochs', 'lr.warmup_steps',
     'model.bn_group_size', 'model.stage_depths', 'num_epochs', 'num_steps',

@@ -62,6 +62,11 @@ def defaults() -> dict[str, Any]:
       pixel_noise=0.1,           # face_synthetic: per-pixel noise (pixels are in [-1, 1])
       verification_pairs=3000,   # face_synthetic: held-out pairs (half same identity)
       verification_identities=500,  # face_synthetic: held-out identities they are drawn from
+      # IJB-B or IJB-C (the directory with meta/ and loose_crop/): its 1:1 template protocol at
+      # every evaluation (bigbatch/face/ijb.py; 112x112 models); None: off. It embeds every
+      # image twice (flip test): IJB-C's 469k images take a while, so evaluate rarely.
+      ijb_root=config_dict.placeholder(str),
+      ijb_target='IJBC',         # IJBB | IJBC: which metadata under ijb_root/meta
   )
 
 
@@ -80,6 +85,15 @@ def validate(config) -> None:
       isinstance(b, str) and b for b in d.verification_bins):
     raise fields.ConfigError(f'config.data.verification_bins={d.verification_bins!r}: give a '
                              f'list of .bin files, e.g. ("lfw.bin",)')
+  fields.choice(config, 'data.ijb_target', ('IJBB', 'IJBC'))
+  if d.ijb_root is not None:
+    if not isinstance(d.ijb_root, str) or not d.ijb_root:
+      raise fields.ConfigError(f'config.data.ijb_root={d.ijb_root!r}: give the IJB-B or IJB-C '
+                               f'directory (with meta/ and loose_crop/), or None')
+    if d.image_size != 112:
+      raise fields.ConfigError(f'config.data.ijb_root: IJB images are aligned to 112x112, and '
+                               f'config.data.image_size={d.image_size}; train at 112 or unset '
+                               f'ijb_root')
 
 
 def normalize(images_uint8: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ from bigbatch import fields
 from bigbatch import optim
 from bigbatch import sharding
 from bigbatch.data import faces
+from bigbatch.face import ijb
 from bigbatch.face import losses
 from bigbatch.face import partial_fc
 from bigbatch.face import verification
@@ -183,6 +184,14 @@ class Task(base.Task):
 
   def check_startup(self) -> None:
     self.verification_sets()
+    if self.config.data.ijb_root:  # its metadata read and checked now, not at the first eval
+      self._ijb_metadata()
+
+  def _ijb_metadata(self):
+    try:
+      return ijb.read_metadata(self.config.data.ijb_root, self.config.data.ijb_target)
+    except ijb.IJBError as e:
+      raise faces.FaceDataError(str(e)) from e
 
   def evaluate(self, trainer, state, dataset, prefix: str) -> dict[str, float]:
     """The verification protocol (10 folds, flip test, TAR at FAR 1e-3) on each pair set of the
@@ -199,4 +208,21 @@ class Task(base.Task):
       out[f'{prefix}/{name}/accuracy_std'] = result['accuracy_std']
       out[f'{prefix}/{name}/tar_at_far_1e-3'] = result['tar_at_far_1e-3']
       out[f'{prefix}/{name}/pairs'] = float(len(issame))
+    if self.config.data.ijb_root:
+      d = self.config.data
+      self._ijb_metadata()
+
+      def embed_padded(x):  # every call `batch` images: one compilation of the eval step
+        m = len(x)
+        if m < batch:
+          x = np.concatenate([x, np.zeros((batch - m, *x.shape[1:]), x.dtype)])
+        return np.asarray(embed(x))[:m]
+      try:
+        result = ijb.evaluate(embed_padded, d.ijb_root, d.ijb_target, batch=batch)
+      except ijb.IJBError as e:
+        raise faces.FaceDataError(str(e)) from e
+      name = d.ijb_target.lower()
+      for k in ('tar_at_far_1e-6', 'tar_at_far_1e-5', 'tar_at_far_1e-4', 'tar_at_far_1e-3',
+                'tar_at_far_1e-2', 'tar_at_far_1e-1', 'auc', 'pairs'):
+        out[f'{prefix}/{name}/{k}'] = result[k]
     return out
