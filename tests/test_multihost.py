@@ -37,6 +37,8 @@ from configs import quickstart  # noqa: E402
 
 pytestmark = pytest.mark.multihost
 
+DOC_ROWS = ('multihost-peer-failed',)  # docs/errors.md rows these tests stand for
+
 # 1437 digits / 128 = 11 steps per epoch; two microbatches of 64 (32 per process, 8 per device);
 # checkpoints at 3 and 6; eval only at the end (eval_every_epochs is far away).
 STEPS = 6
