@@ -31,6 +31,19 @@ fewer than flax's layer; where they go is not yet traced (writing the moments' b
 changes nothing). A variance lost entirely (a constant channel) clips to 0.
 x * a + b rounds both terms at |mean| / std before they cancel: an absolute error of
 ~2^-24 |mean| / std in y, far below bf16's resolution.
+
+Layouts: every per-group sum (both moments forward, dy and dy * x backward) is `_group_sum`:
+each example's positions reduced on their own, then the g examples added in a fixed pairwise
+tree, on x always reshaped to G x g x F (G = 1 included). So a group's statistics are the same
+bits whether its device holds it alone (8 devices x k=8, 4 examples each, groups of 4) or with
+many others (8 x 1, 1 x 8). A single reduction over the group's axes was rounded by XLA in an
+order that depended on G (the fused reduction's shape), and early training with a large lr
+multiplies such a difference ~10-1000x per update: 8 x 8 and 8 x 1 drifted to 2.5e-5 after 5
+updates of the CIFAR ResNet-20 (16x16, ghost 4, SGD lr 0.4), where they now stay below 2e-7
+(tests/test_layouts.py; README, How it works, for what holds over a run). The fixed order costs
+bytes under sync BN, whose one group is a device's whole share (benchmarks/bytes_accessed.py, as
+above: sync BN 37.840 -> 39.019 GiB, 0.905 -> 0.933 of the flax example; ghost BN 16 40.303 ->
+40.360 GiB, 0.964 -> 0.965; the same FLOPs), still fewer than flax's layer.
 """
 from __future__ import annotations
 
