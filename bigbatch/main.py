@@ -376,7 +376,7 @@ def main(argv, hooks=()):
       result = run(_CONFIG.value, _WORKDIR.value, restart_from_scratch=_RESTART.value,
                    hooks=hooks)
   except SystemExit as e:
-    if signals.received():
+    if signals.last_received():
       # The line is out: exit within a fraction of a second (a grace period before SIGKILL may
       # be short), not after seconds of interpreter and jax teardown, which a compilation still
       # running in XLA's thread can also crash (SIGSEGV instead of the exit code). Every

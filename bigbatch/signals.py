@@ -102,7 +102,15 @@ _critical = threading.RLock()
 
 def received() -> int:
   """The first signal received since the command (or the outermost watching()) started; 0:
-  none. The Preemption hook reads it at every step boundary."""
+  none, and 0 outside any watching(): a signal that stopped an earlier run in this process (a
+  test, a notebook) does not stop a later one. The Preemption hook reads it at every step
+  boundary."""
+  return _state.first if _state.depth else 0
+
+
+def last_received() -> int:
+  """The first signal of the latest command, also after its watching() ended: whether the
+  command is ending because of a signal (main's and the study's fast exit)."""
   return _state.first
 
 

@@ -104,7 +104,7 @@ def main(argv):
           raise
         _fail(*failure)
   except SystemExit as e:
-    if signals.received():
+    if signals.last_received():
       # The line is out, every checkpoint finished: exit now, not after the interpreter's and
       # jax's teardown (seconds; a grace period before SIGKILL may be shorter).
       _flush_logs()
