@@ -71,18 +71,15 @@ _PRINT_DERIVED_JSON = flags.DEFINE_bool(
     'print_derived_json', False, 'With --print_derived: print JSON instead of text.')
 flags.mark_flags_as_required(['config'])  # and --workdir unless --print_derived (_parse_flags)
 
-# Exit codes (documented in README "Resuming and preemption" and docs/errors.md).
-EXIT_FLAG_ERROR = 1  # a bad flag; also jax.distributed failing to start (docs/multihost.md)
-EXIT_CONFIG_ERROR = 2  # invalid config, or a workdir holding another experiment
-EXIT_NONFINITE = 3  # loss/gradients non-finite for too many consecutive steps
-EXIT_CHECKPOINT_ERROR = 4  # no readable checkpoint, or one that does not fit the model
-EXIT_SAVE_ERROR = 5  # a checkpoint or another workdir file could not be written (disk full, ...)
-EXIT_DATA_ERROR = 6  # the data set cannot be read
-# SIGTERM (at any moment): the checkpoint of the current update written if one was taken since
-# the start or the last checkpoint; rerun the same command (EX_TEMPFAIL; launch/slurm.sbatch
-# requeues on it).
-EXIT_PREEMPTED = 75
-EXIT_INTERRUPTED = 130  # SIGINT (^C): the same, but not requeued (128 + SIGINT, as shells say)
+# Exit codes: bigbatch/exits.py holds them (README "Resuming and preemption", docs/errors.md).
+EXIT_FLAG_ERROR = exits.FLAG_ERROR
+EXIT_CONFIG_ERROR = exits.CONFIG_ERROR
+EXIT_NONFINITE = exits.NONFINITE
+EXIT_CHECKPOINT_ERROR = exits.CHECKPOINT_ERROR
+EXIT_SAVE_ERROR = exits.SAVE_ERROR
+EXIT_DATA_ERROR = exits.DATA_ERROR
+EXIT_PREEMPTED = exits.PREEMPTED
+EXIT_INTERRUPTED = exits.INTERRUPTED
 
 
 def _signal_exit(signum: int) -> int:
