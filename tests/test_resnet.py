@@ -451,9 +451,15 @@ def test_bytes_accessed_not_above_the_flax_example():
   net = dict(width=16, stage_depths=(1, 1, 1, 1))
   shape, batch = (32, 32, 3), 8
   reference = bytes_accessed.step_cost(bytes_accessed.reference(18, 10, **net), shape, batch)
-  for ghost in (None, 4):
+  # Ghost BN's fixed summation order (per-example sums, then a fixed tree over a group's
+  # examples: models/layers.py, Layouts) costs bytes that do not grow with the image, likely the
+  # per-example sums written out (batch x channels per layer): 0.5% of this small step
+  # (35,140,236 bytes vs flax's 35,012,408; 34,951,840 with one XLA reduction per group, which
+  # rounds differently per layout), 0.1% at ResNet-50 224x224 batch 32.
+  for ghost, allowance in ((None, 1.0), (4, 1.005)):
     ours = bytes_accessed.step_cost(bytes_accessed.ours(18, 10, ghost=ghost, **net), shape, batch)
-    assert ours['bytes accessed'] <= reference['bytes accessed'], (ghost, ours, reference)
+    assert ours['bytes accessed'] <= allowance * reference['bytes accessed'], (
+        ghost, ours, reference)
     # The same network (XLA's count includes elementwise work, which differs a little).
     assert ours['flops'] == pytest.approx(reference['flops'], rel=0.03), ghost
 
