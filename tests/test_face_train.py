@@ -77,7 +77,10 @@ def test_face_step_on_8_devices_equals_1_device():
          np.asarray(one.params['centers'])[:NUM_CLASSES], rtol=1e-3, atol=2e-4)
   _close(eight.batch_stats, one.batch_stats)
   np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
-  np.testing.assert_allclose(m8['grad_norm'], m1['grad_norm'], rtol=1e-4)
+  # The second step's gradient norm, after one update whose rounding differs with the layout
+  # (the biases above): 1.28e-4 apart on the development machine (AMD EPYC, XLA:CPU), where the
+  # code before one reduction order for every BN layout was 8e-3 apart in the parameters.
+  np.testing.assert_allclose(m8['grad_norm'], m1['grad_norm'], rtol=3e-4)
   assert np.isfinite(m8['loss']) and m8['loss'] > 0
   # Centers and their momentum: C_pad / 8 rows per device.
   c_pad = partial_fc.padded_num_classes(NUM_CLASSES, 8)
