@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from absl import logging
 import jax.numpy as jnp
 
 from bigbatch import hooks
+from bigbatch import signals
 
 KINDS = ('kill_after_step', 'kill_during_save', 'term_after_step', 'nan_from_step',
          'data_error_after_step')
@@ -48,6 +50,13 @@ class Fault(hooks.Hook):
       from bigbatch.data import common  # pylint: disable=g-import-not-at-top
       raise common.DataError(f'injected: the record of step {done + 1} cannot be read')
     os.kill(os.getpid(), signal.SIGTERM if self.kind.startswith('term') else signal.SIGKILL)
+    if self.kind.startswith('term'):
+      # Under the command line a watcher thread records the signal (bigbatch/signals.py), a few
+      # ms later: wait for it, so that this update's preemption check sees it and the step the
+      # run stops at is fixed (the update after this one, on every process).
+      deadline = time.monotonic() + 5.0
+      while not signals.received() and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def from_env() -> list[Fault]:
