@@ -3,6 +3,7 @@ written the way InsightFace's eval_ijbc.py loops over templates and media, on a 
 benchmark whose identities are known, laid out as the IJB-C release is."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -217,3 +218,19 @@ def test_ijb_config_errors(tmp_path):
   config_lib.override(c, **{'data.image_size': 112, 'data.ijb_target': 'IJBA'})
   with pytest.raises(config_lib.ConfigError, match='ijb_target'):
     config_lib.validate(c, 8)
+
+
+def test_command_prints_the_table_and_writes_the_metrics(tmp_path, monkeypatch, capsys):
+  rng = np.random.default_rng(6)
+  root = str(tmp_path / 'IJBC')
+  _write_benchmark(root, rng, identities=4, templates_per_identity=2)
+  proj = np.random.default_rng(7).normal(size=(112 * 112 * 3 // 64, 16))
+  embed = lambda x: x.reshape(len(x), 14, 8, 14, 8, 3).mean(axis=(2, 4)).reshape(len(x), -1) @ proj
+  monkeypatch.setattr(ijb, 'embed_fn', lambda path: embed)
+  assert ijb.main(['model', f'--root={root}', f'--out={tmp_path / "out"}', '--batch=8']) == 0
+  line = capsys.readouterr().out.strip()
+  assert line.startswith('IJBC 1:1 verification, 8 templates') and 'TAR@FAR=1e-4' in line
+  saved = json.loads((tmp_path / 'out' / 'ijbc.json').read_text())
+  assert saved == pytest.approx(ijb.evaluate(embed, root, 'IJBC', batch=8))
+  assert ijb.main(['model', f'--root={tmp_path}']) == 6  # no meta/: one line, exit 6
+  assert 'is missing' in capsys.readouterr().err

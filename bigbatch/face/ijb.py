@@ -240,6 +240,14 @@ def embed_fn(path: str) -> Callable[[np.ndarray], np.ndarray]:
   return lambda x: np.asarray(apply(variables, x))
 
 
+def _progress(every: int) -> Callable[[int, int], None]:
+  """A `log` for image_features: `done/total images` on stderr every `every` images."""
+  def log(done: int, total: int) -> None:
+    if done % every == 0 or done == total:
+      print(f'{done}/{total} images', file=sys.stderr, flush=True)
+  return log
+
+
 def main(argv) -> int:
   import argparse  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(prog='python -m bigbatch.face.ijb', description=__doc__,
@@ -251,11 +259,8 @@ def main(argv) -> int:
   parser.add_argument('--out', help='a directory to write the metrics to (TARGET.json)')
   args = parser.parse_args(argv)
   try:
-    result = evaluate(embed_fn(args.model), args.root, args.target,
-                      batch=args.batch,
-                      log=lambda done, total: print(f'{done}/{total} images', file=sys.stderr,
-                                                    flush=True) if done % (20 * args.batch) == 0
-                      or done == total else None)
+    result = evaluate(embed_fn(args.model), args.root, args.target, batch=args.batch,
+                      log=_progress(every=20 * args.batch))
   except IJBError as e:
     print(f'bigbatch.face.ijb: {e}', file=sys.stderr)
     return 6
