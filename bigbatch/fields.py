@@ -16,12 +16,70 @@ class ConfigError(ValueError):
   """An invalid config. The message names the field and the fix, in one line."""
 
 
+# The one walk of a dotted config path ('optimizer.name'): reading, setting, removing, flattening
+# and overlaying nested values all go through these.
+
+
 def get(config, path: str) -> Any:
-  """config['a']['b'] for path 'a.b'."""
+  """config['a']['b'] for path 'a.b'; raises KeyError if a part is missing."""
   node = config
   for part in path.split('.'):
     node = node[part]
   return node
+
+
+def parent(config, path: str) -> tuple[Any, str] | None:
+  """(the mapping that holds the field `path`, the field's last name), or None if a parent is
+  missing or not a mapping. The field itself may be missing."""
+  node = config
+  *parents, leaf = path.split('.')
+  for p in parents:
+    if not hasattr(node, 'keys') or p not in node:
+      return None
+    node = node[p]
+  return (node, leaf) if hasattr(node, 'keys') else None
+
+
+def has(config, path: str) -> bool:
+  """Whether `path` names a field of `config`."""
+  found = parent(config, path)
+  return found is not None and found[1] in found[0]
+
+
+def set_path(config, path: str, value: Any) -> None:
+  """config['a']['b'] = value for path 'a.b'; the parents must exist (KeyError otherwise)."""
+  found = parent(config, path)
+  if found is None:
+    raise KeyError(path)
+  found[0][found[1]] = value
+
+
+def pop(tree: dict, path: str) -> None:
+  """Removes `path` from nested dicts if it is there."""
+  found = parent(tree, path)
+  if found is not None:
+    found[0].pop(found[1], None)
+
+
+def flatten(tree, prefix: str = '') -> dict[str, Any]:
+  """{'a.b': leaf} for nested mappings (a ConfigDict or dicts); empty mappings vanish."""
+  out = {}
+  for key, value in tree.items():
+    if hasattr(value, 'keys'):
+      out.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def overlay(config, overrides, where: str) -> None:
+  """Sets `overrides` (nested mappings, or dotted keys) into `config`; a field the config does not
+  have is a ConfigError naming `where` and the field."""
+  for path, value in flatten(overrides).items():
+    if not has(config, path):
+      raise ConfigError(f'{where}.{path}: the experiment config has no field {path!r}; check '
+                        f'the spelling against bigbatch/config_lib.base_config()')
+    set_path(config, path, value)
 
 
 # The largest magnitudes a number may have: integers become int32 in jax (without x64) and
@@ -90,12 +148,10 @@ def merge(into: ml_collections.ConfigDict, fields: dict[str, Any], owner: str) -
   programming error (two modules claiming one field), raised at once rather than silently
   overwritten (init2winit merges its hparams the same way)."""
   for key, value in fields.items():
-    node = into
-    *parents, leaf = key.split('.')
-    for p in parents:
-      if p not in node:
-        node[p] = ml_collections.ConfigDict()
-      node = node[p]
-    if leaf in node:
+    *parents, _ = key.split('.')
+    for i in range(1, len(parents) + 1):
+      if not has(into, '.'.join(parents[:i])):
+        set_path(into, '.'.join(parents[:i]), ml_collections.ConfigDict())
+    if has(into, key):
       raise ValueError(f'config field {key!r} of {owner} is already defined by another module')
-    node[leaf] = value
+    set_path(into, key, value)
