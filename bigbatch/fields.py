@@ -143,6 +143,21 @@ def choice(config, path: str, choices: Sequence[str]) -> None:
     raise ConfigError(f'config.{path}={value!r} is unknown; choose one of {", ".join(choices)}')
 
 
+_HOST_ONLY: set[str] = set()
+
+
+def declare_host_only(*paths: str) -> None:
+  """Declares fields (or whole groups, e.g. 'target') that only the host reads: the loop, the
+  data reader, the initial state. A change to them never changes the compiled train step, so
+  trainer.CompileCache leaves them out of its key. Each owner declares its own at import."""
+  _HOST_ONLY.update(paths)
+
+
+def host_only() -> tuple[str, ...]:
+  """The declared host-only fields, sorted."""
+  return tuple(sorted(_HOST_ONLY))
+
+
 def merge(into: ml_collections.ConfigDict, fields: dict[str, Any], owner: str) -> None:
   """Adds dotted `fields` (defaults owned by `owner`) to `into`; a field that already exists is a
   programming error (two modules claiming one field), raised at once rather than silently

@@ -15,19 +15,20 @@ import jax.numpy as jnp
 import ml_collections
 
 from bigbatch import checkpoint as checkpoint_lib
-from bigbatch import config_lib
+from bigbatch import core_config
 from bigbatch import data
 from bigbatch import derive as derive_lib
 from bigbatch import distributed
+from bigbatch import fields
 from bigbatch import hooks as hooks_lib
 from bigbatch import input_pipeline
+from bigbatch import lock as lock_lib
 from bigbatch import metrics as metrics_lib
 from bigbatch import sharding
 from bigbatch import signals
 from bigbatch import trainer as trainer_lib
 from bigbatch import workdir as workdir_lib
 from bigbatch.data import common as data_common
-from bigbatch.study import hooks as study_hooks
 
 
 class Preempted(Exception):
@@ -56,7 +57,7 @@ def load_dataset(config):
   """The config's data set, with read failures reported as DataError naming the data."""
   try:
     return data.create(config)
-  except (config_lib.ConfigError, DataError):
+  except (fields.ConfigError, DataError):
     raise  # a source's own DataError names its files and the fix (the face sets' do)
   except Exception as e:  # pylint: disable=broad-except  (TF/TFDS raise many kinds)
     detail = str(e).strip().splitlines()[0] if str(e).strip() else ''
@@ -94,9 +95,10 @@ class PhasedBatches:
         continue
       ds = self.dataset
       if p.global_batch != ds.global_batch:
-        ds = load_dataset(config_lib.override(
-            ml_collections.ConfigDict(self.config.to_dict()),
-            global_batch=p.global_batch, accumulation_steps=p.accumulation_steps))
+        phase_config = ml_collections.ConfigDict(self.config.to_dict())
+        phase_config.global_batch = p.global_batch
+        phase_config.accumulation_steps = p.accumulation_steps
+        ds = load_dataset(phase_config)
       shift = p.start_epoch * p.steps_per_epoch - p.start_step
       logging.info('Batch schedule: updates %d-%d at batch %d (%d microbatches), from epoch %d.',
                    lo + 1, hi, p.global_batch, p.accumulation_steps, p.start_epoch)
@@ -225,13 +227,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        cache: trainer_lib.CompileCache | None = None) -> dict[str, float]:
   """Trains and evaluates as the config says, resuming from the latest good checkpoint.
 
-  `hooks` run beside the standard ones (bigbatch/hooks.py); `cache` shares compiled steps with
+  `hooks` run beside the standard ones (bigbatch/hooks.py), e.g. a study's (the target stop,
+  sharpness: bigbatch/study/hooks.py); `cache` shares compiled steps with
   earlier runs in this process (a study's trials). Returns the final evaluation metrics. Raises
   Preempted after writing a checkpoint on SIGTERM, NonFiniteError, workdir.WorkdirError (also
   when another trainer holds the workdir) and checkpoint.CheckpointError with actionable
   messages.
   """
-  config_lib.validate(config, jax.device_count())
+  core_config.validate(config, jax.device_count())
   # The workdir's lock, before anything is written there and before minutes of data loading and
   # compiling, so a second trainer is refused at once. Process 0 holds it for all processes. An
   # evaluation (mode=eval) only reads checkpoints and writes eval-<step>.json: it may run beside
@@ -298,11 +301,11 @@ def _on_process_0(fn: Callable[[], Any]) -> Any:
   return result
 
 
-def _lock_workdir(workdir: str, *, check_layout: bool) -> workdir_lib.WorkdirLock:
+def _lock_workdir(workdir: str, *, check_layout: bool) -> lock_lib.WorkdirLock:
   """Creates the workdir and takes its lock; then checks that nothing of the wrong kind sits
   where bigbatch writes (not before --restart_from_scratch, which sets all of it aside)."""
   workdir_lib.ensure_writable(workdir)
-  lock = workdir_lib.WorkdirLock.acquire(workdir)
+  lock = lock_lib.WorkdirLock.acquire(workdir)
   try:
     if check_layout:
       workdir_lib.check_layout(workdir)
@@ -312,7 +315,7 @@ def _lock_workdir(workdir: str, *, check_layout: bool) -> workdir_lib.WorkdirLoc
   return lock
 
 
-def _train_and_evaluate(config, workdir: str, lock: workdir_lib.WorkdirLock | None, *,
+def _train_and_evaluate(config, workdir: str, lock: lock_lib.WorkdirLock | None, *,
                         restart_from_scratch: bool, hooks: Sequence[Any],
                         cache: trainer_lib.CompileCache | None) -> dict[str, float]:
   if config.compilation_cache_dir:
@@ -346,7 +349,7 @@ def _train_and_evaluate(config, workdir: str, lock: workdir_lib.WorkdirLock | No
   # Nothing is written before the config, the derived values and the workdir have been checked.
   def prepare():
     if restart_from_scratch:  # with the lock held, so no other trainer starts in it meanwhile
-      moved = workdir_lib.restart(lock) if lock else workdir_lib.set_aside(workdir)
+      moved = lock_lib.restart(lock) if lock else workdir_lib.set_aside(workdir)
       if moved:
         logging.warning('--restart_from_scratch: the previous run in %s was moved to %s.',
                         workdir, moved)
@@ -411,7 +414,7 @@ def _train_and_evaluate(config, workdir: str, lock: workdir_lib.WorkdirLock | No
   all_hooks = [*hooks_lib.standard(run, sigterm_received=signals.received,
                                    preempt_sync=distributed.PreemptionSync(),
                                    preempted=Preempted),
-               *study_hooks.hooks_for(config, workdir), *hooks]
+               *hooks]
   all_hooks.sort(key=lambda h: h.order)  # stable: equal orders keep the list's order
   try:
     for h in all_hooks:

@@ -132,8 +132,9 @@ def _run(config, workdir: str, *, restart_from_scratch: bool, hooks) -> dict:
   from bigbatch import checkpoint
   from bigbatch import loop
   try:
+    from bigbatch.study import hooks as study_hooks
     return loop.train_and_evaluate(config, workdir, restart_from_scratch=restart_from_scratch,
-                                   hooks=hooks)
+                                   hooks=[*study_hooks.hooks_for(config, workdir), *hooks])
   except Exception as e:  # pylint: disable=broad-except
     # One mapping for the trainer and the study command (bigbatch/exits.py): config (also
     # those that need the data set's size), workdir, storage, checkpoint, save, data and

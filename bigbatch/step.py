@@ -22,9 +22,9 @@ from jax import lax
 import jax.numpy as jnp
 import optax
 
+from bigbatch import grad_stats
 from bigbatch import optim
 from bigbatch import trust_ratio
-from bigbatch.study import noise_scale
 
 # loss_fn(params, batch_stats, image_MxHxWxC, label_M, key) -> (loss, (new BN stats, accuracy)):
 # the mean loss of one microbatch share on one device. `accuracy` may instead be a dict with
@@ -99,7 +99,7 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
 
   With noise_scale_decay, the gradient noise scale is estimated from the K x devices microbatch
   gradients of b = M examples each and their mean, the update's gradient of B examples
-  (bigbatch/study/noise_scale.py): the squared norm of each microbatch gradient costs one
+  (bigbatch/grad_stats.py): the squared norm of each microbatch gradient costs one
   reduction per microbatch, on the device, before any communication.
 
   Parameters that arrive sharded (device-varying: the face-recognition class centers) are
@@ -131,7 +131,7 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
                                                jax.random.fold_in(step_key, i))
     # The noise scale's small batch: this device's gradient of replicated parameters (sharded
     # ones have no per-device gradient of their own).
-    small_sq = (noise_scale.per_shard_sq_norms(replicated(grads))
+    small_sq = (grad_stats.sq_norm(replicated(grads))
                 if noise_scale_decay is not None else 0.0)
     return jax.tree.map(jnp.add, grad_sum, grads), (loss, accuracy, stats, small_sq)
 
@@ -177,11 +177,11 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
   if noise_scale_decay is not None:
     b = batch['label'].shape[1]
     big = b * k * lax.axis_size('data')
-    g2, trace = noise_scale.estimates(mean_over(small_sqs.mean()),
-                                      noise_scale.per_shard_sq_norms(replicated(grads)), b, big)
-    ema = noise_scale.update_ema(state.noise_scale, g2, trace, noise_scale_decay)
+    g2, trace = grad_stats.estimates(mean_over(small_sqs.mean()),
+                                      grad_stats.sq_norm(replicated(grads)), b, big)
+    ema = grad_stats.update_ema(state.noise_scale, g2, trace, noise_scale_decay)
     new_state = new_state.replace(noise_scale=keep(ema, state.noise_scale))
-    gns_metrics = {f'gns/{name}': v for name, v in noise_scale.ema_metrics(
+    gns_metrics = {f'gns/{name}': v for name, v in grad_stats.ema_metrics(
         ema, new_state.step, noise_scale_decay).items()}
     gns_metrics['gns/b_simple_step'] = trace / g2
   metrics = {

@@ -21,15 +21,17 @@ import ml_collections
 
 from bigbatch import checkpoint as checkpoint_lib
 from bigbatch import distributed
+from bigbatch import fields
 from bigbatch import flops
+from bigbatch import grad_stats
 from bigbatch import input_pipeline
 from bigbatch import models
 from bigbatch import optim
+from bigbatch import schedule as schedule_lib
 from bigbatch import sharding
 from bigbatch import step as step_lib
 from bigbatch import tasks
 from bigbatch import workdir as workdir_lib
-from bigbatch.study import noise_scale
 from bigbatch.tasks import base as tasks_base
 
 TrainState = step_lib.TrainState
@@ -58,18 +60,10 @@ class CompileCache:
 
   Trials that differ only in values held in the optimizer state (the peak lr) reuse one jitted
   step, and so one compilation. The key is everything the compiled code depends on: the config
-  (less the fields below, which only the host loop, the data reader or the peak lr read), the
+  (less the fields their owners declare host-only with fields.declare_host_only: those only the host loop, the data reader or the initial state read), the
   arguments of `build` (class count, image shape, sharding rules), the derived schedule, and the
-  mesh. A field missing from NOT_IN_STEP costs a compilation, never a wrong reuse.
+  mesh. An undeclared host-only field costs a compilation, never a wrong reuse.
   """
-
-  NOT_IN_STEP = (
-      'seed', 'lr.base_lr', 'log_every_steps', 'eval_every_epochs', 'eval_every_steps',
-      'checkpoint_every_steps', 'checkpoint_every_minutes', 'keep_checkpoints', 'data.prefetch', 'data.data_dir', 'num_steps',
-      'num_epochs', 'nonfinite', 'max_nonfinite_steps', 'data.tfds_name', 'data.train_split',
-      'data.eval_split', 'data.file_format', 'data.num_parallel_calls', 'data.shuffle_buffer',
-      'profile_steps', 'compilation_cache_dir', 'mode', 'precise_bn_batches', 'init_from',
-      'target', 'sharpness')
 
   def __init__(self):
     self._entries: dict[tuple[str, str], Any] = {}
@@ -84,14 +78,10 @@ class CompileCache:
     return [v for (k, _), v in self._entries.items() if k == kind]
 
   @classmethod
-  def step_key(cls, config, mesh, derived: optim.Derived, **build_args) -> str:
+  def step_key(cls, config, mesh, derived: schedule_lib.Resolved, **build_args) -> str:
     flat = json.loads(config.to_json_best_effort())
-    for path in cls.NOT_IN_STEP:
-      node = flat
-      *parents, leaf = path.split('.')
-      for p in parents:
-        node = node.get(p, {})
-      node.pop(leaf, None)
+    for path in fields.host_only():
+      fields.pop(flat, path)
     schedule = [derived.warmup_steps, list(derived.boundaries_steps),
                 derived.total_steps if config.lr.decay in ('cosine', 'polynomial', 'linear')
                 else 0, [dataclasses.astuple(p) for p in derived.phases], derived.schedule_steps]
@@ -139,7 +129,7 @@ def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
         rng=state_rng, nonfinite_streak=jnp.zeros((), jnp.int32),
         nonfinite_total=jnp.zeros((), jnp.int32),
         ema_params=params if config.ema_decay is not None else {},
-        noise_scale=noise_scale.init_ema() if config.noise_scale.enabled else {})
+        noise_scale=grad_stats.init_ema() if config.noise_scale.enabled else {})
 
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init, rng)

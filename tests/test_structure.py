@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import os
+import subprocess
+import sys
 
 import ml_collections
 import pytest
@@ -102,3 +104,51 @@ def test_non_finite_numbers_are_refused_by_name():
     config_lib.override(bad, **{path: value})
     with pytest.raises(fields.ConfigError, match=rf'config\.{path}='):
       config_lib.validate(bad, 8)
+
+
+# The layers, top down. The research layer (bigbatch.study) and the experiment config and entry
+# point above the core may import the core; the core imports neither.
+TOP = ('bigbatch.main', 'bigbatch.config_lib', 'bigbatch.console')
+
+
+def _in(name: str, package: str) -> bool:
+  return name == package or name.startswith(package + '.')
+
+
+def _is_core(name: str) -> bool:
+  return not _in(name, 'bigbatch.study') and name not in TOP
+
+
+def test_the_core_imports_nothing_from_the_study_or_the_entry_point():
+  offenders = [f'{name} imports {sub}'
+               for name, tree in _modules().items() if _is_core(name)
+               for target, names in _imports(tree, top_level_only=False)
+               for sub in ([f'{target}.{n}' for n in names] or [target])
+               if not _is_core(target) or not _is_core(sub)]
+  assert not offenders, offenders
+
+
+def test_importing_the_core_loads_no_study_module():
+  # The static test above, checked on the running interpreter: every core module imported, and
+  # not one module of bigbatch.study or the entry point loaded by any of them.
+  core = sorted(name for name in _modules() if _is_core(name) and name != 'bigbatch.__main__')
+  code = ('import importlib, sys\n'
+          f'for name in {core!r}:\n'
+          '  importlib.import_module(name)\n'
+          'print(sorted(m for m in sys.modules if m.startswith("bigbatch.study") or m in '
+          f'{TOP!r}))\n')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                       timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert out.stdout.strip().splitlines()[-1] == '[]', out.stdout + out.stderr
+
+
+def test_no_module_is_over_500_lines():
+  long = {}
+  for dirpath, _, files in os.walk(ROOT):
+    for f in files:
+      if f.endswith('.py'):
+        with open(os.path.join(dirpath, f)) as fh:
+          n = len(fh.read().splitlines())
+        if n > 500:
+          long[os.path.relpath(os.path.join(dirpath, f), ROOT)] = n
+  assert not long, long

@@ -8,6 +8,7 @@ import os
 
 import jax
 from jax.flatten_util import ravel_pytree
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -16,9 +17,11 @@ from bigbatch import data as data_lib
 from bigbatch import loop
 from bigbatch import sharding
 from bigbatch import trainer as trainer_lib
+from bigbatch.study import aggregate
+from bigbatch.study import grid
 from bigbatch.study import hooks as study_hooks
 from bigbatch.study import noise_scale
-from bigbatch.study import report
+from bigbatch.study import render_steps
 from bigbatch.study import run
 from bigbatch.tasks import classification
 from configs import study_digits
@@ -86,8 +89,7 @@ def test_trainer_sharpness_is_the_top_eigenvalue_of_the_dense_hessian():
   images = np.concatenate([r['image'].reshape(-1, *IMAGE_SHAPE) for r in rows])[:48]
   labels = np.concatenate([r['label'].reshape(-1) for r in rows])[:48]
   flat, unravel = ravel_pytree(jax.device_get(trainer.state.params))
-  loss = lambda f: study_hooks._classification_loss(trainer.model, 10, 0.0)(
-      unravel(f), {}, images, labels)
+  loss = lambda f: trainer.task.objective(trainer.model)(unravel(f), {}, images, labels)
   eigenvalues = np.linalg.eigvalsh(np.asarray(jax.hessian(loss)(flat), np.float64))
   assert eigenvalues[-1] > 0
   np.testing.assert_allclose(value, eigenvalues[-1], rtol=1e-2)
@@ -110,7 +112,8 @@ def _digits_config(**overrides):
 @pytest.mark.slow
 def test_steps_to_target_is_the_first_evaluation_that_meets_it(tmp_path):
   config = _digits_config(**{'target.value': 0.28})
-  loop.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path),
+                          hooks=study_hooks.hooks_for(config, str(tmp_path)))
   rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   curve = [(r['step'], r['eval/top1']) for r in rows if 'eval/top1' in r]
   reached = json.load(open(tmp_path / 'target.json'))
@@ -133,7 +136,7 @@ def test_a_trial_that_never_meets_the_target_is_recorded_as_not_reached(tmp_path
   assert row['reached'] is False and row['steps_to_target'] is None
   assert row['examples_to_target'] is None and row['steps_run'] == 6
   assert row['final_metric'] is not None and row['eval_curve']
-  (agg,) = report.aggregate(results)
+  (agg,) = aggregate.steps_to_target(results)
   assert not agg['reached']
   assert 'not reached' in (tmp_path / 'report.md').read_text()
 
@@ -162,7 +165,7 @@ def test_quick_sweep_end_to_end_compiles_once_per_batch_size_and_resumes(tmp_pat
     assert row['noise_scale'] and row['sharpness'] and row['eval_curve']
     assert any(row['lr'] == pytest.approx(lr) for lr in (0.05, 0.2))
   text = (tmp_path / 'report.md').read_text()
-  for stem, _ in report.FIGURES:
+  for stem, _ in render_steps.FIGURES:
     if f'figures/{stem}.png' not in text:
       # Only the trade-off fit may be missing: it needs two batch sizes that reached the target.
       assert stem == 'steps_vs_examples', stem
@@ -183,7 +186,7 @@ def test_quick_sweep_end_to_end_compiles_once_per_batch_size_and_resumes(tmp_pat
 def test_every_trial_of_the_shipped_studies_validates(name):
   import importlib  # pylint: disable=g-import-not-at-top
   study = importlib.import_module(f'configs.{name}').get_config()
-  trials = run.trials(study)
+  trials = grid.trials(study)
   per_point = {(t.variant, t.batch_size) for t in trials}
   assert len(per_point) == len(study.variants) * len(study.batch_sizes)
   assert len({t.trial_id for t in trials}) == len(trials)
@@ -193,3 +196,45 @@ def test_every_trial_of_the_shipped_studies_validates(name):
     splits = t.batch_size > per_step and t.batch_size % per_step == 0
     assert per_device == (study.microbatch if splits else t.batch_size // jax.device_count())
     assert t.config.target.value == study.target.value and t.config.target.stop
+
+
+@pytest.mark.slow
+def test_face_sharpness_is_the_top_eigenvalue_of_the_full_margin_softmax():
+  # Sharpness differentiates the task's objective: for faces, the margin softmax over every
+  # class (the centers' padding rows left out), with the backbone's BN frozen.
+  c = config_lib.base_config()
+  c.task, c.data.name, c.model.name = 'face', 'face_synthetic', 'mlp'
+  c.data.image_size, c.data.num_identities, c.data.images_per_identity = 8, 13, 8
+  # Wide enough that no example's embedding is 0 (all ReLUs off), where the normalization has
+  # no second derivative.
+  c.model.width, c.model.embedding_dim = 12, 4
+  c.face.s, c.face.m2 = 16.0, 0.3
+  c.global_batch, c.num_steps = 32, 2
+  c.sharpness.num_examples, c.sharpness.num_iters = 40, 40
+  config_lib.validate(c, jax.device_count())
+  dataset = data_lib.create(c)
+  trainer = trainer_lib.build(c, sharding.make_mesh(c), num_train=dataset.num_train,
+                              image_shape=dataset.image_shape, num_classes=dataset.num_classes)
+  state = trainer_lib.precise_bn(trainer, trainer.state, dataset, 2, first_step=0)
+  value = study_hooks.measure_sharpness(trainer, trainer.state, dataset, c)
+  rows = [jax.device_get(dataset.train_batch(s)) for s in range(2)]
+  images = np.concatenate([r['image'].reshape(-1, *dataset.image_shape) for r in rows])[:40]
+  labels = np.concatenate([r['label'].reshape(-1) for r in rows])[:40]
+  params = jax.device_get(trainer.state.params)
+  flat, unravel = ravel_pytree(params)
+
+  def loss(f):  # written here from the margin's definition, not through the task
+    p = unravel(f)
+    e = trainer.model.apply({'params': p['backbone'], 'batch_stats': state.batch_stats},
+                            images, train=False)
+    w = p['centers'][:dataset.num_classes]
+    cos = (e / jnp.linalg.norm(e, axis=1, keepdims=True)) @ (
+        w / jnp.linalg.norm(w, axis=1, keepdims=True)).T
+    theta = jnp.arccos(jnp.clip(cos, -1 + 1e-7, 1 - 1e-7))
+    is_target = jax.nn.one_hot(labels, dataset.num_classes) > 0
+    logits = c.face.s * jnp.where(is_target, jnp.cos(theta + c.face.m2), cos)
+    return jnp.mean(jax.nn.logsumexp(logits, axis=1) - jnp.sum(logits * is_target, axis=1))
+
+  assert np.prod(trainer.state.params['centers'].shape) > dataset.num_classes * 4  # padded
+  eigenvalues = np.linalg.eigvalsh(np.asarray(jax.hessian(loss)(flat), np.float64))
+  np.testing.assert_allclose(value, eigenvalues[-1], rtol=2e-2)

@@ -46,8 +46,8 @@ def _sq_norms(x_TxSxbxD, e_TxSxb):
   def one_step(x_SxbxD, e_Sxb):
     y_Sxb = math.sqrt(S2) * e_Sxb
     grads_SxD = jax.vmap(jax.grad(_shard_loss), in_axes=(None, 0, 0))(w, x_SxbxD, y_Sxb)
-    small = jnp.mean(jax.vmap(noise_scale.per_shard_sq_norms)(grads_SxD))
-    big = noise_scale.per_shard_sq_norms(jnp.mean(grads_SxD, axis=0))
+    small = jnp.mean(jax.vmap(noise_scale.sq_norm)(grads_SxD))
+    big = noise_scale.sq_norm(jnp.mean(grads_SxD, axis=0))
     return small, big
   return jax.vmap(one_step)(x_TxSxbxD, e_TxSxb)
 
@@ -133,8 +133,8 @@ def test_ema_bias_correction_and_edge_cases():
 
 def test_per_shard_sq_norms():
   tree = {'a': jnp.array([3.0, 4.0]), 'b': {'c': jnp.ones((2, 2), jnp.bfloat16)}}
-  assert float(noise_scale.per_shard_sq_norms(tree)) == pytest.approx(29.0)
-  assert noise_scale.per_shard_sq_norms(tree).dtype == jnp.float32
+  assert float(noise_scale.sq_norm(tree)) == pytest.approx(29.0)
+  assert noise_scale.sq_norm(tree).dtype == jnp.float32
 
 
 # ---------------------------------------------------------------------------------------------

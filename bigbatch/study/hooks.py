@@ -10,12 +10,10 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Callable
 
 from absl import logging
 import jax
 import jax.numpy as jnp
-import optax
 
 from bigbatch import fields
 from bigbatch import hooks
@@ -70,7 +68,8 @@ class Target(hooks.Hook):
 def measure_sharpness(trainer, state, dataset, config) -> float:
   """The top eigenvalue of the training loss's Hessian w.r.t. the parameters of `state`.
 
-  The loss is the mean cross-entropy (with the run's label smoothing) over the first
+  The loss is the task's objective (Task.objective: the classification cross-entropy with the
+  run's label smoothing, the face task's full margin softmax) over the first
   config.sharpness.num_examples examples of the epoch-0 training order: the same examples for
   every batch size of a study. BN is frozen: its statistics are those of these examples as the
   training step's BN computes them (sync or ghost groups), held constant, so the Hessian is of a
@@ -82,10 +81,10 @@ def measure_sharpness(trainer, state, dataset, config) -> float:
   if trainer.bn_statistics is not None:
     state = trainer_lib.precise_bn(trainer, state, dataset, num_batches, first_step=0)
   images, labels = _first_examples(batches, n)
-  loss = _classification_loss(trainer.model, dataset.num_classes, config.label_smoothing)
+  loss = trainer.task.objective(trainer.model)
   key = jax.random.fold_in(state.rng, int(state.step))
   value, _ = sharpness_lib.top_eigenvalue(loss, state.params, state.batch_stats, images, labels,
-                            num_iters=config.sharpness.num_iters, key=key)
+                                            num_iters=config.sharpness.num_iters, key=key)
   return float(value)
 
 
@@ -93,22 +92,6 @@ def measure_sharpness(trainer, state, dataset, config) -> float:
 def _first_examples(batches: list[dict], n: int):
   flat = lambda key: jnp.concatenate([b[key].reshape(-1, *b[key].shape[2:]) for b in batches])
   return flat('image')[:n], flat('label')[:n]
-
-
-@functools.lru_cache(maxsize=8)
-def _classification_loss(model, num_classes: int, smoothing: float) -> Callable:
-  """The training loss with BN in inference mode (statistics given), one object per model so
-  that top_eigenvalue compiles its Hessian-vector product once per run."""
-
-  def loss(params, batch_stats, images, labels):
-    variables = {'params': params}
-    if batch_stats:
-      variables['batch_stats'] = batch_stats
-    logits = model.apply(variables, images, train=False)
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
-
-  return loss
 
 
 class Sharpness(hooks.Hook):

@@ -41,61 +41,11 @@ import dataclasses
 import math
 from typing import Iterable
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from bigbatch import grad_stats
 
-
-def per_shard_sq_norms(grads_tree) -> jax.Array:
-  """Squared L2 norm of a gradient pytree: the sum of squares over all leaves, in float32.
-
-  Pure jnp, for use inside jit / shard_map on each device's (or microbatch's) local gradient and
-  on the reduced global one. An empty tree gives 0.
-  """
-  leaves = jax.tree_util.tree_leaves(grads_tree)
-  total = jnp.zeros((), jnp.float32)
-  for leaf in leaves:
-    total = total + jnp.sum(jnp.square(jnp.asarray(leaf).astype(jnp.float32)))
-  return total
-
-
-def _is_static_int(x) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def estimates(small_sq_norm, big_sq_norm, b, B) -> tuple[jax.Array, jax.Array]:
-  """Unbiased one-step estimates (|G|^2, tr(Sigma)) from two batch sizes b < B.
-
-  Args:
-    small_sq_norm: |G_b|^2, the mean over small batches of their gradients' squared norms.
-    big_sq_norm: |G_B|^2, the squared norm of the gradient of the whole B-example batch.
-    b: examples behind each small gradient.
-    B: examples behind the large gradient.
-  Returns:
-    (g2, trace_sigma), jnp arrays of at least float32 (elementwise if the inputs are arrays).
-    Either may be negative on one step; smooth before dividing (`NoiseScaleEMA`).
-  Raises:
-    ValueError: on the host, when b and B are Python/numpy ints and not 0 < b < B. Traced b, B
-      are not checked.
-  """
-  if _is_static_int(b) and _is_static_int(B):
-    if b >= B:
-      raise ValueError(
-          f'noise scale: the small batch (b={b}) and the large batch (B={B}) coincide or are in '
-          'the wrong order; with one device and no gradient accumulation there is no smaller '
-          'batch to compare with (need b < B)')
-    if b <= 0:
-      raise ValueError(f'noise scale: batch sizes must be positive, got b={b}, B={B}')
-  small = jnp.asarray(small_sq_norm)
-  big = jnp.asarray(big_sq_norm)
-  dtype = jnp.result_type(small, big, jnp.float32)
-  small, big = small.astype(dtype), big.astype(dtype)
-  b = jnp.asarray(b, dtype)
-  B = jnp.asarray(B, dtype)
-  g2 = (B * big - b * small) / (B - b)
-  # 1 / (1/b - 1/B) = b B / (B - b), without the cancellation of two small reciprocals.
-  trace_sigma = (small - big) * (b * B / (B - b))
-  return g2, trace_sigma
+# The in-step estimates, for series computed off the trainer (tests, notebooks).
+estimates = grad_stats.estimates
+sq_norm = grad_stats.sq_norm
 
 
 def _ratio(trace_sigma: float, g2: float) -> float:
@@ -104,25 +54,6 @@ def _ratio(trace_sigma: float, g2: float) -> float:
   if g2 <= 0.0:
     return math.inf
   return trace_sigma / g2
-
-
-def init_ema() -> dict[str, jax.Array]:
-  """Device-side moving averages (the trainer's state): {'g2', 'trace'}, starting at 0."""
-  return {'g2': jnp.zeros((), jnp.float32), 'trace': jnp.zeros((), jnp.float32)}
-
-
-def update_ema(ema: dict, g2, trace_sigma, decay: float) -> dict:
-  """One step of NoiseScaleEMA's recurrence, on device (jnp; inside the step)."""
-  return {'g2': decay * ema['g2'] + (1 - decay) * g2,
-          'trace': decay * ema['trace'] + (1 - decay) * trace_sigma}
-
-
-def ema_metrics(ema: dict, num_updates, decay: float) -> dict[str, jax.Array]:
-  """b_simple (the ratio needs no bias correction) and the bias-corrected g2 and trace_sigma
-  after `num_updates` updates, as NoiseScaleEMA reports them."""
-  correction = 1 - decay ** jnp.asarray(num_updates, jnp.float32)
-  return {'b_simple': ema['trace'] / ema['g2'], 'g2': ema['g2'] / correction,
-          'trace_sigma': ema['trace'] / correction}
 
 
 @dataclasses.dataclass

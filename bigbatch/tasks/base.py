@@ -69,6 +69,14 @@ class Task:
     """Per-device loss of one microbatch share (step.LossFn), for the training model."""
     raise NotImplementedError
 
+  def objective(self, model) -> Callable:
+    """The training loss as a fixed function of the parameters: (params, batch_stats, images,
+    labels) -> scalar on global arrays, BN in inference mode with the statistics given, no
+    dropout, no sampling. What sharpness (bigbatch/study/sharpness.py) differentiates twice.
+    Returns the same object for the same model and config, so its Hessian-vector product
+    compiles once per run."""
+    raise NotImplementedError
+
   # ------------------------------------------------------------------- evaluation
 
   def eval_fn(self, model) -> Callable:

@@ -27,6 +27,22 @@ def loss_fn(params, batch_stats, image_MxHxWxC, label_M, key, *, model, num_clas
   return loss, (updates.get('batch_stats', {}), accuracy)
 
 
+@functools.lru_cache(maxsize=8)
+def objective(model, num_classes: int, label_smoothing: float):
+  """The mean cross-entropy (with label smoothing) of the model with BN in inference mode
+  (Task.objective); one object per (model, classes, smoothing)."""
+
+  def loss(params, batch_stats, images, labels):
+    variables = {'params': params}
+    if batch_stats:
+      variables['batch_stats'] = batch_stats
+    logits = model.apply(variables, images, train=False)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+
+  return loss
+
+
 def eval_step(state, batch: dict, *, model, num_classes: int):
   """Sums over one (padded, masked) eval batch: loss, top-1 and top-5 hits, example count."""
   variables = {'params': state.params}
@@ -58,6 +74,9 @@ class Task(base.Task):
   def loss_fn(self, model):
     return functools.partial(loss_fn, model=model, num_classes=self.num_classes,
                              label_smoothing=self.config.label_smoothing)
+
+  def objective(self, model):
+    return objective(model, self.num_classes, float(self.config.label_smoothing))
 
   def eval_fn(self, model):
     return functools.partial(eval_step, model=model, num_classes=self.num_classes)

@@ -5,6 +5,7 @@ InsightFace .bin pair files."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -38,6 +39,24 @@ def loss_fn(params, batch_stats, image_MxHxWxC, label_M, key, *, model,
   # were in its softmax; the step's metric sums its microbatches).
   return loss, (updates.get('batch_stats', {}),
                 {'accuracy': aux['accuracy'], 'partial_fc_overflow': aux['overflow']})
+
+
+@functools.lru_cache(maxsize=8)
+def objective(model, face: partial_fc.Config):
+  """The margin softmax over every class (what Partial FC samples; equal to it at sample rate 1)
+  of the backbone with BN in inference mode and no dropout (Task.objective). The centers' padding
+  rows (partial_fc.padded_num_classes) are left out."""
+
+  def loss(params, batch_stats, images, labels):
+    variables = {'params': params['backbone']}
+    if batch_stats:
+      variables['batch_stats'] = batch_stats
+    embeddings = model.apply(variables, images, train=False)
+    return losses.margin_softmax_loss(
+        embeddings, params['centers'][:face.num_classes], labels, s=face.s, m1=face.m1,
+        m2=face.m2, m3=face.m3, straight_through=face.straight_through)
+
+  return loss
 
 
 class Task(base.Task):
@@ -121,9 +140,6 @@ class Task(base.Task):
           f'split over devices, and a trust ratio over one device\'s rows would depend on the '
           f'device count; exclude them, e.g. --config.optimizer.trust_ratio_exclude='
           f'"(^|/)(bias|scale|centers)$"')
-    if config.sharpness.every_steps or config.sharpness.at_end:
-      raise fields.ConfigError('config.sharpness with task=face is not supported; unset '
-                               'sharpness.every_steps and sharpness.at_end')
     fields.finite(config, 'model.dropout', low=0.0, high=1.0, high_open=True)
 
   @staticmethod
@@ -167,6 +183,9 @@ class Task(base.Task):
   def loss_fn(self, model):
     dropout = self.config.model.dropout > 0
     return lambda *args: loss_fn(*args, model=model, face=self.partial_fc, dropout=dropout)
+
+  def objective(self, model):
+    return objective(model, self.partial_fc)
 
   def eval_fn(self, model):
     """(state, images [n, H, W, C]) -> embeddings of the current backbone."""
