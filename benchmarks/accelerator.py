@@ -49,6 +49,7 @@ from bigbatch import config_lib  # noqa: E402
 from bigbatch import flops  # noqa: E402
 from bigbatch import sharding  # noqa: E402
 from bigbatch import trainer as trainer_lib  # noqa: E402
+from bigbatch.data import images  # noqa: E402
 
 ROWS = ('reference', 'reference-fp16', 'ours-flax-step', 'ours-plain-jit', 'trainer-sgd',
         'trainer-lars', 'trainer-ghost32', 'trainer-k2', 'trainer-2x')
@@ -132,7 +133,7 @@ def trainer_row(setup: Setup, *, optimizer: str = 'sgd', ghost: int | None = Non
   c.lr.base_lr = 1.0 if optimizer == 'lars' else 0.1
   config_lib.validate(c, len(setup.devices))
   trainer = trainer_lib.build(c, sharding.make_mesh(c, setup.devices),
-                              num_train=config_lib.IMAGENET_TRAIN_EXAMPLES,
+                              num_train=images.IMAGENET_TRAIN_EXAMPLES,
                               image_shape=setup.image_shape, num_classes=setup.num_classes)
   batch = _batch(setup, (k, c.global_batch // k), trainer.batch_sharding)
   return trainer.train_step, trainer.state, batch, per_device

@@ -80,6 +80,7 @@ def trainer_step_cost(depth: int, image_shape, batch: int) -> dict:
   from bigbatch import config_lib  # pylint: disable=g-import-not-at-top
   from bigbatch import sharding  # pylint: disable=g-import-not-at-top
   from bigbatch import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  from bigbatch.data import images  # pylint: disable=g-import-not-at-top
   c = config_lib.imagenet_resnet50(config_lib.base_config())
   c.model.depth = depth
   c.model.dtype = 'bfloat16'
@@ -92,7 +93,7 @@ def trainer_step_cost(depth: int, image_shape, batch: int) -> dict:
   config_lib.validate(c, len(devices))
   # initialize=False: an abstract state (shapes and shardings) is all that lowering needs.
   trainer = trainer_lib.build(c, sharding.make_mesh(c, devices),
-                              num_train=config_lib.IMAGENET_TRAIN_EXAMPLES,
+                              num_train=images.IMAGENET_TRAIN_EXAMPLES,
                               image_shape=tuple(image_shape), num_classes=1000, initialize=False)
   s = trainer.batch_sharding
   abstract_batch = {'image': jax.ShapeDtypeStruct((1, batch, *image_shape), jnp.float32,

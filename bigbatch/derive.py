@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 import types
 from typing import Any, Sequence
@@ -24,139 +23,19 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from bigbatch import config_lib
+from bigbatch import core_config
 from bigbatch import data as data_lib
-from bigbatch import fields
 from bigbatch import hooks as hooks_lib
 from bigbatch import optim
 from bigbatch import sharding
-from bigbatch.data import faces as faces_data
 
-# Published split sizes of the TFDS image sets bigbatch reads (TFDS catalog), used when the set
-# is not prepared under the data directory: the run would prepare it, this never does.
-KNOWN_TFDS = {
-    'imagenet2012': ({'train': config_lib.IMAGENET_TRAIN_EXAMPLES, 'validation': 50_000}, 1000,
-                     None),
-    'cifar10': ({'train': 50_000, 'test': 10_000}, 10, (32, 32, 3)),
-    'mnist': ({'train': 60_000, 'test': 10_000}, 10, (28, 28, 1)),
-}
-# The face configs' training set when data.face_root cannot be read here: WebFace42M as
-# arcface_torch configures it (docs/references.md).
-WEBFACE42M = (42_474_557, 2_059_906)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataFacts:
-  """What the run needs to know about its data before reading it; None where unknown."""
-  num_train: int | None
-  num_eval: int | None
-  image_shape: tuple[int, ...] | None
-  num_classes: int | None
-  source: str  # where the numbers come from, said in the output
-
-  @property
-  def known(self) -> bool:
-    return None not in (self.num_train, self.image_shape, self.num_classes)
-
-
-def _split_size(splits: dict[str, int], spec: str) -> int:
-  """Examples of a TFDS split string ('train', 'train[:99%]', 'a+b') over named split sizes, by
-  TFDS's own slicing arithmetic."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (seconds)
-  infos = {name: tfds.core.SplitInfo(name=name, shard_lengths=[n], num_bytes=0,
-                                     filename_template=None) for name, n in splits.items()}
-  try:
-    parts = tfds.core.ReadInstruction.from_spec(spec).to_absolute(infos)
-  except (ValueError, KeyError, AssertionError) as e:
-    raise fields.ConfigError(f'TFDS split {spec!r}: {e}') from None
-  return sum((p.to if p.to is not None else splits[p.splitname]) - (p.from_ or 0) for p in parts)
-
-
-def _prepared_info(name: str, data_dir: str | None):
-  """The DatasetInfo of TFDS set `name` if a prepared copy is under `data_dir` (read only; the
-  newest version there), else None."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  from bigbatch.data import common  # pylint: disable=g-import-not-at-top
-  base, _, version = name.partition(':')
-  root = epath.Path(data_dir or common.default_tfds_dir()) / base
-  try:
-    found = sorted((p.parent for p in root.glob('*/dataset_info.json')
-                    if not version or p.parent.name == version),
-                   key=lambda p: [int(x) if x.isdigit() else 0 for x in p.name.split('.')])
-  except OSError:
-    return None, str(root)
-  if not found:
-    return None, str(root)
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  return tfds.builder_from_directory(found[-1]).info, str(found[-1])
+DataFacts = data_lib.DataFacts
 
 
 def data_facts(config) -> DataFacts:
-  """The training set's size, image shape and classes, as the run's data module would find
-  them, without downloading or preparing anything."""
-  d = config.data
-  if d.name == 'synthetic':
-    return DataFacts(d.num_train, d.num_eval, (d.image_size, d.image_size, d.channels),
-                     d.num_classes, 'generated (config.data)')
-  if d.name == 'face_synthetic':
-    from bigbatch.data import face_synthetic  # pylint: disable=g-import-not-at-top
-    return DataFacts(d.num_identities * d.images_per_identity, d.num_eval,
-                     face_synthetic.from_config(config).image_shape, d.num_identities,
-                     'generated (config.data)')
-  if d.name == 'digits':
-    # Built from the rows scikit-learn ships (read, not prepared): the split rule gives the sizes.
-    from bigbatch.data import digits  # pylint: disable=g-import-not-at-top
-    _, labels = digits.load_sklearn()
-    return DataFacts(len(digits.split_indices('train', len(labels))),
-                     len(digits.split_indices('test', len(labels))), (8, 8, 1), 10,
-                     'scikit-learn digits (the split rule of bigbatch/data/digits.py)')
-  if d.name in data_lib.IMAGE_DATASETS:
-    return _image_facts(config)
-  if d.name in faces_data.FACE_DATASETS:
-    return _face_facts(config)
-  raise AssertionError(d.name)  # validate checked the name
-
-
-def _image_facts(config) -> DataFacts:
-  d = config.data
-  tfds_name = d.tfds_name or d.name
-  info, where = _prepared_info(tfds_name, d.data_dir)
-  if info is not None:
-    from bigbatch.data import image_preprocess  # pylint: disable=g-import-not-at-top
-    splits = {name: s.num_examples for name, s in info.splits.items()}
-    pre = image_preprocess.Preprocess(d.name, info, d.image_size, config.seed)
-    eval_split = d.eval_split or ('validation' if 'validation' in splits else 'test')
-    return DataFacts(_split_size(splits, d.train_split), _split_size(splits, eval_split),
-                     pre.image_shape, pre.num_classes, f'prepared copy: {where}')
-  base = tfds_name.partition(':')[0]
-  if base not in KNOWN_TFDS:
-    return DataFacts(None, None, None, None,
-                     f'unknown: {tfds_name} is not prepared under {where} and its size is not '
-                     f'known without preparing it (the run would); prepare it first, e.g. '
-                     f'`tfds build {tfds_name}`')
-  splits, classes, stored = KNOWN_TFDS[base]
-  shape = stored or (d.image_size, d.image_size, 3)
-  eval_split = d.eval_split or ('validation' if 'validation' in splits else 'test')
-  return DataFacts(_split_size(splits, d.train_split), _split_size(splits, eval_split), shape,
-                   classes, f'published size of {base} (not prepared under {where}; the run '
-                   f'would prepare it)')
-
-
-def _face_facts(config) -> DataFacts:
-  d = config.data
-  shape = (d.image_size, d.image_size, 3)
-  root = os.path.expanduser(d.face_root) if d.face_root else None
-  if root and os.path.isdir(root):
-    images = faces_data.open_images(config)  # reads the index (or lists the folders) only
-    return DataFacts(images.num_examples, min(d.num_eval, images.num_examples), shape,
-                     images.num_identities, f'read from {images.description}')
-  why = 'data.face_root is unset' if not root else f'{root} is not a directory here'
-  if d.name == 'face_recordio':
-    n, classes = WEBFACE42M
-    return DataFacts(n, min(d.num_eval, n), shape, classes,
-                     f'assumed WebFace42M ({why}): {n:,} images of {classes:,} identities')
-  return DataFacts(None, None, shape, None, f'unknown: {why}; the folder set is counted by '
-                   f'listing it')
+  """The training set's size, image shape and classes, as the run's data source would find
+  them, without downloading or preparing anything: the source's own `facts`."""
+  return data_lib.facts(config)
 
 
 def run_info(config, derived: optim.Derived, mesh) -> dict:
@@ -469,8 +348,9 @@ def format(d: dict, *, memory_hint: str = '--print_derived_memory') -> str:  # p
 
 def main_entry(config, *, memory: bool = False, as_json: bool = False) -> str:
   """For `main --print_derived`: the text (or JSON) of what `config` will do on this process's
-  devices. Validates first: raises config_lib.ConfigError with the usual one-line message."""
-  config_lib.validate(config, jax.device_count())
+  devices. Validates the core's fields first (main validates the whole config before): raises
+  fields.ConfigError with the usual one-line message."""
+  core_config.validate(config, jax.device_count())
   d = derive(config, memory=memory)
   if as_json:
     return json.dumps(d, indent=1, sort_keys=False) + '\n'

@@ -13,25 +13,26 @@ import numpy as np
 import pytest
 
 from bigbatch import config_lib
-from bigbatch import derive
 from bigbatch import loop
 from bigbatch import models
 from bigbatch import optim
 from bigbatch import sharding
 from bigbatch import trainer as trainer_lib
 from bigbatch import trust_ratio
+from bigbatch.data import faces
+from bigbatch.data import images
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
                  if not os.path.basename(p).startswith('_'))
 FULL_SIZE = [c for c in CONFIGS if c.startswith(('r50_', 'cifar10_', 'face_r100', 'face_64k'))]
-# face_recordio: WebFace42M's published size (the face configs' data), as derive.py holds it
-# (arcface_torch's wf42m configs: num_image 42,474,557, num_classes 2,059,906).
-NUM_TRAIN = {'imagenet2012': config_lib.IMAGENET_TRAIN_EXAMPLES, 'cifar10': 50_000,
-             'face_recordio': derive.WEBFACE42M[0]}
+# face_recordio: WebFace42M's published size (the face configs' data), as bigbatch/data/faces.py
+# holds it (arcface_torch's wf42m configs: num_image 42,474,557, num_classes 2,059,906).
+NUM_TRAIN = {'imagenet2012': images.IMAGENET_TRAIN_EXAMPLES, 'cifar10': 50_000,
+             'face_recordio': faces.WEBFACE42M[0]}
 IMAGE_SHAPE = {'imagenet2012': (224, 224, 3), 'cifar10': (32, 32, 3),
                'face_recordio': (112, 112, 3)}
-NUM_CLASSES = {'imagenet2012': 1000, 'cifar10': 10, 'face_recordio': derive.WEBFACE42M[1]}
+NUM_CLASSES = {'imagenet2012': 1000, 'cifar10': 10, 'face_recordio': faces.WEBFACE42M[1]}
 
 
 def load(name, arg=None):
@@ -93,7 +94,7 @@ def test_full_size_step_lowers(name):
 
 
 def _lr_at_epochs(config, epochs):
-  derived = optim.derive(config, config_lib.IMAGENET_TRAIN_EXAMPLES)
+  derived = optim.derive(config, images.IMAGENET_TRAIN_EXAMPLES)
   lr_fn = optim.lr_schedule(config, derived)
   return derived, [float(lr_fn(round(e * derived.steps_per_epoch), derived.peak_lr))
                    for e in epochs]
@@ -123,10 +124,10 @@ def test_baseline_is_the_same_recipe_at_256():
                                                       (65536, 41.0, 16)])
 def test_64k_lars_follows_the_tpu_reference_table(batch, peak, warmup_epochs):
   config = load('r50_64k', f'batch={batch}')
-  derived = optim.derive(config, config_lib.IMAGENET_TRAIN_EXAMPLES)
+  derived = optim.derive(config, images.IMAGENET_TRAIN_EXAMPLES)
   assert derived.peak_lr == peak
   # lars_util.py: w_steps = w_epochs * num_train_images // train_batch_size.
-  assert derived.warmup_steps == warmup_epochs * config_lib.IMAGENET_TRAIN_EXAMPLES // batch
+  assert derived.warmup_steps == warmup_epochs * images.IMAGENET_TRAIN_EXAMPLES // batch
   lr_fn = optim.lr_schedule(config, derived)
   lrs = [float(lr_fn(s, derived.peak_lr)) for s in (0, derived.warmup_steps, derived.total_steps)]
   np.testing.assert_allclose(lrs, [0.0, peak, 0.0], atol=1e-6)  # from 0, poly-2 decay to 0
@@ -194,7 +195,7 @@ def test_imagenet_recipes_count_steps_as_their_sources(name, arg, lr_overrides, 
   config = load(name, arg)
   for key, value in lr_overrides.items():
     config.lr[key] = value
-  n = config_lib.IMAGENET_TRAIN_EXAMPLES
+  n = images.IMAGENET_TRAIN_EXAMPLES
   derived = optim.derive(config, n)
   assert (derived.total_steps, derived.warmup_steps, derived.boundaries_steps) == (
       total, warmup, boundaries)
@@ -207,7 +208,7 @@ def test_64k_recipe_sees_90_epochs_of_examples():
   """The issue this guards against: 19 whole batches per epoch ran 1,710 steps, 2.8% short of
   90 epochs; 1,759 steps are 90 epochs less than one batch."""
   config = load('r50_64k')
-  n = config_lib.IMAGENET_TRAIN_EXAMPLES
+  n = images.IMAGENET_TRAIN_EXAMPLES
   derived = optim.derive(config, n)
   seen = derived.total_steps * config.global_batch
   assert 90 * n - config.global_batch < seen <= 90 * n

@@ -1,4 +1,5 @@
-"""Data sets by name: `create(config)` builds the one config.data.name names.
+"""Data sets by name: a registry of sources, and `create(config)` for the one config.data.name
+names.
 
   name              module              reads
   digits            digits.py           sklearn's 8x8 digits through TFDS, held in memory
@@ -10,42 +11,74 @@
   face_folder       faces.py            image folders (face_files.py)
   face_recordio     faces.py            InsightFace RecordIO (face_files.py, face_arrays.py)
 
-Each source module has `create(config, *, process_index, process_count, **batching)` returning an
-`input_pipeline.Dataset`; `defaults()` gathers every config.data field with its default (the
-config gets them from here) and `validate(config)` checks them before anything is read. Shared
-helpers (counter hash, file locks, tf.data plumbing) are in common.py.
-
-Importing this package costs numpy only: the modules that import TensorFlow (digits, images;
-seconds) are imported by `create`, after the config has been validated. Adding a data set: a
-module with `create`, a row in _SOURCES, its fields in `defaults` and checks in `validate`.
+A source is a module (or any object) with
+  create(config, *, global_batch, accumulation_steps, eval_batch, seed, process_index,
+         process_count, prefetch) -> input_pipeline.Dataset
+  facts(config) -> DataFacts   the splits' sizes, image shape and classes, found without reading
+                               or preparing the data (main --print_derived, export)
+and, where it has them,
+  defaults() -> dict           the config.data fields only it reads, with their defaults
+  validate(config)             their checks, before anything is read (fields.ConfigError)
+  runlocal(config)             its CPU smoke form (config_lib.runlocal); a source without one is
+                               replaced by 'synthetic' there, its fields reset to their defaults
+`register(name, source)` adds one, from any module; the built-in sources are registered below the
+same way, and one source may serve several names. Every registered source is light at import
+(numpy; no TensorFlow or jax): configs are validated before those are imported, and a source
+imports them in `create` and `facts`. Shared helpers (DataFacts, counter hash, file locks, tf.data
+plumbing) are in common.py.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from ml_collections import config_dict
 
 from bigbatch import fields
 from bigbatch import input_pipeline
+from bigbatch.data import common
+from bigbatch.data import digits
 from bigbatch.data import faces
+from bigbatch.data import images
 from bigbatch.data import synthetic
 
-IMAGE_DATASETS = ('imagenet2012', 'cifar10', 'mnist')
+DataFacts = common.DataFacts
+# name -> source, in the order of registration (the order the choices are listed in).
+_SOURCES: dict[str, Any] = {}
 
-# name -> module with its `create`.
-_SOURCES = {
-    'digits': 'bigbatch.data.digits',
-    'synthetic': 'bigbatch.data.synthetic',
-    **{name: 'bigbatch.data.images' for name in IMAGE_DATASETS},
-    **{name: 'bigbatch.data.faces' for name in faces.FACE_DATASETS},
-}
-DATASETS = tuple(_SOURCES)
+
+def register(name: str, source: Any) -> None:
+  """Adds data set `name` (config.data.name), read by `source` (module docstring). Registering
+  the same source again is a no-op; another source under a registered name is a ValueError."""
+  missing = [f for f in ('create', 'facts') if not callable(getattr(source, f, None))]
+  if missing:
+    raise TypeError(f'data source {name!r} ({source!r}) has no {" or ".join(missing)}')
+  known = _SOURCES.get(name)
+  if known is not None and known is not source:
+    raise ValueError(f'data set {name!r} is already registered ({known!r})')
+  _SOURCES[name] = source
+
+
+def unregister(name: str) -> None:
+  """Removes data set `name` (nothing if it is not registered)."""
+  _SOURCES.pop(name, None)
+
+
+def names() -> tuple[str, ...]:
+  """The registered data set names."""
+  return tuple(_SOURCES)
+
+
+def get(name: str) -> Any:
+  """The source of data set `name`; ConfigError naming config.data.name if it is unknown."""
+  if name not in _SOURCES:
+    raise fields.ConfigError(f'config.data.name={name!r} is unknown; choose one of '
+                             f'{", ".join(_SOURCES)}')
+  return _SOURCES[name]
 
 
 def _shared_defaults() -> dict[str, Any]:
   return dict(
-      name='digits',  # one of DATASETS
+      name='digits',  # one of names()
       # TFDS data directory (digits and the image sets); None: $TFDS_DATA_DIR or
       # ~/tensorflow_datasets.
       data_dir=config_dict.placeholder(str),
@@ -60,57 +93,68 @@ def _shared_defaults() -> dict[str, Any]:
   )
 
 
-def _image_defaults() -> dict[str, Any]:
-  # The TFDS image sets (images.py imports TensorFlow, so its fields are listed here).
-  return dict(
-      # The TFDS data set read with data.name's preprocessing; None: data.name itself.
-      tfds_name=config_dict.placeholder(str),
-      train_split='train',  # any TFDS split string, e.g. 'train[:99%]'
-      eval_split=config_dict.placeholder(str),  # None: 'validation' if present, else 'test'
-      # Format to prepare a data set in when it is not prepared yet: 'array_record' is read by
-      # global index (batch order independent of the process count); 'tfrecord' (TFDS's
-      # default, None) is streamed per process. Data already prepared is read as it is.
-      file_format=config_dict.placeholder(str),
-      shuffle_buffer=10_000,  # TFRecord only: examples per process (~1 GB of ImageNet JPEGs)
-  )
+# Where and how the data is read, not what it is: no change to the compiled step.
+fields.declare_host_only('data.prefetch', 'data.data_dir', 'data.tfds_name', 'data.train_split',
+                         'data.eval_split', 'data.file_format', 'data.num_parallel_calls',
+                         'data.shuffle_buffer')
+
+
+def _sources_once() -> list[tuple[Any, str]]:
+  """Each registered source once (one may serve several names), with its first name."""
+  out = []
+  for name, source in _SOURCES.items():
+    if not any(source is seen for seen, _ in out):
+      out.append((source, name))
+  return out
 
 
 def defaults() -> dict[str, Any]:
-  """Every config.data field with its default, keyed relative to config.data."""
-  out = {}
-  for owner, group in (('bigbatch.data', _shared_defaults()),
-                       ('bigbatch.data.synthetic', synthetic.defaults()),
-                       ('bigbatch.data.images', _image_defaults()),
-                       ('bigbatch.data.faces', faces.defaults())):
-    for key, value in group.items():
-      if key in out:  # two modules claiming one field: a programming error
-        raise ValueError(f'config.data.{key} of {owner} is already defined by another module')
+  """Every config.data field with its default, keyed relative to config.data: the shared ones
+  and each registered source's own."""
+  out = dict(_shared_defaults())
+  owners = dict.fromkeys(out, 'bigbatch.data')
+  for source, name in _sources_once():
+    for key, value in (source.defaults() if hasattr(source, 'defaults') else {}).items():
+      if key in out:  # two sources claiming one field: a programming error
+        raise ValueError(f'config.data.{key} of data set {name!r} is already defined by '
+                         f'{owners[key]}')
       out[key] = value
+      owners[key] = f'data set {name!r}'
   return out
 
 
 def validate(config) -> None:
   """Checks config.data (for the data set it names) without reading data. Raises ConfigError."""
   d = config.data
-  fields.choice(config, 'data.name', DATASETS)
+  fields.choice(config, 'data.name', names())
   fields.integer(config, 'data.prefetch', low=0)  # batches prepared ahead
   if d.num_parallel_calls != -1 and not (isinstance(d.num_parallel_calls, int)
                                          and 1 <= d.num_parallel_calls <= fields.INT_MAX):
     raise fields.ConfigError(f'config.data.num_parallel_calls={d.num_parallel_calls}: must be '
                              '-1 (AUTOTUNE) or positive')
-  if d.file_format not in (None, 'tfrecord', 'array_record'):
-    raise fields.ConfigError(f'config.data.file_format={d.file_format!r} is unknown; choose '
-                             'array_record, tfrecord or None (TFDS default)')
-  if d.name == 'synthetic':
-    synthetic.validate(config)
-  elif d.name in IMAGE_DATASETS:
-    for path in ('data.image_size', 'data.shuffle_buffer'):
-      fields.positive(config, path)
-    if not isinstance(d.train_split, str) or not d.train_split.strip():
-      raise fields.ConfigError(f'config.data.train_split={d.train_split!r}: name a TFDS split, '
-                               f'e.g. train or train[:99%]')
-  elif d.name in faces.FACE_DATASETS:
-    faces.validate(config)
+  source = get(d.name)
+  if hasattr(source, 'validate'):
+    source.validate(config)
+
+
+def facts(config) -> DataFacts:
+  """What the run will find about config.data's set (DataFacts), without reading or preparing
+  it: the source's own `facts`."""
+  return get(config.data.name).facts(config)
+
+
+def runlocal(config) -> None:
+  """config_lib.runlocal's part for the data: the source's own CPU smoke form, or the synthetic
+  set in place of a source without one (data a CPU cannot read in seconds), whose own fields
+  then go back to their defaults."""
+  source = get(config.data.name)
+  if not hasattr(source, 'runlocal'):
+    own = source.defaults() if hasattr(source, 'defaults') else {}
+    for key, value in own.items():
+      fields.set_path(config, f'data.{key}',
+                      value.get() if isinstance(value, config_dict.FieldReference) else value)
+    config.data.name = 'synthetic'
+  get(config.data.name).runlocal(config)
 
 
 def create(config, *, process_index: int | None = None,
@@ -125,10 +169,16 @@ def create(config, *, process_index: int | None = None,
     import jax  # pylint: disable=g-import-not-at-top  # not needed to validate a config
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  # Imported here, not at the top: digits and images import TensorFlow (seconds).
-  source = importlib.import_module(_SOURCES[config.data.name])
-  return source.create(config, global_batch=config.global_batch,
-                       accumulation_steps=config.accumulation_steps,
-                       eval_batch=config.eval_batch, seed=config.seed,
-                       process_index=process_index, process_count=process_count,
-                       prefetch=config.data.prefetch)
+  return get(config.data.name).create(
+      config, global_batch=config.global_batch, accumulation_steps=config.accumulation_steps,
+      eval_batch=config.eval_batch, seed=config.seed, process_index=process_index,
+      process_count=process_count, prefetch=config.data.prefetch)
+
+
+register('digits', digits)
+register('synthetic', synthetic)
+for _name in images.NAMES:
+  register(_name, images)
+for _name in faces.FACE_DATASETS:
+  register(_name, faces)
+IMAGE_DATASETS = images.NAMES  # the TFDS image sets (their prepared files can be rebuilt)

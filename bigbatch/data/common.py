@@ -1,4 +1,5 @@
-"""Helpers every data source shares: the counter hash, file locks, and the tf.data plumbing.
+"""Helpers every data source shares: what a source says about its data before reading it
+(DataFacts), the counter hash, file locks, and the tf.data plumbing.
 
 Numpy only at import: TensorFlow (seconds to import) is imported inside `quiet_tf` and the
 helpers that call it, so the registry (bigbatch/data/__init__.py) and the numpy-only sources stay
@@ -7,11 +8,28 @@ light for config validation.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 from typing import Any, Callable, Iterator
 
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFacts:
+  """What a run needs to know about its data before reading it (a source's `facts`): sizes of
+  the training and evaluation splits, the image shape [H, W, C] and the class count; None where
+  unknown without reading or preparing the data."""
+  num_train: int | None
+  num_eval: int | None
+  image_shape: tuple[int, ...] | None
+  num_classes: int | None
+  source: str  # where the numbers come from, said in main --print_derived's output
+
+  @property
+  def known(self) -> bool:
+    return None not in (self.num_train, self.image_shape, self.num_classes)
 
 
 class DataError(RuntimeError):

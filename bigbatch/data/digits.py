@@ -14,8 +14,8 @@ like ordinary 8-bit images to any TFDS consumer; normalization is the input pipe
 As the data set 'digits': each split held in memory (`ArraySource`), pixels / 255 standardized
 with the training split's pixel mean and std.
 
-This module imports TensorFlow Datasets (seconds): the registry (bigbatch/data/__init__.py)
-imports it only when the digits are read, not for config validation.
+Light at import, as every registered source is (bigbatch/data/__init__.py): TensorFlow Datasets
+(seconds) is imported when the digits are built or read, not when a config is validated.
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ import os
 from typing import Any
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from bigbatch import input_pipeline
 from bigbatch.data import common
@@ -52,37 +51,53 @@ def load_sklearn() -> tuple[np.ndarray, np.ndarray]:
   return images, digits.target.astype(np.int64)
 
 
-class BigbatchDigits(tfds.core.GeneratorBasedBuilder):
-  """scikit-learn's 8x8 handwritten digits (UCI optdigits test set), 10 classes."""
-
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release: test = every 5th sklearn row.'}
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(8, 8, 1)),
-            'label': tfds.features.ClassLabel(num_classes=10),
-        }),
-        supervised_keys=('image', 'label'),
-        # Records in sklearn row order (sorted by key) rather than TFDS's hash order, so record j
-        # of a split is split_indices(split)[j]: traceable back to sklearn.
-        disable_shuffling=True,
-        homepage='https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset',
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # the data ships with scikit-learn
-    return {split: self._generate_examples(split) for split in ('train', 'test')}
-
-  def _generate_examples(self, split):
-    images, labels = load_sklearn()
-    for i in split_indices(split, len(labels)):
-      yield int(i), {'image': images[i], 'label': int(labels[i])}
+def facts(config) -> common.DataFacts:
+  """The splits' sizes by the split rule over the rows scikit-learn ships (read, not built)."""
+  del config
+  n = len(load_sklearn()[1])
+  return common.DataFacts(len(split_indices('train', n)), len(split_indices('test', n)),
+                          (8, 8, 1), 10,
+                          'scikit-learn digits (the split rule of bigbatch/data/digits.py)')
 
 
-def prepare(data_dir: str | os.PathLike | None = None) -> BigbatchDigits:
+@functools.cache
+def builder_class():
+  """The TFDS builder `bigbatch_digits`, defined (and so registered with TFDS) on first use."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (seconds)
+
+  class BigbatchDigits(tfds.core.GeneratorBasedBuilder):
+    """scikit-learn's 8x8 handwritten digits (UCI optdigits test set), 10 classes."""
+
+    VERSION = tfds.core.Version('1.0.0')
+    RELEASE_NOTES = {'1.0.0': 'Initial release: test = every 5th sklearn row.'}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+      return self.dataset_info_from_configs(
+          description=__doc__,
+          features=tfds.features.FeaturesDict({
+              'image': tfds.features.Image(shape=(8, 8, 1)),
+              'label': tfds.features.ClassLabel(num_classes=10),
+          }),
+          supervised_keys=('image', 'label'),
+          # Records in sklearn row order (sorted by key) rather than TFDS's hash order, so
+          # record j of a split is split_indices(split)[j]: traceable back to sklearn.
+          disable_shuffling=True,
+          homepage='https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset',
+      )
+
+    def _split_generators(self, dl_manager):
+      del dl_manager  # the data ships with scikit-learn
+      return {split: self._generate_examples(split) for split in ('train', 'test')}
+
+    def _generate_examples(self, split):
+      images, labels = load_sklearn()
+      for i in split_indices(split, len(labels)):
+        yield int(i), {'image': images[i], 'label': int(labels[i])}
+
+  return BigbatchDigits
+
+
+def prepare(data_dir: str | os.PathLike | None = None):
   """Builds the data set under `data_dir` once and returns its builder.
 
   Safe when several processes (or pytest-xdist workers, or threads) prepare the same directory at
@@ -90,9 +105,10 @@ def prepare(data_dir: str | os.PathLike | None = None) -> BigbatchDigits:
   lock, because a builder decides at construction whether the data exists; one created before
   the lock would try to prepare again what the winner just wrote.
   """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (seconds)
   data_dir = os.fspath(data_dir) if data_dir is not None else common.default_tfds_dir()
   with common.exclusive_lock(data_dir, NAME):
-    builder = BigbatchDigits(data_dir=data_dir)
+    builder = builder_class()(data_dir=data_dir)
     # A one-second build of 1,797 examples: TFDS's progress bars would only put noise on stderr,
     # where the run's one-line errors go (and on a fresh machine, before the first error line).
     tfds.display_progress_bar(False)
@@ -116,6 +132,7 @@ class ArraySource:
 @functools.lru_cache(maxsize=2)
 def load(data_dir: str | None) -> tuple[ArraySource, ArraySource]:
   """(train, test) digits, normalized. Cached: tests and restarts in one process load once."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (seconds)
   builder = prepare(data_dir)
   raw = {split: tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
          for split in ('train', 'test')}

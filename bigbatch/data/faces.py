@@ -42,6 +42,9 @@ from bigbatch.face import verification
 from bigbatch.third_party import insightface
 
 FACE_DATASETS = ('face_synthetic', 'face_folder', 'face_recordio')
+# The face configs' training set when data.face_root cannot be read here: WebFace42M as
+# arcface_torch configures it (docs/references.md): images, identities.
+WEBFACE42M = (42_474_557, 2_059_906)
 FaceDataError = face_files.FaceDataError  # what a damaged or inconsistent set on disk raises
 
 
@@ -176,6 +179,31 @@ def open_images(config):
   if config.data.name == 'face_folder':
     return face_files.FolderImages(_root(config))
   return face_files.RecordIOImages(_root(config))
+
+
+def facts(config) -> common.DataFacts:
+  """The training set's size, image shape and identities: face_synthetic's from the config, a
+  real set's from its index or folder listing (no image is read), else WebFace42M's for
+  face_recordio, or unknown."""
+  d = config.data
+  if d.name == 'face_synthetic':
+    return common.DataFacts(d.num_identities * d.images_per_identity, d.num_eval,
+                            face_synthetic.from_config(config).image_shape, d.num_identities,
+                            'generated (config.data)')
+  shape = (d.image_size, d.image_size, 3)
+  root = os.path.expanduser(d.face_root) if d.face_root else None
+  if root and os.path.isdir(root):
+    images = open_images(config)  # reads the index (or lists the folders) only
+    return common.DataFacts(images.num_examples, min(d.num_eval, images.num_examples), shape,
+                            images.num_identities, f'read from {images.description}')
+  why = 'data.face_root is unset' if not root else f'{root} is not a directory here'
+  if d.name == 'face_recordio':
+    n, classes = WEBFACE42M
+    return common.DataFacts(n, min(d.num_eval, n), shape, classes,
+                            f'assumed WebFace42M ({why}): {n:,} images of {classes:,} '
+                            f'identities')
+  return common.DataFacts(None, None, shape, None, f'unknown: {why}; the folder set is counted '
+                          f'by listing it')
 
 
 def create(config, *, process_index: int, process_count: int,

@@ -41,6 +41,24 @@ def validate(config) -> None:
     fields.positive(config, path)
 
 
+def facts(config) -> common.DataFacts:
+  """The set's sizes and shape: the config's own numbers."""
+  d = config.data
+  return common.DataFacts(d.num_train, d.num_eval, (d.image_size, d.image_size, d.channels),
+                          d.num_classes, 'generated (config.data)')
+
+
+def runlocal(config) -> None:
+  """The CPU smoke run's data (config_lib.runlocal; it also stands in for the sets without a
+  runlocal of their own): 16x16x3 images of 10 classes, 4096 to train on, 64 to evaluate."""
+  d = config.data
+  d.image_size = 16
+  d.channels = 3
+  d.num_classes = 10
+  d.num_train = 4096
+  d.num_eval = 64
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Teacher:
   """A fixed random 2-layer tanh MLP; label = argmax(tanh(x @ w1) @ w2 - offset)."""
