@@ -1,7 +1,18 @@
-"""Models, chosen by name: bigbatch.models.<name> exposes `Model(num_classes, norm, width, dtype)`
-called as `model.apply(variables, x_BxHxWxC, train=...)`. Architecture fields that only some
-models have (depth, stage_depths, zero_init_last_gamma, conv_impl) are passed to those that
-declare them."""
+"""Models by name: a registry of model sources, and `build` for the one config.model.name names.
+
+A model source is a module (or any object) with
+  Model     a flax module class, built as Model(num_classes, norm, width, dtype, **optional) and
+            called as `model.apply(variables, x_BxHxWxC, train=...)`; each of OPTIONAL_FIELDS
+            (depth, stage_depths, ...) is passed only to a Model that declares a field of its name
+and, where it has them,
+  DEPTHS    the model.depth values it builds
+  STAGES    how many block counts model.stage_depths gives (without it, stage_depths stays None)
+  validate(config)  further checks of config.model (fields.ConfigError)
+  runlocal(config)  its CPU smoke form (config_lib.runlocal), e.g. one block per stage, width 8
+`register(name, source)` adds one, from any module. The built-in models are the modules of this
+package that define a Model, registered below the same way under their file names: a new one is a
+new file here, or a file anywhere that registers itself.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -15,13 +26,9 @@ from ml_collections import config_dict
 from bigbatch import fields
 from bigbatch.models import layers
 
-# Every module of this package that defines a Model; a new model is a new file.
-NAMES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__)
-                     if m.name not in ('layers', 'conv')))
 NORMS = ('batch', 'group', 'none')
-DEPTHS = {'resnet': (18, 34, 50, 101, 152), 'cifar_resnet': (8, 14, 20, 32, 44, 56, 110),
-          'iresnet': (18, 34, 50, 100, 200)}
-STAGES = {'resnet': 4, 'cifar_resnet': 3, 'iresnet': 4}
+# name -> source, in the order of registration (the order the choices are listed in).
+_MODELS: dict[str, Any] = {}
 
 # config.model fields a Model receives only if it declares a field of that name: an MLP has no
 # depth and no convolution, and should not carry fields that do nothing.
@@ -29,13 +36,49 @@ OPTIONAL_FIELDS = ('depth', 'stage_depths', 'zero_init_last_gamma', 'conv_impl',
                    'dropout')
 
 
+def register(name: str, source: Any) -> None:
+  """Adds model `name` (config.model.name), built from `source` (module docstring). Registering
+  the same source again is a no-op; another source under a registered name is a ValueError."""
+  if not isinstance(getattr(source, 'Model', None), type):
+    raise TypeError(f'model {name!r} ({source!r}) has no Model class')
+  known = _MODELS.get(name)
+  if known is not None and known is not source:
+    raise ValueError(f'model {name!r} is already registered ({known!r})')
+  _MODELS[name] = source
+
+
+def unregister(name: str) -> None:
+  """Removes model `name` (nothing if it is not registered)."""
+  _MODELS.pop(name, None)
+
+
+def names() -> tuple[str, ...]:
+  """The registered model names."""
+  return tuple(_MODELS)
+
+
+def get(name: str) -> Any:
+  """The source of model `name`; ConfigError naming config.model.name if it is unknown."""
+  if name not in _MODELS:
+    raise fields.ConfigError(f'config.model.name={name!r} is unknown; choose one of '
+                             f'{", ".join(_MODELS)}')
+  return _MODELS[name]
+
+
 def build(model_config, num_classes: int, axis_name: str | None = None):
   """The model of the config; axis_name is the mesh axis sync BN reduces over (None outside)."""
-  module = importlib.import_module(f'bigbatch.models.{model_config.name}')
-  declared = {f.name for f in dataclasses.fields(module.Model)}
+  model = get(model_config.name).Model
+  declared = {f.name for f in dataclasses.fields(model)}
   optional = {k: model_config[k] for k in OPTIONAL_FIELDS if k in declared}
-  return module.Model(num_classes=num_classes, norm=layers.make_norm(model_config, axis_name),
-                      width=model_config.width, dtype=jnp.dtype(model_config.dtype), **optional)
+  return model(num_classes=num_classes, norm=layers.make_norm(model_config, axis_name),
+               width=model_config.width, dtype=jnp.dtype(model_config.dtype), **optional)
+
+
+def runlocal(config) -> None:
+  """config_lib.runlocal's part for the model: its source's own CPU smoke form, if it has one."""
+  source = get(config.model.name)
+  if hasattr(source, 'runlocal'):
+    source.runlocal(config)
 
 
 def defaults() -> dict[str, Any]:
@@ -72,7 +115,7 @@ def validate(config) -> None:
   """The model fields' form (the per-device batch vs bn_group_size is checked with the mesh, in
   config_lib). Raises fields.ConfigError."""
   m = config.model
-  fields.choice(config, 'model.name', NAMES)
+  fields.choice(config, 'model.name', names())
   fields.choice(config, 'model.norm', NORMS)
   if m.dtype == 'float16':
     # float16's 5-bit exponent underflows small gradients unless the loss is scaled (and the
@@ -95,11 +138,23 @@ def validate(config) -> None:
     if m.width % m.gn_groups:
       raise fields.ConfigError(f'config.model.gn_groups={m.gn_groups} does not divide '
                                f'model.width={m.width}; choose a divisor')
-  if m.name in DEPTHS and m.depth not in DEPTHS[m.name]:
+  source = get(m.name)
+  depths = getattr(source, 'DEPTHS', None)
+  if depths is not None and m.depth not in depths:
     raise fields.ConfigError(f'config.model.depth={m.depth} for {m.name}; choose '
-                             f'{", ".join(map(str, DEPTHS[m.name]))}')
-  if m.stage_depths is not None and (len(m.stage_depths) != STAGES.get(m.name)
+                             f'{", ".join(map(str, depths))}')
+  stages = getattr(source, 'STAGES', None)
+  if m.stage_depths is not None and (stages is None or len(m.stage_depths) != stages
                                      or min(m.stage_depths) < 1):
-    raise fields.ConfigError(f'config.model.stage_depths={m.stage_depths}: set 4 positive block '
-                             f'counts for resnet and iresnet, 3 for cifar_resnet, or leave it '
-                             f'None')
+    raise fields.ConfigError(
+        f'config.model.stage_depths={m.stage_depths}: ' + (
+            f'set {stages} positive block counts for {m.name}, or leave it None' if stages else
+            f'{m.name} has no stages; leave it None'))
+  if hasattr(source, 'validate'):
+    source.validate(config)
+
+
+for _module in pkgutil.iter_modules(__path__):
+  _source = importlib.import_module(f'{__name__}.{_module.name}')
+  if hasattr(_source, 'Model'):  # layers.py and conv.py are building blocks
+    register(_module.name, _source)

@@ -22,6 +22,13 @@ from bigbatch.models import layers
 from bigbatch.models import resnet
 
 DEPTHS = (8, 14, 20, 32, 44, 56, 110)
+STAGES = 3  # block counts in model.stage_depths
+
+
+def runlocal(config) -> None:
+  """The CPU smoke form (config_lib.runlocal): one block per stage, width 8."""
+  config.model.stage_depths = (1,) * STAGES
+  config.model.width = 8
 
 
 class Model(nn.Module):
@@ -43,7 +50,7 @@ class Model(nn.Module):
     if self.depth not in DEPTHS:
       raise ValueError(f'CIFAR ResNet depth {self.depth} is not one of {DEPTHS} (6n + 2)')
     n = (self.depth - 2) // 6
-    depths = resnet.stage_depths_of(self.depth, self.stage_depths, 3, (n, n, n))
+    depths = resnet.stage_depths_of(self.depth, self.stage_depths, STAGES, (n,) * STAGES)
 
     x = x_BxHxWxC.astype(self.dtype)
     x = resnet.make_conv(self.width, 3, 1, norm=self.norm, dtype=self.dtype,

@@ -55,6 +55,13 @@ STAGE_DEPTHS = {
     200: (6, 26, 60, 6),
 }
 DEPTHS = tuple(STAGE_DEPTHS)
+STAGES = 4  # block counts in model.stage_depths
+
+
+def runlocal(config) -> None:
+  """The CPU smoke form (config_lib.runlocal): one block per stage, width 8."""
+  config.model.stage_depths = (1,) * STAGES
+  config.model.width = 8
 
 # arcface_torch: nn.init.normal_(conv.weight, 0, 0.1); harmless behind a norm (scale-invariant).
 REFERENCE_CONV_INIT = nn.initializers.normal(0.1)
@@ -130,7 +137,7 @@ class Model(nn.Module):
   def __call__(self, x_BxHxWxC, train: bool):
     if self.depth not in STAGE_DEPTHS:
       raise ValueError(f'iResNet depth {self.depth} is not one of {DEPTHS}')
-    depths = stage_depths_of(self.depth, self.stage_depths, 4, STAGE_DEPTHS[self.depth])
+    depths = stage_depths_of(self.depth, self.stage_depths, STAGES, STAGE_DEPTHS[self.depth])
 
     x = x_BxHxWxC.astype(self.dtype)
     x = make_conv(self.width, 3, 1, norm=self.norm, dtype=self.dtype, impl=self.conv_impl,

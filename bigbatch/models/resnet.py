@@ -34,6 +34,13 @@ STAGE_DEPTHS = {
     152: ('bottleneck', (3, 8, 36, 3)),
 }
 DEPTHS = tuple(STAGE_DEPTHS)
+STAGES = 4  # block counts in model.stage_depths
+
+
+def runlocal(config) -> None:
+  """The CPU smoke form (config_lib.runlocal): one block per stage, width 8."""
+  config.model.stage_depths = (1,) * STAGES
+  config.model.width = 8
 
 
 def make_conv(features: int, kernel: int, strides: int, *, norm: layers.Norm, dtype: Any,
@@ -151,7 +158,7 @@ class Model(nn.Module):
     if self.depth not in STAGE_DEPTHS:
       raise ValueError(f'ResNet depth {self.depth} is not one of {DEPTHS}')
     kind, standard = STAGE_DEPTHS[self.depth]
-    depths = stage_depths_of(self.depth, self.stage_depths, 4, standard)
+    depths = stage_depths_of(self.depth, self.stage_depths, STAGES, standard)
     block = BLOCKS[kind]
 
     x = x_BxHxWxC.astype(self.dtype)
