@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from bigbatch import lock as lock_lib
 from bigbatch import sharding
 from bigbatch import workdir as workdir_lib
 
@@ -123,7 +124,7 @@ def none_readable(directory: str, steps: list[int], where: str = '') -> Checkpoi
   use is never to be moved away."""
   workdir = os.path.dirname(os.path.normpath(directory)) if '://' not in directory else (
       directory.rstrip('/').rsplit('/', 1)[0])
-  holder = workdir_lib.live_holder(workdir)
+  holder = lock_lib.live_holder(workdir)
   if holder is None:
     advice = 'Move the directory away to start over'
   else:

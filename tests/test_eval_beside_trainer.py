@@ -24,6 +24,7 @@ import pytest
 
 from bigbatch import checkpoint
 from bigbatch import config_lib
+from bigbatch import lock as lock_lib
 from bigbatch import loop
 from bigbatch import main
 from bigbatch import workdir as workdir_lib
@@ -105,8 +106,8 @@ def live_trainer():
   """A lock held by a live process that is not this one (a `sleep`), as a trainer's."""
   proc = subprocess.Popen(['sleep', '120'])
   try:
-    yield workdir_lib.Holder(**{**workdir_lib.Holder.current().__dict__, 'pid': proc.pid,
-                                'start_time': workdir_lib.process_start_time(proc.pid)})
+    yield lock_lib.Holder(**{**lock_lib.Holder.current().__dict__, 'pid': proc.pid,
+                             'start_time': lock_lib.process_start_time(proc.pid)})
   finally:
     proc.kill()
     proc.wait()
@@ -133,7 +134,7 @@ def test_none_readable_beside_a_live_trainer_never_advises_moving(tmp_path, live
   assert f'A trainer holds {tmp_path} (PID {live_trainer.pid} on ' in message
   assert 'do not move or delete it; rerun after its next checkpoint' in message
   # A lock whose holder is gone does not count.
-  gone = workdir_lib.Holder(**{**live_trainer.__dict__, 'pid': 2**22 + 7})
+  gone = lock_lib.Holder(**{**live_trainer.__dict__, 'pid': 2**22 + 7})
   _hold(tmp_path, gone)
   with pytest.raises(checkpoint.CheckpointError, match='Move the directory away'):
     checkpoint.Checkpointer(str(directory)).restore_latest(_state(0))

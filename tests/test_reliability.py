@@ -19,6 +19,7 @@ import pytest
 
 from bigbatch import checkpoint
 from bigbatch import config_lib
+from bigbatch import lock as lock_lib
 from bigbatch import loop
 from bigbatch import main
 from bigbatch import metrics
@@ -94,11 +95,11 @@ def _live_process():
   """A process that exists (not this one), and its holder record."""
   proc = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])
   for _ in range(100):  # its start time is readable once it runs
-    if workdir_lib.process_start_time(proc.pid) is not None:
+    if lock_lib.process_start_time(proc.pid) is not None:
       break
     time.sleep(0.05)
-  holder = dataclasses.replace(workdir_lib.Holder.current(), pid=proc.pid,
-                               start_time=workdir_lib.process_start_time(proc.pid))
+  holder = dataclasses.replace(lock_lib.Holder.current(), pid=proc.pid,
+                               start_time=lock_lib.process_start_time(proc.pid))
   return proc, holder
 
 
@@ -128,11 +129,11 @@ LOCK_CASES = [
     ('machine rebooted', {'boot_id': 'another-boot'}, 0, True),
     ('other host, heartbeat fresh', {'host': 'elsewhere', 'pid': 'dead'}, 10, False),
     ('other host, heartbeat stopped', {'host': 'elsewhere'},
-     workdir_lib.STALE_AFTER_S + 60, True),
+     lock_lib.STALE_AFTER_S + 60, True),
     ('other container (PID namespace), fresh', {'pid_namespace': 'pid:[1]', 'pid': 'dead'}, 10,
      False),
     ('other container (PID namespace), stopped', {'pid_namespace': 'pid:[1]'},
-     workdir_lib.STALE_AFTER_S + 60, True),
+     lock_lib.STALE_AFTER_S + 60, True),
     ('damaged lock file, old', 'damaged', 60, True),
 ]
 
@@ -150,14 +151,14 @@ def test_lock_judges_its_holder(name, change, age, taken, tmp_path, caplog):
     path = _write_lock(tmp_path, text, age)
     if taken:
       with caplog.at_level(logging.WARNING):
-        lock = workdir_lib.WorkdirLock.acquire(tmp_path)
+        lock = lock_lib.WorkdirLock.acquire(tmp_path)
       assert json.load(open(path))['pid'] == os.getpid()
       assert 'Took over the lock' in caplog.text
       lock.release()
       assert not os.path.exists(path)
     else:
       with pytest.raises(workdir_lib.WorkdirError, match='in use by another trainer') as e:
-        workdir_lib.WorkdirLock.acquire(tmp_path)
+        lock_lib.WorkdirLock.acquire(tmp_path)
       assert f'PID {json.loads(text)["pid"]} on ' in str(e.value) and path in str(e.value)
       assert open(path).read() == text  # untouched
     assert sorted(os.listdir(tmp_path)) == ([] if taken else [workdir_lib.LOCK_FILE])
@@ -171,7 +172,7 @@ def test_lock_has_one_winner_among_racing_trainers(stale, tmp_path):
   """Eight threads take the lock at once (threads of one process: each sees the winner as alive),
   from nothing or by taking over a dead process's lock: exactly one holds it."""
   if stale:
-    dead = dataclasses.replace(workdir_lib.Holder.current(), pid=_dead_pid())
+    dead = dataclasses.replace(lock_lib.Holder.current(), pid=_dead_pid())
     _write_lock(tmp_path, dead.to_json())
   barrier = threading.Barrier(8)
   won, refused = [], []
@@ -179,7 +180,7 @@ def test_lock_has_one_winner_among_racing_trainers(stale, tmp_path):
   def take():
     barrier.wait()
     try:
-      won.append(workdir_lib.WorkdirLock.acquire(tmp_path))
+      won.append(lock_lib.WorkdirLock.acquire(tmp_path))
     except workdir_lib.WorkdirError:
       refused.append(1)
 
@@ -196,20 +197,20 @@ def test_lock_has_one_winner_among_racing_trainers(stale, tmp_path):
 
 
 def test_lock_of_a_killed_trainer_is_taken_over(tmp_path, caplog):
-  code = ('import os, signal, sys; from bigbatch import workdir; '
-          'workdir.WorkdirLock.acquire(sys.argv[1]); os.kill(os.getpid(), signal.SIGKILL)')
+  code = ('import os, signal, sys; from bigbatch import lock; '
+          'lock.WorkdirLock.acquire(sys.argv[1]); os.kill(os.getpid(), signal.SIGKILL)')
   proc = subprocess.Popen([sys.executable, '-c', code, str(tmp_path)], cwd=ROOT)
   assert proc.wait(timeout=120) == -signal.SIGKILL
   assert json.load(open(tmp_path / workdir_lib.LOCK_FILE))['pid'] == proc.pid  # left behind
   with caplog.at_level(logging.WARNING):
-    lock = workdir_lib.WorkdirLock.acquire(tmp_path)
+    lock = lock_lib.WorkdirLock.acquire(tmp_path)
   assert 'is not running' in caplog.text
   lock.release()
 
 
 def test_heartbeat_touches_the_lock_and_notices_a_takeover(tmp_path, monkeypatch, caplog):
-  monkeypatch.setattr(workdir_lib, 'HEARTBEAT_S', 0.05)
-  lock = workdir_lib.WorkdirLock.acquire(tmp_path)
+  monkeypatch.setattr(lock_lib, 'HEARTBEAT_S', 0.05)
+  lock = lock_lib.WorkdirLock.acquire(tmp_path)
   path = str(tmp_path / workdir_lib.LOCK_FILE)
   os.utime(path, (0, 0))
   time.sleep(0.5)
@@ -226,12 +227,12 @@ def test_restart_from_scratch_keeps_the_lock(tmp_path):
   workdir = tmp_path / 'wd'
   os.makedirs(workdir)
   (workdir / 'metrics.jsonl').write_text('{"step": 1}\n')
-  lock = workdir_lib.WorkdirLock.acquire(workdir)
-  moved = workdir_lib.restart(lock)
+  lock = lock_lib.WorkdirLock.acquire(workdir)
+  moved = lock_lib.restart(lock)
   assert sorted(os.listdir(moved)) == ['metrics.jsonl']  # the old run, without the lock
   assert os.listdir(workdir) == [workdir_lib.LOCK_FILE]
   with pytest.raises(workdir_lib.WorkdirError, match='in use'):
-    workdir_lib.WorkdirLock.acquire(workdir)
+    lock_lib.WorkdirLock.acquire(workdir)
   lock.release()
   assert os.listdir(workdir) == []
 
@@ -243,12 +244,12 @@ def test_lock_on_an_object_store(tmp_path, monkeypatch):
   os.makedirs(os.path.join(fake.root, 'bucket', 'run'))
   monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, 'gs', fake)  # pylint: disable=protected-access
   monkeypatch.setattr(gpath, '_is_tf_installed', lambda: False)
-  monkeypatch.setattr(workdir_lib, '_SETTLE_S', 0.01)
-  lock = workdir_lib.WorkdirLock.acquire('gs://bucket/run')
+  monkeypatch.setattr(lock_lib, '_SETTLE_S', 0.01)
+  lock = lock_lib.WorkdirLock.acquire('gs://bucket/run')
   local = os.path.join(fake.root, 'bucket', 'run', workdir_lib.LOCK_FILE)
   assert json.load(open(local))['pid'] == os.getpid()
   with pytest.raises(workdir_lib.WorkdirError, match='in use by another trainer'):
-    workdir_lib.WorkdirLock.acquire('gs://bucket/run')
+    lock_lib.WorkdirLock.acquire('gs://bucket/run')
   lock.release()
   assert not os.path.exists(local)
   assert all('a' not in m for _, m in fake.modes)  # never an append

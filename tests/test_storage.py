@@ -19,6 +19,7 @@ import types
 import pytest
 
 from bigbatch import config_lib
+from bigbatch import lock as lock_lib
 from bigbatch import main
 from bigbatch import metrics
 from bigbatch import workdir as workdir_lib
@@ -161,10 +162,10 @@ def test_metrics_resume_on_a_full_disk_keeps_every_row(tmp_path, monkeypatch):
 def test_lock_on_a_full_disk(tmp_path, monkeypatch):
   def full(path, text):
     raise _FULL
-  monkeypatch.setattr(workdir_lib, '_create_exclusive', full)
+  monkeypatch.setattr(lock_lib, '_create_exclusive', full)
   with pytest.raises(workdir_lib.StorageError,
                      match=f'{tmp_path}/bigbatch.lock: No space left on device'):
-    workdir_lib.WorkdirLock.acquire(tmp_path)
+    lock_lib.WorkdirLock.acquire(tmp_path)
 
 
 def test_workdir_on_a_full_disk(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from etils.epath import gpath
 import ml_collections
 import pytest
 
+from bigbatch import lock as lock_lib
 from bigbatch import metrics
 from bigbatch import workdir as workdir_lib
 
@@ -268,8 +269,8 @@ def test_set_aside_of_a_symlinked_workdir_keeps_the_link(how, tmp_path):
   if how == 'set_aside':
     moved = workdir_lib.set_aside(str(link) + '/')
   else:
-    lock = workdir_lib.WorkdirLock.acquire(link)
-    moved = workdir_lib.restart(lock)
+    lock = lock_lib.WorkdirLock.acquire(link)
+    moved = lock_lib.restart(lock)
   assert moved.startswith(f'{storage}.old-'), moved
   assert _tree(moved) == before
   assert os.path.islink(link) and os.path.realpath(link) == str(storage)
