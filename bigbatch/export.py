@@ -158,6 +158,7 @@ def export(workdir: str, out: str, *, step: int | None = None, ema: bool = False
   import jax
   from jax.experimental import jax2tf
   import tensorflow as tf
+  from bigbatch import workdir as workdir_lib
 
   config, model, variables, step, image_shape = load(workdir, step=step, ema=ema)
 
@@ -195,8 +196,7 @@ def export(workdir: str, out: str, *, step: int | None = None, ema: bool = False
       'files': {'jax': ['model.jax_export', 'variables.msgpack'], 'tensorflow': 'saved_model'},
       'config': json.loads(config.to_json_best_effort()),
   }
-  with open(os.path.join(out, 'export.json'), 'w') as f:
-    json.dump(record, f, indent=2)
+  workdir_lib.write_json(os.path.join(out, 'export.json'), record)
   return record
 
 

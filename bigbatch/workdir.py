@@ -11,9 +11,10 @@ bigbatch/lock.py's job.
 
 A workdir may be a local directory or an object-store URL (gs://bucket/run, s3://...): every file
 operation on it goes through etils.epath, and the helpers here (exists, isdir, read_json,
-write_json, move) are what the rest of bigbatch uses for the workdir's small files. Object stores
-have no append and no atomic rename of a directory; `is_object_store` says which kind a path is,
-and `move` (used by set_aside) copies, then deletes, where it cannot rename.
+write_json, move) are what the rest of bigbatch uses for the workdir's small files. Every JSON
+file bigbatch writes goes through `write_json`, which replaces it whole. Object stores have no
+append and no atomic rename of a directory; `is_object_store` says which kind a path is, and
+`move` (used by set_aside) copies, then deletes, where it cannot rename.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ import uuid
 from etils import epath
 import ml_collections
 import numpy as np
+
+from bigbatch import fields
 
 CONFIG_FILE = 'config.json'
 LOCK_FILE = 'bigbatch.lock'
@@ -109,17 +112,6 @@ class storage:  # pylint: disable=invalid-name  (a context manager, used as `wit
     raise StorageError(self.path, storage_reason(e), fix) from e
 
 
-def _flatten(d, prefix=''):
-  out = {}
-  for k, v in d.items():
-    key = f'{prefix}{k}'
-    if isinstance(v, dict):
-      out.update(_flatten(v, key + '.'))
-    else:
-      out[key] = v
-  return out
-
-
 def is_object_store(path: epath.PathLike) -> bool:
   """True for a URL with a scheme (gs://, s3://, az://, hf://...): an object store, where a file
   cannot be appended to and a directory is only a name prefix (no atomic rename). False for a
@@ -157,9 +149,9 @@ def read_json(path: epath.PathLike) -> Any:
 
 def write_text(path: epath.PathLike, text: str | bytes) -> None:
   """Replaces the file at `path` with `text` (str or bytes) whole: locally a temporary file
-  beside it, then os.replace, so a full disk or a kill leaves the previous file intact (never a
-  torn one); on an object store the new object appears whole. StorageError when it cannot be
-  written."""
+  beside it, flushed to disk, then os.replace, so a full disk, a kill or a crash leaves the
+  previous file intact (never a torn one); on an object store one whole-object write, which
+  appears whole or not at all. StorageError when it cannot be written."""
   path = epath.Path(path)
   mode = 'wb' if isinstance(text, bytes) else 'w'
   with storage(path):
@@ -171,13 +163,17 @@ def write_text(path: epath.PathLike, text: str | bytes) -> None:
     try:
       with open(temporary, mode) as f:
         f.write(text)
+        f.flush()
+        os.fsync(f.fileno())  # the data before the name: a crash never leaves an empty file
       os.replace(temporary, path)
     finally:
       temporary.unlink(missing_ok=True)
 
 
 def write_json(path: epath.PathLike, obj: Any, *, indent: int | None = 2) -> None:
-  """Writes `obj` as JSON, replacing the file whole (`write_text`)."""
+  """Writes `obj` as JSON to `path`, replacing the file whole (`write_text`): the one writer of
+  bigbatch's JSON files. `indent`: as json.dumps (None: one line). StorageError when it cannot
+  be written."""
   write_text(path, json.dumps(obj, indent=indent))
 
 
@@ -250,7 +246,7 @@ def check_compatible(workdir: str, config, *, num_train: int, resume_step: int,
   if old is None:
     return
   new = json.loads(config.to_json_best_effort())
-  a, b = _flatten(old), _flatten(new)
+  a, b = fields.flatten(old), fields.flatten(new)
   changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
   refused = [k for k in changed if k not in OBSERVING and k not in LENGTH]
   if not refused and any(k in LENGTH for k in changed) and resume_step > 0:
@@ -353,4 +349,5 @@ def remove_if_empty(workdir: epath.PathLike) -> None:
 
 
 def record(workdir: epath.PathLike, config) -> None:
-  write_text(epath.Path(workdir) / CONFIG_FILE, config.to_json_best_effort(indent=2))
+  """Writes `config` to workdir/config.json (`write_json`)."""
+  write_json(epath.Path(workdir) / CONFIG_FILE, json.loads(config.to_json_best_effort()))

@@ -17,6 +17,7 @@ import zlib
 
 import numpy as np
 
+from bigbatch import workdir as workdir_lib
 from bigbatch.data import common
 from bigbatch.data import face_files
 
@@ -149,11 +150,7 @@ def convert(images, directory, image_size: int, *, parallel: int = -1,
     meta = dict(format=ARRAY_FORMAT, version=ARRAY_VERSION, count=n, image_shape=list(shape),
                 num_identities=images.num_identities, source=images.description, crc32=crc,
                 labels_crc32=zlib.crc32(labels.tobytes()))
-    with open(os.path.join(directory, 'meta.json.tmp'), 'w') as f:
-      json.dump(meta, f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(os.path.join(directory, 'meta.json.tmp'), os.path.join(directory, 'meta.json'))
+    workdir_lib.write_json(os.path.join(directory, 'meta.json'), meta, indent=None)  # last
   return ArrayFile(directory)
 
 

@@ -22,12 +22,13 @@ decoded by Pillow (the reference: OpenCV).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from typing import Callable
 
 import numpy as np
+
+from bigbatch import workdir as workdir_lib
 
 # ArcFace's 5-point template for 112x112 crops (eyes, nose tip, mouth corners), x shifted by 8
 # from the 96x112 one, as InsightFace aligns its training and test sets.
@@ -270,8 +271,7 @@ def main(argv) -> int:
             if k.startswith('tar_at_far_')) + f', AUC {100 * result["auc"]:.2f}%')
   if args.out:
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f'{args.target.lower()}.json'), 'w') as f:
-      json.dump(result, f, indent=2)
+    workdir_lib.write_json(os.path.join(args.out, f'{args.target.lower()}.json'), result)
   return 0
 
 
