@@ -3,7 +3,7 @@
 `derive(config)` gathers, for this process's devices, every number a run would compute before
 its first update: the data set's size (from the config, a prepared copy's metadata, or the
 published size; never downloaded or prepared here), the batch split over the mesh, the
-schedule (optim.derive, the same function the run uses), the eval and checkpoint steps (the
+schedule (schedule.resolve, the same function the run uses), the eval and checkpoint steps (the
 hooks' own `Every`), the parameter count from `jax.eval_shape` (trainer.build with
 initialize=False: nothing is allocated), and with memory=True the train step lowered and
 compiled on abstract inputs for XLA's per-device memory analysis. `format` renders it as text.
@@ -27,6 +27,7 @@ from bigbatch import core_config
 from bigbatch import data as data_lib
 from bigbatch import hooks as hooks_lib
 from bigbatch import optim
+from bigbatch import schedule
 from bigbatch import sharding
 
 DataFacts = data_lib.DataFacts
@@ -38,7 +39,7 @@ def data_facts(config) -> DataFacts:
   return data_lib.facts(config)
 
 
-def run_info(config, derived: optim.Derived, mesh) -> dict:
+def run_info(config, derived: schedule.Resolved, mesh) -> dict:
   """The run's derived numbers as the loop logs them and writes workdir/derived.json."""
   return {'derived': derived.as_dict(), 'mesh': dict(mesh.shape),
           'devices': jax.device_count(), 'processes': jax.process_count(),
@@ -46,13 +47,13 @@ def run_info(config, derived: optim.Derived, mesh) -> dict:
               config.global_batch // (config.accumulation_steps * mesh.shape['data'])}
 
 
-def _fires(every: hooks_lib.Every, derived: optim.Derived) -> list[int]:
+def _fires(every: hooks_lib.Every, derived: schedule.Resolved) -> list[int]:
   """The updates after which `every` fires in an uninterrupted run: the hooks' own rule."""
   run = types.SimpleNamespace(total=derived.total_steps, should_stop=False, derived=derived)
   return [s for s in range(1, derived.total_steps + 1) if every(run, s)]
 
 
-def _cadence(config, derived: optim.Derived) -> dict:
+def _cadence(config, derived: schedule.Resolved) -> dict:
   out = {}
   for name, every in (
       ('eval', hooks_lib.Every(steps=config.eval_every_steps, epochs=config.eval_every_epochs)),
@@ -73,11 +74,11 @@ def _cadence(config, derived: optim.Derived) -> dict:
   return out
 
 
-def _schedule(config, derived: optim.Derived) -> dict:
+def _schedule(config, derived: schedule.Resolved) -> dict:
   """The peak lr and how it was reached, and the lr at the schedule's turning points."""
   lr = config.lr
   if lr.scaling == 'table':
-    row = optim._table_row(config)  # pylint: disable=protected-access  (the run's own lookup)
+    row = schedule.table_row(config)  # the run's own lookup
     below = [r[0] for r in lr.table if r[0] < row[0]]
     batches = (f'batches {below[-1] + 1:,} to {row[0]:,}' if below else f'batches <= {row[0]:,}'
                ) if row[0] < 1 << 30 else f'batches above {below[-1]:,}' if below else 'any batch'
@@ -86,7 +87,7 @@ def _schedule(config, derived: optim.Derived) -> dict:
   else:
     ratio = derived.global_batch / lr.base_batch
     rule = (f'{lr.scaling}: base_lr {lr.base_lr:g} at batch {lr.base_batch:,} x '
-            f'{optim._scaling(lr.scaling, ratio):.6g}')  # pylint: disable=protected-access
+            f'{schedule.scaling_factor(lr.scaling, ratio):.6g}')
   lr_fn = optim.lr_schedule(config, derived)
   total = derived.total_steps
   points = {0, derived.warmup_steps, total // 4, total // 2, 3 * total // 4, total - 1, total}
@@ -197,7 +198,7 @@ def derive(config, devices: Sequence[jax.Device] | None = None, *,
     out['unknown'] = ('the training set size is unknown, so the schedule, cadence and parameter '
                       'count are not derived: ' + facts.source)
     return out
-  derived = optim.derive(config, facts.num_train)  # the run's own derivation (optim.make)
+  derived = schedule.resolve(config, facts.num_train)  # the run's own (optim.make)
   out['run_info'] = run_info(config, derived, mesh)
   out['schedule'] = {
       'num_train_examples': derived.num_train_examples,

@@ -23,7 +23,7 @@ import jax
 from bigbatch import distributed
 from bigbatch import flops
 from bigbatch import metrics as metrics_lib
-from bigbatch import optim
+from bigbatch import schedule
 from bigbatch import signals
 
 
@@ -48,7 +48,7 @@ class Hook:
 
 def epochs_at(step: int, phases) -> float:
   """Epochs seen after `step` updates under a batch-size schedule."""
-  p = optim.phase_at(max(step - 1, 0), phases) if step else phases[0]
+  p = schedule.phase_at(max(step - 1, 0), phases) if step else phases[0]
   return p.start_epoch + (step - p.start_step) / p.steps_per_epoch
 
 

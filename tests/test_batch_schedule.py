@@ -13,6 +13,7 @@ from bigbatch import data as data_lib
 from bigbatch import input_pipeline
 from bigbatch import loop
 from bigbatch import optim
+from bigbatch import schedule
 from bigbatch import sharding
 from bigbatch import trainer as trainer_lib
 
@@ -39,7 +40,7 @@ def _config(**overrides):
 
 def test_phases_and_the_lr_follow_the_epochs_seen():
   c = _config()
-  d = optim.derive(c, 1000)
+  d = schedule.resolve(c, 1000)
   assert [(p.start_epoch, p.global_batch, p.accumulation_steps, p.steps_per_epoch, p.start_step,
            p.end_step) for p in d.phases] == [(0, 40, 1, 25, 0, 25), (1, 80, 2, 12, 25, 49),
                                               (3, 160, 4, 6, 49, 55)]
@@ -51,7 +52,7 @@ def test_phases_and_the_lr_follow_the_epochs_seen():
   # 37 (epoch 1 + 12 updates of 80), not at update 50 (the initial batch's step count).
   assert lr(6) == pytest.approx(peak * 0.5)
   assert lr(36) == pytest.approx(peak) and lr(37) == pytest.approx(peak * 0.1)
-  assert float(optim.epochs_seen(52, d.phases)) == pytest.approx(3.5)
+  assert float(schedule.epochs_seen(52, d.phases)) == pytest.approx(3.5)
 
 
 @pytest.mark.parametrize('bad', [((0, 2),), ((1, 1),), ((2, 2), (1, 4)), ((1.5, 2),),
@@ -68,7 +69,7 @@ def test_schedule_needs_epochs():
 
 def _phased(c, start):
   dataset = data_lib.create(c)
-  d = optim.derive(c, dataset.num_train)
+  d = schedule.resolve(c, dataset.num_train)
   mesh = sharding.make_mesh(c)
   batches = loop.PhasedBatches(c, dataset, d.phases,
                                  jax.sharding.NamedSharding(mesh, sharding.BATCH_SPEC), start,
@@ -108,7 +109,7 @@ def test_training_with_a_schedule_compiles_once_per_batch_size(tmp_path):
   rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   evals = [r['step'] for r in rows if 'eval/top1' in r]
   assert evals == [25, 37]  # end of epoch 1 (25 x 40) and of epoch 2 (+ 12 x 80)
-  d = optim.derive(c, 1000)
+  d = schedule.resolve(c, 1000)
   lr_fn = optim.lr_schedule(c, d)
   for r in rows:
     if 'train/lr' in r:  # the lr the update applied: the schedule at its epochs seen

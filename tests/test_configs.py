@@ -16,6 +16,7 @@ from bigbatch import config_lib
 from bigbatch import loop
 from bigbatch import models
 from bigbatch import optim
+from bigbatch import schedule
 from bigbatch import sharding
 from bigbatch import trainer as trainer_lib
 from bigbatch import trust_ratio
@@ -94,7 +95,7 @@ def test_full_size_step_lowers(name):
 
 
 def _lr_at_epochs(config, epochs):
-  derived = optim.derive(config, images.IMAGENET_TRAIN_EXAMPLES)
+  derived = schedule.resolve(config, images.IMAGENET_TRAIN_EXAMPLES)
   lr_fn = optim.lr_schedule(config, derived)
   return derived, [float(lr_fn(round(e * derived.steps_per_epoch), derived.peak_lr))
                    for e in epochs]
@@ -124,7 +125,7 @@ def test_baseline_is_the_same_recipe_at_256():
                                                       (65536, 41.0, 16)])
 def test_64k_lars_follows_the_tpu_reference_table(batch, peak, warmup_epochs):
   config = load('r50_64k', f'batch={batch}')
-  derived = optim.derive(config, images.IMAGENET_TRAIN_EXAMPLES)
+  derived = schedule.resolve(config, images.IMAGENET_TRAIN_EXAMPLES)
   assert derived.peak_lr == peak
   # lars_util.py: w_steps = w_epochs * num_train_images // train_batch_size.
   assert derived.warmup_steps == warmup_epochs * images.IMAGENET_TRAIN_EXAMPLES // batch
@@ -157,7 +158,7 @@ def test_face_baseline_is_the_public_recipe():
   1k images linearly (0.4 at 4k; arcface_torch's 4k run used 0.3), weight decay 5e-4 on every
   parameter, 20 epochs, polynomial decay."""
   config = load('face_r100_cosface_4k')
-  derived = optim.derive(config, NUM_TRAIN['face_recordio'])
+  derived = schedule.resolve(config, NUM_TRAIN['face_recordio'])
   assert derived.peak_lr == pytest.approx(0.4) and config.global_batch == 4096
   assert (config.face.s, config.face.m1, config.face.m2, config.face.m3) == (64.0, 1.0, 0.0, 0.4)
   assert config.face.sample_rate == 0.2 and config.model.depth == 100
@@ -166,7 +167,7 @@ def test_face_baseline_is_the_public_recipe():
   assert config.num_epochs == 20 and config.lr.decay == 'polynomial'
   big = load('face_64k_lamb')
   assert big.global_batch == 65536 and big.optimizer.name == 'lamb'
-  assert optim.derive(big, NUM_TRAIN['face_recordio']).peak_lr == pytest.approx(2e-3 * 4)
+  assert schedule.resolve(big, NUM_TRAIN['face_recordio']).peak_lr == pytest.approx(2e-3 * 4)
 
 
 # --- Recipes counted as their sources count them (docs/references.md) ------------------------
@@ -196,7 +197,7 @@ def test_imagenet_recipes_count_steps_as_their_sources(name, arg, lr_overrides, 
   for key, value in lr_overrides.items():
     config.lr[key] = value
   n = images.IMAGENET_TRAIN_EXAMPLES
-  derived = optim.derive(config, n)
+  derived = schedule.resolve(config, n)
   assert (derived.total_steps, derived.warmup_steps, derived.boundaries_steps) == (
       total, warmup, boundaries)
   # Only the schedule is counted in examples: the input pipeline still makes floor(N / B)
@@ -209,7 +210,7 @@ def test_64k_recipe_sees_90_epochs_of_examples():
   90 epochs; 1,759 steps are 90 epochs less than one batch."""
   config = load('r50_64k')
   n = images.IMAGENET_TRAIN_EXAMPLES
-  derived = optim.derive(config, n)
+  derived = schedule.resolve(config, n)
   seen = derived.total_steps * config.global_batch
   assert 90 * n - config.global_batch < seen <= 90 * n
   # A run past 90 whole passes of 19 batches goes on into the next permutations.

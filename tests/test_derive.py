@@ -14,6 +14,7 @@ from bigbatch import data as data_lib
 from bigbatch import derive
 from bigbatch import loop
 from bigbatch import optim
+from bigbatch import schedule
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 
@@ -32,7 +33,7 @@ def _files(root):
 
 def test_quickstart_data_and_schedule_are_the_runs():
   """The sizes derive finds without reading through TFDS are those of the data set the run
-  reads, and the schedule is optim.derive's on it."""
+  reads, and the schedule is schedule.resolve's on it."""
   config = load('quickstart')
   facts = derive.data_facts(config)
   dataset = data_lib.create(config)  # what loop.load_dataset reads
@@ -40,7 +41,7 @@ def test_quickstart_data_and_schedule_are_the_runs():
       dataset.num_train, dataset.num_eval, tuple(dataset.image_shape), dataset.num_classes)
   config_lib.validate(config, jax.device_count())
   d = derive.derive(config)
-  real = optim.derive(config, dataset.num_train)
+  real = schedule.resolve(config, dataset.num_train)
   assert d['run_info']['derived'] == real.as_dict()
   s = d['schedule']
   assert (s['total_steps'], s['warmup_steps'], s['steps_per_epoch']) == (440, 22, 11)
@@ -114,7 +115,7 @@ def test_batch_size_phases_are_listed():
   config_lib.validate(config, jax.device_count())
   d = derive.derive(config)
   phases = d['schedule']['phases']
-  real = optim.derive(config, 1437).phases
+  real = schedule.resolve(config, 1437).phases
   assert [(p['global_batch'], p['accumulation_steps'], p['start_step'], p['end_step'])
           for p in phases] == [(p.global_batch, p.accumulation_steps, p.start_step, p.end_step)
                                for p in real]

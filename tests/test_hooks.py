@@ -14,7 +14,7 @@ from bigbatch import checkpoint
 from bigbatch import config_lib
 from bigbatch import hooks
 from bigbatch import loop
-from bigbatch import optim
+from bigbatch import schedule
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 from configs import quickstart  # noqa: E402
@@ -24,13 +24,13 @@ from configs import quickstart  # noqa: E402
 class _Run:
   total: int = 100
   should_stop: bool = False
-  derived: optim.Derived = None
+  derived: schedule.Resolved = None
 
 
 def _derived(steps_per_epoch=10, phases=()):
-  return optim.Derived(num_train_examples=1000, global_batch=100, steps_per_epoch=steps_per_epoch,
-                       total_steps=100, warmup_steps=0, peak_lr=0.1, boundaries_steps=(),
-                       phases=phases, schedule_steps=0)
+  return schedule.Resolved(num_train_examples=1000, global_batch=100,
+                           steps_per_epoch=steps_per_epoch, total_steps=100, warmup_steps=0,
+                           peak_lr=0.1, boundaries_steps=(), phases=phases, schedule_steps=0)
 
 
 def test_every_steps_epochs_and_end():
@@ -45,7 +45,7 @@ def test_every_steps_epochs_and_end():
 
 def test_every_epochs_under_a_batch_schedule_fires_where_an_epoch_is_crossed():
   # 10 updates per epoch for epochs 0-1, then 5 (batch x2): epochs end at 10, 20, 25, 30.
-  phases = (optim.Phase(0, 100, 1, 10, 0, 20), optim.Phase(2, 200, 2, 5, 20, 30))
+  phases = (schedule.Phase(0, 100, 1, 10, 0, 20), schedule.Phase(2, 200, 2, 5, 20, 30))
   run = _Run(total=30, derived=_derived(phases=phases))
   assert [d for d in range(1, 31) if hooks.Every(epochs=1.0, at_end=False)(run, d)] == [
       10, 20, 25, 30]

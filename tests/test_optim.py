@@ -1,5 +1,5 @@
-"""Tests for bigbatch.optim and bigbatch.trust_ratio: derived numbers, schedules, masks and the
-reference LARS/LAMB."""
+"""Tests for bigbatch.schedule, bigbatch.optim and bigbatch.trust_ratio: resolved numbers, lr
+schedules, masks and the reference LARS/LAMB."""
 import json
 import math
 
@@ -10,6 +10,7 @@ import pytest
 
 from bigbatch import config_lib
 from bigbatch import optim
+from bigbatch import schedule
 from bigbatch import trust_ratio
 
 IMAGENET_TRAIN = 1_281_167
@@ -44,10 +45,10 @@ def _params():
                       shapes, is_leaf=lambda x: isinstance(x, tuple))
 
 
-# --- Derived numbers and the schedule --------------------------------------------------------
+# --- Resolved numbers and the schedule -------------------------------------------------------
 
 def test_goyal_8k_derived():
-  d = optim.derive(_goyal_8k(), IMAGENET_TRAIN)
+  d = schedule.resolve(_goyal_8k(), IMAGENET_TRAIN)
   assert (d.steps_per_epoch, d.total_steps, d.warmup_steps) == (156, 14040, 780)
   assert d.boundaries_steps == (4680, 9360, 12480)
   assert d.peak_lr == pytest.approx(3.2)
@@ -56,7 +57,7 @@ def test_goyal_8k_derived():
 
 def test_goyal_8k_schedule():
   c = _goyal_8k()
-  d = optim.derive(c, IMAGENET_TRAIN)
+  d = schedule.resolve(c, IMAGENET_TRAIN)
   lr_fn = jax.jit(optim.lr_schedule(c, d))  # one compile is faster than many eager ops
   epochs = (0, 2.5, 5, 29.9, 30, 60, 80)
   got = [float(lr_fn(round(e * 156), d.peak_lr)) for e in epochs]
@@ -68,7 +69,7 @@ def test_goyal_8k_schedule():
 @pytest.mark.parametrize('rule, factor', [('linear', 32.0), ('sqrt', math.sqrt(32.0)),
                                           ('none', 1.0)])
 def test_scaling_rules(rule, factor):
-  d = optim.derive(_goyal_8k(**{'lr.scaling': rule}), IMAGENET_TRAIN)
+  d = schedule.resolve(_goyal_8k(**{'lr.scaling': rule}), IMAGENET_TRAIN)
   assert d.peak_lr == pytest.approx(0.1 * factor)
 
 
@@ -76,7 +77,7 @@ def _schedule(decay, **overrides):
   c = _config(**{'global_batch': 256, 'num_steps': 110, 'lr.base_lr': 2.0, 'lr.base_batch': 256,
                  'lr.warmup_steps': 10, 'lr.warmup_init_lr': 0.0, 'lr.decay': decay,
                  'lr.end_lr': 0.01, 'lr.power': 2.0, **overrides})
-  d = optim.derive(c, 10_000)
+  d = schedule.resolve(c, 10_000)
   lr_fn = jax.jit(optim.lr_schedule(c, d))
   return lambda step: float(lr_fn(step, d.peak_lr))
 
@@ -107,7 +108,7 @@ def test_warmup_equal_to_total_steps_is_allowed():
 
 def test_lr_fn_takes_a_traced_peak():
   c = _goyal_8k()
-  d = optim.derive(c, IMAGENET_TRAIN)
+  d = schedule.resolve(c, IMAGENET_TRAIN)
   lr_fn = jax.jit(optim.lr_schedule(c, d))
   np.testing.assert_allclose(float(lr_fn(390, jnp.float32(6.4))), 0.1 + (6.4 - 0.1) / 2, rtol=1e-6)
   np.testing.assert_allclose(float(lr_fn(5000, jnp.float32(6.4))), 0.64, rtol=1e-6)
@@ -116,15 +117,15 @@ def test_lr_fn_takes_a_traced_peak():
 def test_durations_in_steps_and_epochs():
   c = _config(**{'global_batch': 100, 'num_steps': 50, 'lr.warmup_steps': 7,
                  'lr.decay': 'step', 'lr.boundaries_steps': (20, 40)})
-  d = optim.derive(c, 1050)
+  d = schedule.resolve(c, 1050)
   assert (d.steps_per_epoch, d.total_steps, d.warmup_steps, d.boundaries_steps) == (
       10, 50, 7, (20, 40))
   c = _config(**{'global_batch': 100, 'num_epochs': 2.5, 'lr.warmup_epochs': 0.25,
                  'lr.boundaries_epochs': (1.0,)})
-  d = optim.derive(c, 1050)
+  d = schedule.resolve(c, 1050)
   # Boundaries only describe the step decay; under cosine they are not used.
   assert (d.total_steps, d.warmup_steps, d.boundaries_steps) == (25, 2, ())
-  assert optim.derive(_config(num_steps=5), 1050).warmup_steps == 0
+  assert schedule.resolve(_config(num_steps=5), 1050).warmup_steps == 0
 
 
 @pytest.mark.parametrize('overrides, n, field', [
@@ -142,14 +143,37 @@ def test_durations_in_steps_and_epochs():
      'lr.boundaries_epochs'),
 ])
 def test_config_errors(overrides, n, field):
+  c = _config(**overrides)
   with pytest.raises(config_lib.ConfigError, match=f'config.{field}') as e:
-    optim.make(_config(**overrides), n)
+    optim.validate(c)  # the form, before the data
+    optim.make(c, n)  # what depends on the training set's size
   assert '\n' not in str(e.value)
 
 
 def test_unknown_optimizer():
   with pytest.raises(config_lib.ConfigError, match='optimizer.name'):
-    optim.make(_config(**{'num_steps': 10, 'optimizer.name': 'adagrad'}), 10_000)
+    optim.validate(_config(**{'num_steps': 10, 'optimizer.name': 'adagrad'}))
+
+
+@pytest.mark.parametrize('overrides, match', [
+    ({'lr.scaling': 'table'}, 'needs config.lr.table'),
+    ({'lr.scaling': 'table', 'lr.table': ((64, 0.1, None),)}, 'above every row'),
+    ({'lr.scaling': 'table', 'lr.table': ((64, 0.1),)}, r'row \(64, 0.1\)'),
+    ({'lr.scaling': 'table', 'lr.table': ((1024, 1e39, None),)}, 'not finite in float32'),
+    ({'lr.base_lr': 1e38, 'lr.base_batch': 16}, 'not finite in float32'),
+])
+def test_the_lr_rule_is_checked_before_the_data(overrides, match):
+  with pytest.raises(config_lib.ConfigError, match=match):
+    optim.validate(_config(**{'num_steps': 10, **overrides}))
+
+
+def test_a_table_gives_the_peak_and_the_warmup():
+  c = _config(**{'num_epochs': 10.0, 'lr.scaling': 'table', 'lr.warmup_steps': 3,
+                 'lr.table': ((64, 0.1, None), (256, 0.4, 2.0), (1024, 1.6, None))})
+  optim.validate(c)
+  d = schedule.resolve(c, 1280)  # global batch 128: the second row, 10 steps per epoch
+  assert (d.peak_lr, d.warmup_steps, d.total_steps) == (0.4, 20, 100)
+  assert schedule.table_row(c) == (256, 0.4, 2.0)
 
 
 # --- Masks -----------------------------------------------------------------------------------
@@ -369,7 +393,7 @@ def test_epoch_steps_rules(rule, steps):
   c = _config(**{'global_batch': 100, 'num_epochs': 2.5, 'lr.warmup_epochs': 0.25,
                  'lr.decay': 'step', 'lr.boundaries_epochs': (1.0,), 'lr.epoch_steps': rule})
   optim.validate(c)
-  d = optim.derive(c, 1050)
+  d = schedule.resolve(c, 1050)
   assert (d.total_steps, d.warmup_steps, d.boundaries_steps[0]) == steps
   # The data position is the input pipeline's whatever the rule: 10 steps per pass.
   assert d.steps_per_epoch == 10 and d.epoch_steps == rule
@@ -380,34 +404,34 @@ def test_epoch_steps_default_is_floor_per_epoch():
   """The default keeps every config that does not choose a rule on today's step counts."""
   assert optim.defaults()['lr.epoch_steps'] == 'floor_per_epoch'
   assert config_lib.base_config().lr.epoch_steps == 'floor_per_epoch'
-  d = optim.derive(_goyal_8k(), IMAGENET_TRAIN)
+  d = schedule.resolve(_goyal_8k(), IMAGENET_TRAIN)
   assert (d.total_steps, d.warmup_steps, d.epoch_steps) == (14040, 780, 'floor_per_epoch')
 
 
 def test_epochs_in_examples_are_exact_decimals():
   # 0.3 * 1,000 / 100 is 2.9999999999999996 in floats: floor would lose a step that 3 whole
   # batches of the 300 examples do fill.
-  assert optim.epochs_to_steps(0.3, 1000, 100, 'total_examples_floor') == 3
-  assert optim.epochs_to_steps(0.3, 1000, 100, 'total_examples_ceil') == 3
-  assert optim.epochs_to_steps(0.7, 1000, 100, 'total_examples_ceil') == 7
+  assert schedule.epochs_to_steps(0.3, 1000, 100, 'total_examples_floor') == 3
+  assert schedule.epochs_to_steps(0.3, 1000, 100, 'total_examples_ceil') == 3
+  assert schedule.epochs_to_steps(0.7, 1000, 100, 'total_examples_ceil') == 7
   # ImageNet at 64k, the TPU reference's own expressions.
-  assert optim.epochs_to_steps(16, IMAGENET_TRAIN, 65536, 'total_examples_floor') == (
+  assert schedule.epochs_to_steps(16, IMAGENET_TRAIN, 65536, 'total_examples_floor') == (
       16 * IMAGENET_TRAIN // 65536) == 312
-  assert optim.epochs_to_steps(90, IMAGENET_TRAIN, 65536, 'total_examples_floor') == 1759
-  assert optim.epochs_to_steps(90, IMAGENET_TRAIN, 65536, 'total_examples_ceil') == 1760
-  assert optim.epochs_to_steps(90, IMAGENET_TRAIN, 65536, 'floor_per_epoch') == 1710
+  assert schedule.epochs_to_steps(90, IMAGENET_TRAIN, 65536, 'total_examples_floor') == 1759
+  assert schedule.epochs_to_steps(90, IMAGENET_TRAIN, 65536, 'total_examples_ceil') == 1760
+  assert schedule.epochs_to_steps(90, IMAGENET_TRAIN, 65536, 'floor_per_epoch') == 1710
 
 
 def test_epoch_steps_errors():
   with pytest.raises(config_lib.ConfigError, match='lr.epoch_steps'):
     optim.validate(_config(**{'lr.epoch_steps': 'examples'}))
-  with pytest.raises(config_lib.ConfigError, match='lr.epoch_steps'):
-    optim.derive(_config(**{'global_batch': 100, 'num_epochs': 2.0,
-                            'lr.epoch_steps': 'examples'}), 1050)
   # A batch schedule counts epochs in passes of the pipeline; examples cannot apply to it.
   c = _config(**{'global_batch': 100, 'num_epochs': 4.0, 'batch_schedule': ((2, 2),),
                  'lr.epoch_steps': 'total_examples_floor'})
   with pytest.raises(config_lib.ConfigError, match='batch_schedule'):
-    optim.derive(c, 1050)
+    optim.validate(c)
   c.lr.epoch_steps = 'floor_per_epoch'
-  assert optim.derive(c, 1050).total_steps == 20 + 10  # 2 epochs of 10, then 2 of 5
+  optim.validate(c)
+  assert schedule.resolve(c, 1050).total_steps == 20 + 10  # 2 epochs of 10, then 2 of 5
+  with pytest.raises(config_lib.ConfigError, match='batch 200 from epoch 2 is larger'):
+    schedule.resolve(c, 150)  # the data set's size: checked by resolve

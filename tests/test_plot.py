@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from bigbatch import hooks
-from bigbatch import optim
 from bigbatch import plot
+from bigbatch import schedule
 from test_workdir_paths import bucket  # noqa: F401  pylint: disable=unused-import
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-PHASES = [  # as optim.Derived.as_dict writes a batch schedule: 2 epochs at 128, then 512
+PHASES = [  # as schedule.Resolved.as_dict writes a batch schedule: 2 epochs at 128, then 512
     {'start_epoch': 0, 'global_batch': 128, 'accumulation_steps': 1, 'steps_per_epoch': 11,
      'start_step': 0, 'end_step': 22},
     {'start_epoch': 2, 'global_batch': 512, 'accumulation_steps': 4, 'steps_per_epoch': 2,
@@ -131,13 +131,13 @@ def test_epochs_and_examples_follow_the_batch_schedule(tmp_path):
              log_every=7, eval_every=49, rate=1.0, phases=PHASES)
   run = plot.read_run(str(tmp_path / 'phased'))
   assert run.label == 'phased (batch 128)'
-  phases = tuple(optim.Phase(**p) for p in PHASES)
+  phases = tuple(schedule.Phase(**p) for p in PHASES)
   steps = np.arange(0, 99)
   # The trainer's own epoch count (hooks.epochs_at, used by eval_every_epochs).
   np.testing.assert_allclose(run.x_of(steps, 'epochs'),
                              [hooks.epochs_at(int(s), phases) for s in steps])
   # Examples: every update's own global batch, summed.
-  seen = np.cumsum([0] + [optim.phase_at(u, phases).global_batch for u in range(98)])
+  seen = np.cumsum([0] + [schedule.phase_at(u, phases).global_batch for u in range(98)])
   np.testing.assert_array_equal(run.x_of(steps, 'examples'), seen)
   assert run.x_of(np.array([98]), 'epochs')[0] == 40  # 2 + 76 / 2
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bigbatch import config_lib
-from bigbatch import optim
+from bigbatch import schedule
 from bigbatch.study import report
 from bigbatch.study import run
 
@@ -86,11 +86,11 @@ def test_every_trial_of_the_shipped_studies_sees_the_same_examples(name):
   wanted = study.budget.epochs * num_train
   for t in trials:
     assert t.config.target.value is None and t.lr_index == 0
-    derived = optim.derive(t.config, num_train)
+    derived = schedule.resolve(t.config, num_train)
     assert wanted - t.batch_size < derived.total_steps * t.batch_size <= wanted
     assert derived.warmup_steps <= derived.total_steps
   # The variants differ in their remedy only: no_remedy keeps the batch-32 lr at every batch.
-  lrs = {(t.variant, t.batch_size): optim.derive(t.config, num_train).peak_lr for t in trials}
+  lrs = {(t.variant, t.batch_size): schedule.resolve(t.config, num_train).peak_lr for t in trials}
   big = max(study.batch_sizes)
   assert lrs['no_remedy', big] == lrs['no_remedy', 32] == lrs['linear_warmup', 32]
   assert lrs['linear_warmup', big] == pytest.approx(lrs['linear_warmup', 32] * big / 32)

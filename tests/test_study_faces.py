@@ -8,7 +8,7 @@ import math
 import pytest
 
 from bigbatch import config_lib
-from bigbatch import optim
+from bigbatch import schedule
 from bigbatch.study import report
 from bigbatch.study import run
 
@@ -34,7 +34,7 @@ def test_face_study_trials_are_the_stated_comparison():
     c = t.config
     assert c.task == 'face' and c.data.num_identities == 4000  # thousands of classes
     assert c.target.value == 0.85 and c.target.stop is False  # recorded, the budget runs
-    derived = optim.derive(c, num_train)
+    derived = schedule.resolve(c, num_train)
     wanted = study.budget.epochs * num_train
     assert wanted - t.batch_size < derived.total_steps * t.batch_size <= wanted
     assert c.face.sample_rate == (0.1 if t.variant == 'sgd_linear_pfc' else 1.0)

@@ -63,7 +63,7 @@ import ml_collections
 
 from bigbatch import config_lib
 from bigbatch import data
-from bigbatch import optim
+from bigbatch import schedule
 from bigbatch import sharding
 from bigbatch import signals
 from bigbatch import trainer
@@ -254,7 +254,7 @@ def collect(trial: Trial, trial_dir: str, wall_s: float, diverged: bool = False)
   reached = workdir_lib.read_json(target_path) if workdir_lib.exists(target_path) else None
   better = max if c.target.mode == 'max' else min
   num_train = _num_train(c)
-  derived = optim.derive(c, num_train)
+  derived = schedule.resolve(c, num_train)
   return {
       'trial_id': trial.trial_id, 'variant': trial.variant, 'data': c.data.name,
       'batch_size': trial.batch_size, 'lr': derived.peak_lr, 'lr_index': trial.lr_index,
@@ -349,13 +349,15 @@ def run_trial(trial: Trial, workdir: str, cache=None) -> dict:
   trainer.CompileCache shared by the study's trials."""
   # pylint: disable-next=g-import-not-at-top  (imports TensorFlow; --print_commands needs none)
   from bigbatch import loop
+  from bigbatch.study import hooks as study_hooks
   trial_dir = os.path.join(workdir, 'trials', trial.trial_id)
   with workdir_lib.storage(trial_dir):
     epath.Path(trial_dir).mkdir(parents=True, exist_ok=True)
   start = time.monotonic()
   diverged = False
   try:
-    loop.train_and_evaluate(trial.config, trial_dir, cache=cache)
+    loop.train_and_evaluate(trial.config, trial_dir, cache=cache,
+                            hooks=study_hooks.hooks_for(trial.config, trial_dir))
   except loop.NonFiniteError as e:
     logging.warning('Trial %s diverged: %s', trial.trial_id, e)
     diverged = True
