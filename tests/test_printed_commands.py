@@ -9,6 +9,7 @@ import shlex
 import sys
 
 from bigbatch import metrics
+from bigbatch.study import grid
 from bigbatch.study import run
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
@@ -40,6 +41,6 @@ def test_study_print_commands_are_shell_quoted(tmp_path):
   config_arg = "configs/study_digits.py:quick"
   commands = run.commands(study, workdir, config_arg)
   assert commands
-  for command, trial in zip(commands, run.trials(study)):
+  for command, trial in zip(commands, grid.trials(study)):
     assert shlex.split(command) == ['python', '-m', 'bigbatch.study', f'--config={config_arg}',
                                     f'--workdir={workdir}', f'--trial={trial.trial_id}']

@@ -12,7 +12,9 @@ import pytest
 
 from bigbatch import config_lib
 from bigbatch import schedule
-from bigbatch.study import report
+from bigbatch.study import aggregate
+from bigbatch.study import grid
+from bigbatch.study import render_epochs
 from bigbatch.study import run
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -36,7 +38,7 @@ def test_aggregate_fixed_is_mean_std_min_max_over_seeds_and_keeps_diverged_apart
   results += [_result('linear', 256, 0, 0.80), _result('linear', 256, 1, 0.70),
               _result('linear', 256, 2, float('nan'), loss=float('nan'), diverged=True)]
   results += [_result('none', 32, s, 0.9) for s in range(3)]
-  rows = {(r['variant'], r['batch_size']): r for r in report.aggregate_fixed(results)}
+  rows = {(r['variant'], r['batch_size']): r for r in aggregate.fixed_epochs(results)}
   r = rows['linear', 32]
   assert r['final_metric']['mean'] == pytest.approx(0.94)
   assert r['final_metric']['std'] == pytest.approx(np.std([0.90, 0.94, 0.98], ddof=1))
@@ -48,12 +50,12 @@ def test_aggregate_fixed_is_mean_std_min_max_over_seeds_and_keeps_diverged_apart
   assert r['final_metric']['mean'] == pytest.approx(0.75)
   assert rows['none', 32]['final_metric']['std'] == 0.0
 
-  text = (tmp_path / report.write_fixed_epochs_report(results, str(tmp_path), title='T')
+  text = (tmp_path / render_epochs.write(results, str(tmp_path), title='T')
           .split('/')[-1]).read_text()
   # Batch x variant table in percent: mean ± std [min, max].
   assert '| 32 | 94.0 ± 4.0 [90.0, 98.0] | 90.0 ± 0.0 [90.0, 90.0] |' in text
   assert '(1/3 diverged)' in text and '| 256 |' in text and 'not run' in text
-  for stem, _ in report.FIXED_EPOCHS_FIGURES:
+  for stem, _ in render_epochs.FIGURES:
     assert f'figures/{stem}.png' in text
     assert (tmp_path / 'figures' / f'{stem}.png').read_bytes()[:8] == PNG_MAGIC
 
@@ -62,15 +64,15 @@ def test_fixed_epochs_refuses_an_lr_search_and_a_step_budget():
   study = importlib.import_module('configs.study_epochs_synthetic').get_config('quick')
   study.lr_search.num_trials = 3
   with pytest.raises(config_lib.ConfigError, match='num_trials is 3, set it to 1'):
-    run.trials(study)
+    grid.trials(study)
   study = importlib.import_module('configs.study_epochs_synthetic').get_config('quick')
   study.budget.steps = 10
   with pytest.raises(config_lib.ConfigError, match='study.budget.epochs'):
-    run.trials(study)
+    grid.trials(study)
   study.budget.steps = None
   study.kind = 'fixed_steps'
   with pytest.raises(config_lib.ConfigError, match='study.kind'):
-    run.trials(study)
+    grid.trials(study)
 
 
 @pytest.mark.parametrize('name', sorted(SHIPPED))
@@ -78,7 +80,7 @@ def test_every_trial_of_the_shipped_studies_sees_the_same_examples(name):
   """Every (variant, batch, seed) trains epochs x N examples to within one batch, with no
   target, one lr per variant and the seeds of the study."""
   study = importlib.import_module(f'configs.{name}').get_config()
-  trials = run.trials(study)
+  trials = grid.trials(study)
   num_train = SHIPPED[name]
   assert len(trials) == len(study.variants) * len(study.batch_sizes) * study.num_seeds == 60
   assert study.num_seeds == 3 and min(study.batch_sizes) == 32
@@ -116,7 +118,7 @@ def test_quick_fixed_epoch_study_end_to_end(tmp_path):
     assert [s for s, _ in r['eval_curve']][-1] == r['steps_run']  # evaluated at the end
     assert r['lr'] == pytest.approx(0.05)  # no_remedy: the batch-32 lr at every batch
   assert any('epochs), final eval/top1' in l for l in lines)
-  rows = report.aggregate_fixed(results)
+  rows = aggregate.fixed_epochs(results)
   assert [(r['variant'], r['batch_size']) for r in rows] == [('no_remedy', 32),
                                                              ('no_remedy', 256)]
   for row in rows:
@@ -140,7 +142,7 @@ def test_quick_configs_run_end_to_end(name, tmp_path):
   study = importlib.import_module(f'configs.{name}').get_config('quick')
   results = run.run(study, str(tmp_path), echo=lambda *_: None)
   assert len(results) == 8 and not any(r['diverged'] for r in results)
-  rows = report.aggregate_fixed(results)
+  rows = aggregate.fixed_epochs(results)
   assert all(r['final_metric']['kind'] == 'min-max' for r in rows)
   epochs = {round(r['examples_run'] / r['num_train'], 1) for r in results}
   assert epochs == {study.budget.epochs}

@@ -9,7 +9,9 @@ import pytest
 
 from bigbatch import config_lib
 from bigbatch import schedule
-from bigbatch.study import report
+from bigbatch.study import aggregate
+from bigbatch.study import grid
+from bigbatch.study import render_epochs
 from bigbatch.study import run
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -22,7 +24,7 @@ def _study(arg=None):
 
 def test_face_study_trials_are_the_stated_comparison():
   study = _study()
-  trials = run.trials(study)
+  trials = grid.trials(study)
   cells = {(t.variant, t.batch_size) for t in trials}
   # Three optimizers at every batch, Partial FC 0.1 only at the large end; 2 seeds each.
   assert cells == ({(v, b) for v in ('sgd_linear', 'lamb_sqrt', 'lars') for b in (256, 1024, 4096)}
@@ -51,7 +53,7 @@ def test_variant_batch_sizes_must_be_a_subset():
   study = _study()
   study.variants.sgd_linear_pfc.batch_sizes = (4096, 8192)
   with pytest.raises(config_lib.ConfigError, match='sgd_linear_pfc.batch_sizes'):
-    run.trials(study)
+    grid.trials(study)
 
 
 def _result(variant, batch, seed, final, tar, steps_to_target):
@@ -73,12 +75,12 @@ def _result(variant, batch, seed, final, tar, steps_to_target):
 def test_fixed_epochs_report_tabulates_extra_metrics_and_steps_to_target(tmp_path):
   results = [_result('sgd', 256, 0, 0.90, 0.40, 124), _result('sgd', 256, 1, 0.92, 0.50, 62),
              _result('sgd', 4096, 0, 0.80, 0.10, None), _result('sgd', 4096, 1, 0.86, 0.20, 18)]
-  rows = {r['batch_size']: r for r in report.aggregate_fixed(results)}
+  rows = {r['batch_size']: r for r in aggregate.fixed_epochs(results)}
   assert rows[256]['n_reached'] == 2 and rows[256]['steps_to_target']['mean'] == 93
   assert rows[4096]['n_reached'] == 1 and rows[4096]['steps_to_target']['mean'] == 18
   tar, tar_range = rows[256]['final_metrics'][TAR]
   assert tar['mean'] == pytest.approx(0.45) and tar_range == (0.40, 0.50)
-  path = report.write_fixed_epochs_report(results, str(tmp_path), title='T',
+  path = render_epochs.write(results, str(tmp_path), title='T',
                                           extra_metrics=(TAR,))
   text = open(path).read()
   assert f'## Final {TAR}' in text and '| 256 | 0.45 [0.4, 0.5] |' in text

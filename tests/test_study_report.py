@@ -6,7 +6,9 @@ import re
 import numpy as np
 import pytest
 
-from bigbatch.study import report
+from bigbatch.study import aggregate
+from bigbatch.study import markdown
+from bigbatch.study import render_steps
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 TARGET = {'metric': 'eval/top1', 'value': 0.9, 'mode': 'max'}
@@ -59,7 +61,7 @@ def rows_by_batch(rows, variant='sgd'):
 
 
 def test_aggregate_min_over_lrs_and_seed_spread():
-  rows = rows_by_batch(report.aggregate(hand_made()))
+  rows = rows_by_batch(aggregate.steps_to_target(hand_made()))
   assert sorted(rows) == [8, 16, 32]
 
   b8 = rows[8]
@@ -106,7 +108,7 @@ def test_aggregate_tie_break_and_unreached_flag_needs_steps():
   ]
   results[1]['best_metric'] = 0.99  # the tie 20/20 would go to it, but 10 steps wins
   results[2]['steps_to_target'] = None  # "reached" without a step is not trusted
-  (row,) = report.aggregate(results)
+  (row,) = aggregate.steps_to_target(results)
   assert row['best_lr']['mean'] == 0.02
   assert row['steps_to_target']['mean'] == 20
   assert row['not_reached_trials'] == ['adam-b64-lr0.04-s0']
@@ -114,17 +116,17 @@ def test_aggregate_tie_break_and_unreached_flag_needs_steps():
 
 def test_aggregate_rejects_bad_input():
   with pytest.raises(ValueError, match='no trial results'):
-    report.aggregate([])
+    aggregate.steps_to_target([])
   bad = trial('sgd', 8, 0.1, 0, 10)
   del bad['seed']
   with pytest.raises(ValueError, match='seed'):
-    report.aggregate([bad])
+    aggregate.steps_to_target([bad])
 
 
 def test_summarize_kinds():
-  assert report.summarize([None, float('nan'), 'nan']) is None
-  assert report.summarize([3.0])['kind'] == 'single'
-  s = report.summarize([1.0, 2.0, 3.0, 'inf'])
+  assert aggregate.summarize([None, float('nan'), 'nan']) is None
+  assert aggregate.summarize([3.0])['kind'] == 'single'
+  s = aggregate.summarize([1.0, 2.0, 3.0, 'inf'])
   assert s['kind'] == 'std' and s['n'] == 3 and s['std'] == pytest.approx(1.0)
   assert (s['lo'], s['hi']) == pytest.approx((1.0, 3.0))
 
@@ -138,7 +140,7 @@ def curve_points(s_min, e_min, batches, noise=None):
 
 def test_fit_recovers_exact_points():
   batches = [2.0**k for k in range(3, 15)]
-  fit = report.fit_steps_examples(curve_points(500.0, 500.0 * 256, batches))
+  fit = aggregate.fit_steps_examples(curve_points(500.0, 500.0 * 256, batches))
   assert fit['S_min'] == pytest.approx(500.0, rel=1e-2)
   assert fit['E_min'] == pytest.approx(128_000.0, rel=1e-2)
   assert fit['B_crit'] == pytest.approx(256.0, rel=1e-2)
@@ -153,7 +155,7 @@ def test_fit_with_noise_is_sane():
   rng = np.random.default_rng(0)
   for _ in range(5):
     noise = np.exp(rng.normal(0.0, 0.05, len(batches)))  # 5% multiplicative seed noise
-    fit = report.fit_steps_examples(curve_points(500.0, 128_000.0, batches, noise))
+    fit = aggregate.fit_steps_examples(curve_points(500.0, 128_000.0, batches, noise))
     assert fit['S_min'] == pytest.approx(500.0, rel=0.15)
     assert fit['E_min'] == pytest.approx(128_000.0, rel=0.15)
     assert fit['B_crit'] == pytest.approx(256.0, rel=0.3)
@@ -162,19 +164,19 @@ def test_fit_with_noise_is_sane():
 
 def test_fit_edge_cases():
   # Perfect scaling everywhere (S * B constant): no plateau seen, S_min = 0, B_crit infinite.
-  fit = report.fit_steps_examples([(1000.0 / b, 1000.0) for b in (1, 2, 4, 8)])
+  fit = aggregate.fit_steps_examples([(1000.0 / b, 1000.0) for b in (1, 2, 4, 8)])
   assert fit['S_min'] == pytest.approx(0.0, abs=1e-9)
   assert fit['E_min'] == pytest.approx(1000.0) and math.isinf(fit['B_crit'])
   # A plateau everywhere: steps do not depend on the batch, E_min = 0.
-  fit = report.fit_steps_examples([(100.0, 100.0 * b) for b in (1, 2, 4, 8)])
+  fit = aggregate.fit_steps_examples([(100.0, 100.0 * b) for b in (1, 2, 4, 8)])
   assert fit['S_min'] == pytest.approx(100.0) and fit['E_min'] == pytest.approx(0.0, abs=1e-6)
   # Steps growing with the batch would need E_min < 0: constrained to 0, not negative.
-  fit = report.fit_steps_examples([(100.0 * b, 100.0 * b * b) for b in (1, 2, 4)])
+  fit = aggregate.fit_steps_examples([(100.0 * b, 100.0 * b * b) for b in (1, 2, 4)])
   assert fit['E_min'] >= 0 and fit['S_min'] > 0
   with pytest.raises(ValueError, match='two distinct batch sizes'):
-    report.fit_steps_examples([(10.0, 80.0), (20.0, 160.0)])
+    aggregate.fit_steps_examples([(10.0, 80.0), (20.0, 160.0)])
   with pytest.raises(ValueError, match='positive'):
-    report.fit_steps_examples([(10.0, 80.0), (0.0, 160.0)])
+    aggregate.fit_steps_examples([(10.0, 80.0), (0.0, 160.0)])
 
 
 def full_study():
@@ -204,17 +206,17 @@ def figure_links(text):
 
 
 def test_write_report_writes_every_figure(tmp_path):
-  path = report.write_report(full_study(), str(tmp_path), title='Study of batch sizes',
+  path = render_steps.write(full_study(), str(tmp_path), title='Study of batch sizes',
                              notes='Hand-made numbers.')
   assert path == os.path.join(str(tmp_path), 'report.md')
   text = read(path)
   assert text.startswith('# Study of batch sizes\n') and 'Hand-made numbers.' in text
   links = figure_links(text)
-  assert links == [f'figures/{stem}.png' for stem, _ in report.FIGURES]
+  assert links == [f'figures/{stem}.png' for stem, _ in render_steps.FIGURES]
   for link in links:
     data = (tmp_path / link).read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 10_000, link
-  assert report.NOT_DRAWN not in text
+  assert markdown.NOT_DRAWN not in text
   # A table per variant, the not-reached point in it, the fit, and the missed trials listed.
   assert '## Variant `sgd-linear-warmup`' in text and '## Variant `sgd-sqrt`' in text
   assert text.count('| **not reached**') == 2
@@ -233,21 +235,21 @@ def test_write_report_missing_data(tmp_path):
   (tmp_path / 'figures').mkdir()
   (tmp_path / 'figures' / 'sharpness.png').write_bytes(PNG_MAGIC + b'stale')
   results = [trial('sgd', 8, 0.1, 0, 100, final=0.92), trial('sgd', 8, 0.2, 0, None, final=0.5)]
-  text = read(report.write_report(results, str(tmp_path), title='t'))
+  text = read(render_steps.write(results, str(tmp_path), title='t'))
   drawn = {link.split('/')[1][:-4] for link in figure_links(text)}
   assert drawn == {'steps_to_target', 'best_lr', 'final_accuracy'}
-  for stem, fig_title in report.FIGURES:
+  for stem, fig_title in render_steps.FIGURES:
     section = text.split(f'### {fig_title}\n')[1].split('###')[0]
     exists = (tmp_path / 'figures' / f'{stem}.png').exists()
     assert exists == (stem in drawn), stem
-    assert (report.NOT_DRAWN in section) == (stem not in drawn), stem
+    assert (markdown.NOT_DRAWN in section) == (stem not in drawn), stem
   assert 'not fitted' in text
   assert 'sgd-b8-lr0.2-s0' in text.split('## Trials that did not reach')[1]
 
 
 def test_write_report_nothing_reached(tmp_path):
   results = [trial('sgd', b, 0.1, 0, None, final=0.3, diverged=b == 16) for b in (8, 16)]
-  text = read(report.write_report(results, str(tmp_path), title='t'))
+  text = read(render_steps.write(results, str(tmp_path), title='t'))
   assert figure_links(text) == ['figures/final_accuracy.png']
   assert text.count('| **not reached**') == 2
-  assert text.count(report.NOT_DRAWN) == len(report.FIGURES) - 1
+  assert text.count(markdown.NOT_DRAWN) == len(render_steps.FIGURES) - 1

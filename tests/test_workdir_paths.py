@@ -300,7 +300,7 @@ def test_ensure_writable_reports_an_object_store_error(bucket, monkeypatch):
 def test_study_results_and_report_on_an_object_store(bucket):
   """The study tool's own files: results.jsonl rewritten (never appended), result.json files
   read back, report.md and its figures written through epath."""
-  from bigbatch.study import report  # pylint: disable=g-import-not-at-top
+  from bigbatch.study import render_steps  # pylint: disable=g-import-not-at-top
   from bigbatch.study import run  # pylint: disable=g-import-not-at-top
   workdir = 'gs://bucket/study'
   epath.Path(workdir).mkdir(parents=True)
@@ -320,8 +320,8 @@ def test_study_results_and_report_on_an_object_store(bucket):
   assert sorted(run.read_results(workdir)) == sorted(r['trial_id'] for r in rows)
   assert len(epath.Path(f'{workdir}/results.jsonl').read_text().splitlines()) == 2
   assert bucket.modes and all('a' not in m for _, m in bucket.modes)
-  path = report.write_report(rows, workdir, title='t')
+  path = render_steps.write(rows, workdir, title='t')
   text = epath.Path(path).read_text()
-  for stem, _ in report.FIGURES:
+  for stem, _ in render_steps.FIGURES:
     assert f'figures/{stem}.png' in text
     assert epath.Path(f'{workdir}/figures/{stem}.png').read_bytes()[:4] == b'\x89PNG'

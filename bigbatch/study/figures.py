@@ -1,19 +1,20 @@
-"""The figures of a batch-size study report, drawn from `report.aggregate`'s rows.
+"""The figure files of the study reports, drawn from `bigbatch.study.aggregate`'s rows.
 
 matplotlib's object API with the Agg canvas: no pyplot, no global backend switch, nothing needs a
 display. Each figure function writes one PNG and returns '' or, when its data are missing, draws
 nothing and returns why (report.md prints that in the figure's place). What a row holds, and how
-a trial's fields are read, is `bigbatch.study.report`'s business: the figures get the rows, the
-fits and the words (target, metric) from it.
+a trial's fields are read, is `bigbatch.study.aggregate`'s business: the figures get the rows,
+the fits and the words (target, metric) from the renderers (render_steps.py, render_epochs.py).
 
 Arguments: by_variant is {variant: its rows, by batch size}, in the report's order; fits is
-{variant: (report.fit_steps_examples's dict or None, why not)}; path is where the PNG goes (a
+{variant: (aggregate.fit_steps_examples's dict or None, why not)}; path is where the PNG goes (a
 local path or an object-store URL).
 """
 from __future__ import annotations
 
 import io
 import math
+import os
 from typing import Sequence
 
 import numpy as np
@@ -30,6 +31,21 @@ def _save(fig, path: str) -> None:
   png = io.BytesIO()
   fig.savefig(png, format='png')
   workdir_lib.write_text(path, png.getvalue())
+
+
+def prepare(workdir: str, stems: Sequence[str]) -> dict[str, str]:
+  """Creates workdir/figures and removes the PNGs named `stems` there (a figure not drawn this
+  time leaves no stale file); returns {stem: the PNG's path}."""
+  from bigbatch import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  fig_dir = os.path.join(workdir, 'figures')
+  with workdir_lib.storage(fig_dir):
+    epath.Path(fig_dir).mkdir(parents=True, exist_ok=True)
+  paths = {stem: os.path.join(fig_dir, f'{stem}.png') for stem in stems}
+  for p in paths.values():
+    if epath.Path(p).exists():
+      epath.Path(p).unlink()
+  return paths
 
 
 def _new_figure(ncols: int = 1, nrows: int = 1):

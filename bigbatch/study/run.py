@@ -34,12 +34,13 @@ A study config (configs/study_*.py) names a base experiment config and what to s
   study.report_metrics  fixed_epochs: further evaluation metrics tabulated (final value over
                       seeds), e.g. 'verify/synthetic/tar_at_far_1e-3'
 
-Each trial is one run of `loop.train_and_evaluate` in DIR/trials/<trial id>, with the target
-stop and the budget set; its result (the schema of bigbatch/study/report.py) goes to
-DIR/trials/<id>/result.json and DIR/results.jsonl. Trials that differ only in the peak lr or
-the seed reuse one compiled step (a trainer.CompileCache held by the runner). A rerun of the
-same command skips every trial with a result; an interrupted trial resumes from its own
-checkpoints.
+Each trial (bigbatch/study/grid.py builds them) is one run of `loop.train_and_evaluate` in
+DIR/trials/<trial id>, with the target stop and the budget set; its result (the schema of
+bigbatch/study/aggregate.py) goes to DIR/trials/<id>/result.json and DIR/results.jsonl. Trials
+that differ only in the peak lr or the seed reuse one compiled step (a trainer.CompileCache held
+by the runner). A rerun of the same command skips every trial with a result; an interrupted
+trial resumes from its own checkpoints. The report is render_steps.py's or render_epochs.py's,
+by study.kind.
 
 For a cluster, `--print_commands` prints one command per unfinished trial (`--trial=ID`, to run
 as a SLURM array or on several TPU slices, each writing only its result.json) and `--merge`
@@ -47,8 +48,6 @@ gathers their result.json files into results.jsonl and writes the report.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import math
 import os
@@ -64,157 +63,13 @@ import ml_collections
 from bigbatch import config_lib
 from bigbatch import data
 from bigbatch import schedule
-from bigbatch import sharding
 from bigbatch import signals
 from bigbatch import trainer
 from bigbatch import workdir as workdir_lib
 from bigbatch.fields import ConfigError
-
-
-KINDS = ('steps_to_target', 'fixed_epochs')
-
-
-@dataclasses.dataclass(frozen=True)
-class Trial:
-  trial_id: str
-  variant: str
-  batch_size: int
-  lr_index: int
-  seed: int
-  config: ml_collections.ConfigDict = dataclasses.field(compare=False, repr=False)
-
-
-def _merge(config: ml_collections.ConfigDict, overrides, where: str) -> None:
-  """Sets `overrides` (nested mappings) into `config`; unknown fields are a ConfigError."""
-  for key, value in overrides.items():
-    if key not in config:
-      raise ConfigError(f'{where}.{key}: the experiment config has no field {key!r}; check '
-                        f'the spelling against bigbatch/config_lib.base_config()')
-    if isinstance(value, (ml_collections.ConfigDict, dict)):
-      _merge(config[key], value, f'{where}.{key}')
-    else:
-      config[key] = value
-
-
-def _halton(i: int, base: int = 2) -> float:
-  """The i-th (1-based) element of the van der Corput sequence in `base`: quasi-random in (0,1)."""
-  f, r = 1.0, 0.0
-  while i > 0:
-    f /= base
-    r += f * (i % base)
-    i //= base
-  return r
-
-
-def lr_values(search) -> list[float]:
-  """The lr values (factors or absolute) of one search, in trial order."""
-  lo, hi = search.range
-  n = search.num_trials
-  if not 0 < lo <= hi or n < 1:
-    raise ConfigError(f'study.lr_search: range={tuple(search.range)} num_trials={n}; give '
-                      f'0 < low <= high and num_trials >= 1')
-  if n == 1:
-    return [math.sqrt(lo * hi)]
-  if search.mode == 'grid':
-    return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
-  if search.mode == 'quasirandom':
-    return [lo * (hi / lo) ** _halton(i + 1) for i in range(n)]
-  raise ConfigError(f'study.lr_search.mode={search.mode!r}; choose grid or quasirandom')
-
-
-def _data_devices(config) -> int:
-  """The size of the config's 'data' mesh axis on this machine's devices."""
-  return sharding.mesh_shape(config, _num_devices())[0]
-
-
-def _num_devices() -> int:
-  return jax.device_count()
-
-
-def trials(study: ml_collections.ConfigDict) -> list[Trial]:
-  """Every trial of the study, in a fixed order (variant, batch, lr, seed), each with a
-  validated config. A bad field raises ConfigError before anything runs."""
-  out = []
-  if not study.batch_sizes or not study.variants:
-    raise ConfigError('study.batch_sizes and study.variants must be non-empty')
-  kind = study.get('kind', 'steps_to_target')
-  if kind not in KINDS:
-    raise ConfigError(f'study.kind={kind!r}; choose one of {", ".join(KINDS)}')
-  if kind == 'fixed_epochs' and (study.budget.epochs is None or study.budget.steps is not None):
-    raise ConfigError('study.kind=fixed_epochs compares batch sizes at one number of epochs: set '
-                      'study.budget.epochs and leave study.budget.steps unset')
-  for variant, overrides in study.variants.items():
-    overrides = ml_collections.ConfigDict(overrides.to_dict() if hasattr(overrides, 'to_dict')
-                                          else overrides)
-    search = ml_collections.ConfigDict(study.lr_search.to_dict())
-    if 'lr_search' in overrides:
-      _merge(search, overrides.lr_search, f'study.variants.{variant}.lr_search')
-      del overrides['lr_search']
-    batch_sizes = study.batch_sizes
-    if 'batch_sizes' in overrides:  # a variant run at some of the batch sizes only
-      batch_sizes = tuple(overrides.batch_sizes)
-      del overrides['batch_sizes']
-      if not batch_sizes or not set(batch_sizes) <= set(study.batch_sizes):
-        raise ConfigError(f'study.variants.{variant}.batch_sizes={batch_sizes}: give a non-empty '
-                          f'subset of study.batch_sizes {tuple(study.batch_sizes)}')
-    if kind == 'fixed_epochs' and search.num_trials != 1:
-      raise ConfigError(f'study.variants.{variant}: study.kind=fixed_epochs runs one lr per '
-                        f'variant (the rule\'s, no search); lr_search.num_trials is '
-                        f'{search.num_trials}, set it to 1')
-    for batch in batch_sizes:
-      for lr_index, value in enumerate(lr_values(search)):
-        for seed in range(study.num_seeds):
-          c = copy.deepcopy(study.base)
-          _merge(c, overrides, f'study.variants.{variant}')
-          _trial_fields(study, c, batch, search, value, seed)
-          trial_id = f'{variant}-b{batch}-lr{lr_index}-s{seed}'
-          try:
-            config_lib.validate(c, _num_devices())
-          except ConfigError as e:
-            raise ConfigError(f'study trial {trial_id}: {e}') from None
-          out.append(Trial(trial_id, variant, batch, lr_index, seed, c))
-  return out
-
-
-def _trial_fields(study, c, batch: int, search, value: float, seed: int) -> None:
-  c.global_batch = batch
-  c.seed = seed
-  if search.relative_to == 'rule':
-    c.lr.base_lr = c.lr.base_lr * value
-  elif search.relative_to == 'absolute':
-    c.lr.scaling = 'none'
-    c.lr.base_lr = value
-  else:
-    raise ConfigError(f'study.lr_search.relative_to={search.relative_to!r}; choose rule or '
-                      f'absolute')
-  data_parallel = _data_devices(c)
-  k = 1
-  if study.microbatch:
-    per_step = study.microbatch * data_parallel
-    k = batch // per_step if batch % per_step == 0 and batch > per_step else 1
-  c.accumulation_steps = k
-  per_device = batch // (data_parallel * k) if batch % (data_parallel * k) == 0 else None
-  g = c.model.bn_group_size
-  if g is not None and per_device is not None and per_device < g:
-    c.model.bn_group_size = per_device  # a small batch is one ghost group
-  c.num_epochs, c.num_steps = study.budget.epochs, study.budget.steps
-  c.target.metric, c.target.value, c.target.mode = (study.target.metric, study.target.value,
-                                                    study.target.mode)
-  c.target.stop = True
-  if study.get('kind') == 'fixed_epochs':
-    # The whole budget runs; the final evaluation is the result. A target value, if the study
-    # gives one, is only recorded (the first evaluation that meets it: steps to target).
-    c.target.stop = False
-    if c.lr.epoch_steps == 'floor_per_epoch':
-      # Equal epochs must mean equal examples: floor(N/B) steps per epoch would drop up to a
-      # batch per epoch (29% of the digits at batch 1,024), so count total examples / batch.
-      c.lr.epoch_steps = 'total_examples_floor'
-  c.eval_every_epochs, c.eval_every_steps = study.eval_every_epochs, None
-  c.noise_scale.enabled = bool(study.noise_scale) and data_parallel * k >= 2
-  c.sharpness.at_end = bool(study.sharpness)
-  c.checkpoint_every_steps = 1 << 30  # trials are short: a checkpoint at the end (or stop)
-  c.log_every_steps = study.log_every_steps
-
+from bigbatch.study import grid
+from bigbatch.study import render_epochs
+from bigbatch.study import render_steps
 
 # ----------------------------------------------------------------------------- results
 
@@ -234,7 +89,7 @@ def _float(v) -> float:
   return float(v)  # JSON holds non-finite values as strings ('nan', 'inf')
 
 
-def collect(trial: Trial, trial_dir: str, wall_s: float, diverged: bool = False) -> dict:
+def collect(trial: grid.Trial, trial_dir: str, wall_s: float, diverged: bool = False) -> dict:
   """The result row of a finished trial, from its workdir (metrics.jsonl, target.json)."""
   c = trial.config
   rows = _read_metrics(os.path.join(trial_dir, 'metrics.jsonl'))
@@ -344,7 +199,7 @@ def _write_json(path: str, obj) -> None:
 # ----------------------------------------------------------------------------- running
 
 
-def run_trial(trial: Trial, workdir: str, cache=None) -> dict:
+def run_trial(trial: grid.Trial, workdir: str, cache=None) -> dict:
   """Runs (or resumes) one trial through the trainer and writes its result.json. `cache`: a
   trainer.CompileCache shared by the study's trials."""
   # pylint: disable-next=g-import-not-at-top  (imports TensorFlow; --print_commands needs none)
@@ -377,7 +232,7 @@ def run(study: ml_collections.ConfigDict, workdir: str, *, only: Iterable[str] =
   `only`). Returns all results known in the workdir. `cache`: a trainer.CompileCache for the
   trials (None: a new one, shared by this call's trials)."""
   workdir = workdir_lib.absolute(workdir)  # the trials' checkpoints need an absolute path
-  all_trials = trials(study)
+  all_trials = grid.trials(study)
   by_id = {t.trial_id: t for t in all_trials}
   unknown = sorted(set(only) - set(by_id))
   if unknown:
@@ -424,9 +279,10 @@ def run(study: ml_collections.ConfigDict, workdir: str, *, only: Iterable[str] =
   return finish(study, workdir, all_trials, done, echo=echo)
 
 
-def finish(study, workdir: str, all_trials: list[Trial], done: dict[str, dict],
+def finish(study, workdir: str, all_trials: list[grid.Trial], done: dict[str, dict],
            echo=print) -> list[dict]:
-  from bigbatch.study import report  # pylint: disable=g-import-not-at-top
+  """Writes the report of the study's kind from the results in `done` (process 0 only);
+  returns those of `all_trials`."""
   results = [done[t.trial_id] for t in all_trials if t.trial_id in done]
   missing = [t.trial_id for t in all_trials if t.trial_id not in done]
   notes = study.notes
@@ -436,10 +292,10 @@ def finish(study, workdir: str, all_trials: list[Trial], done: dict[str, dict],
   if not _is_main():
     return results
   if study.get('kind') == 'fixed_epochs':
-    path = report.write_fixed_epochs_report(results, workdir, title=study.title, notes=notes,
-                                            extra_metrics=tuple(study.get('report_metrics', ())))
+    path = render_epochs.write(results, workdir, title=study.title, notes=notes,
+                               extra_metrics=tuple(study.get('report_metrics', ())))
   else:
-    path = report.write_report(results, workdir, title=study.title, notes=notes)
+    path = render_steps.write(results, workdir, title=study.title, notes=notes)
   echo(f'[study] {len(results)} trials; report: {path}')
   return results
 
@@ -448,7 +304,7 @@ def merge(study: ml_collections.ConfigDict, workdir: str, echo=print) -> list[di
   """Gathers the result.json files of trials run separately (--trial) into results.jsonl and
   writes the report."""
   workdir = workdir_lib.absolute(workdir)
-  all_trials = trials(study)
+  all_trials = grid.trials(study)
   _check_workdir(workdir)
   in_jsonl = {r['trial_id'] for r in _read_metrics(os.path.join(workdir, 'results.jsonl'))}
   done = read_results(workdir) if workdir_lib.isdir(workdir) else {}
@@ -478,7 +334,7 @@ def commands(study: ml_collections.ConfigDict, workdir: str, config_arg: str) ->
   done = read_results(workdir)
   return [shlex.join(['python', '-m', 'bigbatch.study', f'--config={config_arg}',
                        f'--workdir={workdir}', f'--trial={t.trial_id}'])
-          for t in trials(study) if t.trial_id not in done]
+          for t in grid.trials(study) if t.trial_id not in done]
 
 
 def base_study() -> ml_collections.ConfigDict:
