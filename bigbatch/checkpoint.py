@@ -17,7 +17,7 @@ import json
 import os
 import re
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -223,44 +223,8 @@ class Checkpointer:
 
   def restore_latest(self, like: Any, *, rounds: int = ROTATION_ROUNDS) -> tuple[Any, int | None]:
     """(state, step) of the newest checkpoint that reads and verifies; (like, None) if there
-    are none. Unusable ones are reported and skipped; if all are unusable, CheckpointError.
-
-    The list is read afresh (it may be minutes old: an evaluation beside a running trainer lists
-    the checkpoints, then loads data and compiles). A checkpoint that fails because its directory
-    is gone was rotated away while being read, not damaged: the list is read again and the newest
-    tried, up to `rounds` times."""
-    unusable: dict[int, CorruptCheckpoint] = {}
-    steps: list[int] = []
-    for _ in range(rounds):
-      self._manager.reload()
-      steps = self.all_steps()
-      rotated = None
-      for step in reversed(steps):
-        if step in unusable:
-          continue
-        try:
-          return self.restore(step, like), step
-        except CorruptCheckpoint as e:
-          if not self.present(step):
-            rotated = step
-            logging.warning('The checkpoint at step %d in %s was deleted while it was read (a '
-                            'trainer beside this process keeps only its newest checkpoints); '
-                            'looking for the newest again.', step, self.directory)
-            break
-          unusable[step] = e
-          logging.warning('The checkpoint at step %d in %s is unusable: %s. Falling back to the '
-                          'previous one.', step, self.directory, e)
-      if rotated is None:
-        break
-    else:
-      raise CheckpointError(
-          f'the checkpoints in {self.directory} were deleted while they were read, {rounds} times '
-          f'in a row (last listed: steps {steps}): a trainer there rotates them faster than this '
-          'process reads one; rerun the same command, or give that trainer a larger '
-          'config.keep_checkpoints')
-    if steps:
-      raise none_readable(self.directory, steps)
-    return like, None
+    are none. See `restore_newest` (this process alone)."""
+    return restore_newest(self, like, rounds=rounds)
 
   def set_aside(self, steps) -> list[str]:
     """Renames the checkpoints of `steps` to 'unusable-<step>-<time>' (kept for inspection, never
@@ -292,3 +256,72 @@ class Checkpointer:
         pass
       raise
     _saving('closing the checkpoints', self.directory, self._manager.close)
+
+
+def _local(value):
+  return value
+
+
+def _alone(ok: bool) -> list[bool]:
+  return [ok]
+
+
+def restore_newest(ckpt, like: Any, *, rounds: int = ROTATION_ROUNDS,
+                   from_process_0: Callable[[Any], Any] = _local,
+                   all_processes: Callable[[bool], list[bool]] = _alone
+                   ) -> tuple[Any, int | None]:
+  """(state, step) of the newest checkpoint of `ckpt` (a Checkpointer) that reads and verifies;
+  (like, None) if there are none. Unusable ones are reported and skipped; if all are unusable,
+  CheckpointError. The one restore path, for one process or several.
+
+  The list is read afresh (it may be minutes old: an evaluation beside a running trainer lists
+  the checkpoints, then loads data and compiles). A checkpoint that fails because its directory
+  is gone was rotated away while being read, not damaged: the list is read again and the newest
+  tried, up to `rounds` times.
+
+  Several processes (bigbatch/distributed.py passes its collectives): every process tries process
+  0's candidates in the same order and all agree on each outcome (`all_processes`) before moving
+  on, so they never run different collectives; a read error may hit only the process whose shard
+  is damaged.
+  """
+  unusable: set[int] = set()
+  steps: list[int] = []
+  several = False  # more than one process answered
+  for _ in range(rounds):
+    ckpt.reload()
+    steps = from_process_0(ckpt.all_steps())
+    rotated = False
+    for step in reversed(steps):
+      if step in unusable:
+        continue
+      state, error = None, None
+      try:
+        state = ckpt.restore(step, like)
+      except CorruptCheckpoint as e:
+        error = e
+      outcomes = all_processes(error is None)
+      several = len(outcomes) > 1
+      if all(outcomes):
+        return state, step
+      if from_process_0(not ckpt.present(step)):
+        logging.warning('The checkpoint at step %d in %s was deleted while it was read (a '
+                        'trainer beside this process keeps only its newest checkpoints); '
+                        'looking for the newest again.', step, ckpt.directory)
+        rotated = True
+        break
+      unusable.add(step)
+      failed = [i for i, ok in enumerate(outcomes) if not ok]
+      where = f' on process(es) {failed}' if several else ''
+      logging.warning('The checkpoint at step %d in %s is unusable%s%s. Falling back to the '
+                      'previous one.', step, ckpt.directory, where, f': {error}' if error else '')
+    if not rotated:
+      break
+  else:
+    raise CheckpointError(
+        f'the checkpoints in {ckpt.directory} were deleted while they were read, {rounds} times '
+        f'in a row (last listed: steps {steps}): a trainer there rotates them faster than this '
+        'process reads one; rerun the same command, or give that trainer a larger '
+        'config.keep_checkpoints')
+  if steps:
+    raise none_readable(ckpt.directory, steps, ' on every process' if several else '')
+  return like, None

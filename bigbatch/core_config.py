@@ -51,7 +51,6 @@ def shared_defaults() -> dict:
       # Training length: exactly one of the two.
       'num_epochs': placeholder(float),
       'num_steps': placeholder(int),
-      'label_smoothing': 0.0,
       # A step whose loss or gradients are not finite is never applied. 'skip': count it and go
       # on, stopping after max_nonfinite_steps in a row; 'stop': stop at the first one.
       'nonfinite': 'skip',
@@ -150,7 +149,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   fields.choice(config, 'mode', ('train', 'eval'))
   fields.choice(config, 'nonfinite', ('skip', 'stop'))
   fields.finite(config, 'precise_bn_batches', low=0)
-  fields.finite(config, 'label_smoothing', low=0.0, high=1.0, high_open=True)
   for path in ('mesh.data', 'mesh.model'):  # -1: the devices the other axis leaves
     fields.integer(config, path, low=-1)
   data_parallel, _ = sharding.mesh_shape(config, num_devices)

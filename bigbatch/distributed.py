@@ -342,53 +342,16 @@ def restore_latest(ckpt, like) -> tuple[Any, int | None]:
   """(state, step) of the newest checkpoint of `ckpt` that reads and verifies on EVERY process;
   (like, None) if there is none. Raises checkpoint.CheckpointError when none is usable.
 
-  The candidates are process 0's list of finalized checkpoints. Every process tries the same
-  step, then all agree (an all-gather of the outcomes) before moving on, so they never run
-  different collectives: the fingerprint check runs on global arrays and gives one verdict, but a
-  read error may hit only the process whose shard is damaged. Orbax ends a restore with a
-  barrier; a process that failed before it leaves its peers waiting there until orbax's barrier
-  timeout (300 s), after which they fail that step too and all move on together.
-  With one process this is Checkpointer.restore_latest.
+  checkpoint.restore_newest with this module's collectives: the candidates are process 0's list,
+  and every process's outcome is shared before the next step is tried. Orbax ends a restore with
+  a barrier; a process that failed before it leaves its peers waiting there until orbax's
+  barrier timeout (300 s), after which they fail that step too and all move on together.
   """
   from bigbatch import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   if not _multi():
-    return ckpt.restore_latest(like)
-  unusable, steps = set(), []
-  for _ in range(checkpoint_lib.ROTATION_ROUNDS):  # as Checkpointer.restore_latest
-    ckpt.reload()
-    steps = from_process_0(ckpt.all_steps())
-    rotated = False
-    for step in reversed(steps):
-      if step in unusable:
-        continue
-      state, error = None, None
-      try:
-        state = ckpt.restore(step, like)
-      except checkpoint_lib.CorruptCheckpoint as e:
-        error = e
-      outcomes = all_processes(error is None)
-      if all(outcomes):
-        return state, step
-      if from_process_0(not ckpt.present(step)):  # rotated away by a trainer beside: list again
-        logging.warning('The checkpoint at step %d in %s was deleted while it was read; looking '
-                        'for the newest again.', step, ckpt.directory)
-        rotated = True
-        break
-      unusable.add(step)
-      failed = [i for i, ok in enumerate(outcomes) if not ok]
-      logging.warning('The checkpoint at step %d in %s is unusable on process(es) %s%s. Falling '
-                      'back to the previous one.', step, ckpt.directory, failed,
-                      f': {error}' if error else '')
-    if not rotated:
-      break
-  else:
-    raise checkpoint_lib.CheckpointError(
-        f'the checkpoints in {ckpt.directory} were deleted while they were read, '
-        f'{checkpoint_lib.ROTATION_ROUNDS} times in a row (last listed: steps {steps}); rerun '
-        'the same command, or give the trainer there a larger config.keep_checkpoints')
-  if steps:
-    raise checkpoint_lib.none_readable(ckpt.directory, steps, ' on every process')
-  return like, None
+    return checkpoint_lib.restore_newest(ckpt, like)
+  return checkpoint_lib.restore_newest(ckpt, like, from_process_0=from_process_0,
+                                       all_processes=all_processes)
 
 
 class AgreedMax:

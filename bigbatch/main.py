@@ -15,7 +15,6 @@ if __name__ == '__main__':
   _signals.start(hard_exit=True)
 
 import functools
-import logging as std_logging
 import os
 import sys
 import time
@@ -28,12 +27,13 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
 from absl import logging
-import ml_collections
 from ml_collections import config_flags
 
 from bigbatch import config_lib
+from bigbatch import console
 from bigbatch import distributed
 from bigbatch import exits
+from bigbatch import fields
 from bigbatch import signals
 
 
@@ -90,7 +90,7 @@ def _fail(kind: str, error: Exception, code: int):
   # Whatever other threads logged goes out first, then the line in one write, so it is never
   # split or interleaved with a library's background log (orbax's save threads log while a
   # failing run ends).
-  _QUIET.release()
+  console.release()
   logging.flush()
   sys.stdout.flush()
   # A signal stops every process together (hooks.Preemption); any other failure is told to the
@@ -145,7 +145,7 @@ def _run(config, workdir: str, *, restart_from_scratch: bool, hooks) -> dict:
       distributed.publish_failure(f'crashed: {type(e).__name__}: {e}', 1)
       raise
     if isinstance(e, checkpoint.SaveError):
-      _QUIET.discard()  # orbax's own error lines about this save: the line says it all
+      console.discard()  # orbax's own error lines about this save: the line says it all
     if isinstance(e, loop.Preempted):
       _leave_distributed()
     _fail(*failure)
@@ -208,109 +208,16 @@ def _parse_flags(argv):
                   f'directory for checkpoints, metrics and logs')
     flags.FLAGS.workdir = workdir_lib.absolute(_WORKDIR.value)  # one place: the rest sees it
   for path in unset:
-    *parents, leaf = path.split('.')
-    node = config
-    for p in parents:
-      node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
-    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    if not fields.has(config, path):
       _flag_error(f'a --config.* override names no config field: --config.{path}=None')
-    node[leaf] = None
+    fields.set_path(config, path, None)
   return rest
-_OWN_CODE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # bigbatch/
-
-
-class _QuietLibraries(std_logging.Filter):
-  """At the default verbosity, bigbatch's own lines and the warnings of other libraries: orbax
-  writes a dozen INFO lines per checkpoint, TFDS and jax a few at start-up. orbax's errors are
-  cut to their first line and held back until the next line is logged: when a checkpoint write
-  fails, orbax logs the same exception with its traceback from four threads (~300 lines) just
-  before the run reports the failure in one line of its own, which then replaces them
-  (`discard`). `--verbosity=1` (absl's -v 1) shows everything as it was logged, at once."""
-
-  def __init__(self):
-    super().__init__()
-    self.held: list[std_logging.LogRecord] = []
-    self.target = None  # the handler that held records are released to
-
-  def filter(self, record) -> bool:
-    if logging.get_verbosity() >= logging.DEBUG:
-      return True
-    if record.pathname.startswith(_OWN_CODE):
-      self.release()
-      return True
-    if record.levelno < std_logging.WARNING:
-      return False
-    if record.levelno >= std_logging.ERROR and (
-        '/orbax/' in record.pathname or record.name == 'asyncio'):
-      message = record.getMessage()
-      if record.name == 'asyncio' and 'orbax' not in message:
-        self.release()
-        return True
-      if 'Task exception was never retrieved' in message:
-        return False  # orbax's failed write, which its own error record reports
-      first = message.strip().splitlines()[0] if message.strip() else message
-      record.msg, record.args = first[:300], ()
-      record.exc_info = record.exc_text = record.stack_info = None
-      if self.target is None:
-        return True
-      self.held.append(record)
-      return False
-    self.release()
-    return True
-
-  def release(self) -> None:
-    """Logs the held library errors (the failure they describe was not reported otherwise)."""
-    held, self.held = self.held, []
-    for record in held:
-      self.target.handle(record)
-
-  def discard(self) -> None:
-    """The run's own line reports what the held errors describe."""
-    self.held = []
-
-
-_QUIET = _QuietLibraries()
-
-
-class _ConsoleFormat(std_logging.Formatter):
-  """`HH:MM:SS message` (`HH:MM:SS WARNING: message` for warnings and errors) instead of absl's
-  prefix of level, date, microseconds, thread id and file: the progress lines stay readable.
-  `--verbosity=1` keeps absl's prefix."""
-
-  def format(self, record) -> str:
-    text = super().format(record)
-    stamp = time.strftime('%H:%M:%S', time.localtime(record.created))
-    level = f'{record.levelname}: ' if record.levelno >= std_logging.WARNING else ''
-    return f'{stamp} {level}{text}'
-
-
-def _unraisable(hook_args) -> None:
-  """sys.unraisablehook at the default verbosity. Python's own hook writes a traceback to stderr
-  piece by piece from whichever thread hit it, so while a run ends its text can split the run's
-  one error line. orbax's asyncio callbacks that fire after their event loop closed (at the end
-  of a failed save) are dropped: nothing is lost, the save's failure is reported; anything else
-  becomes one logged warning. `--verbosity=1` keeps Python's hook."""
-  e = hook_args.exc_value
-  if isinstance(e, RuntimeError) and 'Event loop is closed' in str(e):
-    return
-  logging.warning('exception ignored in %r: %s: %s', hook_args.object,
-                  type(e).__name__ if e is not None else hook_args.exc_type, e)
-
-
-def _quiet_console() -> None:
-  if logging.get_verbosity() < logging.DEBUG:
-    sys.unraisablehook = _unraisable
-  handler = logging.get_absl_handler()
-  _QUIET.target = handler.python_handler  # held records go out past this filter
-  handler.addFilter(_QUIET)
-  if logging.get_verbosity() < logging.DEBUG:
-    handler.setFormatter(_ConsoleFormat())
 
 
 def _another_process_failed(process: int, line: str, code: int) -> None:
   """Another process of this run failed (distributed.watch_failures): its line, as this
   process's, and its exit code, at once (this process is likely blocked in a collective)."""
-  _QUIET.release()
+  console.release()
   logging.flush()
   if signals.write_line(f'bigbatch: stopped: process {process} failed: {line}\n'):
     os._exit(code)  # pylint: disable=protected-access
@@ -358,9 +265,9 @@ def _print_derived(config) -> None:
 def main(argv, hooks=()):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  _quiet_console()
+  console.install()
   started = time.monotonic()
-  signals.add_at_exit(_flush_logs)  # the watcher's line comes after every log line
+  signals.add_at_exit(console.flush)  # the watcher's line comes after every log line
   try:
     with signals.watching(hard_exit=True):
       try:
@@ -386,16 +293,9 @@ def main(argv, hooks=()):
     raise
   import jax  # pylint: disable=g-import-not-at-top
   from bigbatch import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  _QUIET.release()
+  console.release()
   if jax.process_index() == 0:
     print(metrics_lib.summary(_WORKDIR.value, result, time.monotonic() - started), flush=True)
-
-
-def _flush_logs() -> None:
-  _QUIET.release()
-  logging.flush()
-  sys.stdout.flush()
-  sys.stderr.flush()
 
 
 def cli(hooks=()) -> None:

@@ -17,6 +17,8 @@ from absl import logging
 from clu import metric_writers
 from etils import epath
 
+from bigbatch import jsonl
+from bigbatch import units
 from bigbatch import workdir as workdir_lib
 
 
@@ -105,14 +107,9 @@ class JsonlWriter(metric_writers.MetricWriter):
 
 
 def _row_step(line: str) -> int | None:
-  """The step of a metrics.jsonl line, or None if the line is damaged (not a JSON object with
-  an integer step)."""
-  try:
-    row = json.loads(line)
-  except (ValueError, UnicodeDecodeError):
-    return None
-  step = row.get('step') if isinstance(row, dict) else None
-  return step if isinstance(step, int) and not isinstance(step, bool) else None
+  """The step of a metrics.jsonl line, or None if the line is damaged (jsonl's policy)."""
+  row = jsonl.parse(line, 'step')
+  return None if row is None else row['step']
 
 
 def cut_back(path: epath.PathLike, resume_step: int) -> list[str]:
@@ -272,15 +269,8 @@ class Progress:
         parts.append(fmt.format(values[key]))
     eta = self.eta_seconds(step)
     if eta is not None:
-      parts.append('ETA ' + _duration(eta))
+      parts.append('ETA ' + units.duration(eta))
     return ' | '.join(parts)
-
-
-def _duration(seconds: float) -> str:
-  seconds = int(round(seconds))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
 
 
 # Evaluation values that are counts, not metrics (no "best"; printed as integers).
@@ -292,12 +282,9 @@ def _lower_is_better(key: str) -> bool:
 
 
 def read_rows(path: epath.PathLike) -> list[dict[str, Any]]:
-  """metrics.jsonl's rows in file order; damaged lines (the resume repairs them) are skipped."""
-  rows = []
-  for line in epath.Path(path).read_bytes().decode('utf-8', errors='replace').splitlines():
-    if _row_step(line) is not None:
-      rows.append(json.loads(line))
-  return rows
+  """metrics.jsonl's rows in file order; damaged lines are skipped (bigbatch/jsonl.py; the
+  resume sets them aside)."""
+  return jsonl.read(path, 'step').rows
 
 
 def summary(workdir: str, final: Mapping[str, float], seconds: float) -> str:
@@ -332,7 +319,7 @@ def summary(workdir: str, final: Mapping[str, float], seconds: float) -> str:
     if k in last_train:
       table.append((k, f'{last_train[k]:.4f}', '-'))
   widths = [max(len(r[i]) for r in table) for i in range(3)]
-  lines = [f'Finished in {_duration(seconds)}.' + (
+  lines = [f'Finished in {units.duration(seconds)}.' + (
       f' {int(final["eval/examples"]):,} held-out examples.' if 'eval/examples' in final else '')]
   lines += ['  ' + '  '.join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
   present = [name for name in ('metrics.jsonl', 'tensorboard', 'checkpoints', 'derived.json')

@@ -37,6 +37,7 @@ from absl import flags
 from etils import epath
 import numpy as np
 
+from bigbatch import jsonl
 from bigbatch import workdir as workdir_lib
 
 X_AXES = ('steps', 'epochs', 'examples', 'time')
@@ -134,23 +135,27 @@ def read_run(workdir: str, label: str | None = None) -> Run:
     raise PlotError(f'{workdir} does not exist')
   if not root.is_dir():
     raise PlotError(f'{workdir} is not a directory (a workdir holds metrics.jsonl)')
-  text = _read_text(root / 'metrics.jsonl',
-                    'is it a bigbatch workdir, and has the run logged its first step?')
-  lines = text.splitlines()
+  path = root / 'metrics.jsonl'
+  try:
+    read = jsonl.read(path, 'step')
+  except FileNotFoundError:
+    raise PlotError(f'{path} does not exist: is it a bigbatch workdir, and has the run logged '
+                    f'its first step?') from None
+  except OSError as e:
+    raise PlotError(f'cannot read {path}: {e}') from None
+  damaged = list(read.damaged)
   columns: dict[str, dict[int, float]] = {}
-  for number, line in enumerate(lines, 1):
+  for record, number in zip(read.rows, read.numbers):
     try:
-      record = json.loads(line)
-      step = int(record['step'])
       # Non-finite values are written as the strings "nan", "inf", "-inf".
       values = {k: float(v) for k, v in record.items() if k != 'step'}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-      if number == len(lines) and not text.endswith('\n'):
-        break  # a torn last line: the run is being written or was killed mid-line
-      raise PlotError(f'{root / "metrics.jsonl"} line {number} is not a metrics record '
-                      f'({{"step": N, "name": value, ...}}): {line[:80]!r}') from None
+    except (TypeError, ValueError):  # a value that is no number: damaged too
+      damaged.append(number)
+      continue
     for k, v in values.items():
-      columns.setdefault(k, {})[step] = v  # a step logged twice keeps its last value
+      columns.setdefault(k, {})[record['step']] = v  # a step logged twice keeps its last value
+  if damaged:  # a torn last line of a live or killed run, or a damaged one: that line only
+    print(f'warning: {jsonl.describe_damage(path, sorted(damaged))}', file=sys.stderr)
   if not columns:
     raise PlotError(f'{root / "metrics.jsonl"} holds no metrics yet')
   series = {}

@@ -9,6 +9,7 @@ import sys
 from absl import logging
 import pytest
 
+from bigbatch import console
 from bigbatch import main
 from bigbatch import metrics
 
@@ -38,7 +39,7 @@ def default_verbosity():
 
 def test_library_info_is_dropped_and_their_errors_cut_to_one_line(default_verbosity):
   del default_verbosity
-  quiet = main._QuietLibraries()  # pylint: disable=protected-access
+  quiet = console.QuietLibraries()  # pylint: disable=protected-access
   own = os.path.join(os.path.dirname(main.__file__), 'loop.py')
   assert quiet.filter(_record(own, std_logging.INFO, 'step 20/440'))
   assert not quiet.filter(_record(ORBAX, std_logging.INFO, 'Saving checkpoint at step 4'))
@@ -72,7 +73,7 @@ class _Collect(std_logging.Handler):
 def test_orbax_errors_wait_for_the_next_line_and_a_save_failure_replaces_them(
     default_verbosity):
   del default_verbosity
-  quiet = main._QuietLibraries()  # pylint: disable=protected-access
+  quiet = console.QuietLibraries()  # pylint: disable=protected-access
   quiet.target = out = _Collect()
   own = os.path.join(os.path.dirname(main.__file__), 'loop.py')
   error = _record(ORBAX, std_logging.ERROR, 'Save Finalize thread failed.\nmore', exc=True)
@@ -90,7 +91,7 @@ def test_verbosity_1_shows_every_library_line():
   before = logging.get_verbosity()
   logging.set_verbosity(logging.DEBUG)
   try:
-    quiet = main._QuietLibraries()  # pylint: disable=protected-access
+    quiet = console.QuietLibraries()  # pylint: disable=protected-access
     assert quiet.filter(_record(ORBAX, std_logging.INFO, 'Saving checkpoint at step 4'))
     error = _record(ORBAX, std_logging.ERROR, 'failed.\nmore', exc=True)
     assert quiet.filter(error) and error.exc_info is not None
@@ -188,7 +189,7 @@ def test_unraisable_exceptions_cannot_split_the_error_line(caplog):
   other = types.SimpleNamespace(exc_type=ValueError, exc_value=ValueError('bad'),
                                 exc_traceback=None, err_msg=None, object='f')
   with caplog.at_level(std_logging.WARNING):
-    main._unraisable(closed)  # pylint: disable=protected-access
+    console.unraisable(closed)  # pylint: disable=protected-access
     assert not caplog.records
-    main._unraisable(other)  # pylint: disable=protected-access
+    console.unraisable(other)  # pylint: disable=protected-access
   assert [r.getMessage() for r in caplog.records] == ["exception ignored in 'f': ValueError: bad"]

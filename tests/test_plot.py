@@ -163,10 +163,6 @@ def test_unreadable_workdirs_are_one_line_and_exit_1(tmp_path):
   good = str(tmp_path / 'good')
   _write_run(good, global_batch=64, steps_per_epoch=22, total=44, log_every=4,
              eval_every=22, rate=3.0)
-  corrupt = tmp_path / 'corrupt'
-  corrupt.mkdir()
-  (corrupt / 'metrics.jsonl').write_text('{"step": 1, "train/loss": 2.0}\nnot json\n'
-                                         '{"step": 3, "train/loss": 1.0}\n')
   empty = tmp_path / 'empty'
   empty.mkdir()
   bad_derived = tmp_path / 'bad_derived'
@@ -176,8 +172,6 @@ def test_unreadable_workdirs_are_one_line_and_exit_1(tmp_path):
   # Several cases in one process each; the first bad workdir is the one reported.
   _one_error_line(_cli(good, str(tmp_path / 'missing'), f'--out_dir={tmp_path}'),
                   'missing does not exist')
-  _one_error_line(_cli(str(corrupt), f'--out_dir={tmp_path}'),
-                  'line 2 is not a metrics record', "'not json'")
   _one_error_line(_cli(str(empty), f'--out_dir={tmp_path}'),
                   'metrics.jsonl does not exist')
   _one_error_line(_cli(str(bad_derived), f'--out_dir={tmp_path}'),
@@ -185,6 +179,20 @@ def test_unreadable_workdirs_are_one_line_and_exit_1(tmp_path):
   _one_error_line(_cli(good, '--x=steps,walltime', f'--out_dir={tmp_path}'),
                   '--x=steps,walltime')
   assert not list(tmp_path.glob('*.png'))  # nothing half-written
+
+
+def test_a_damaged_line_costs_that_line_only(tmp_path):
+  # The one policy of bigbatch/jsonl.py: a damaged line in the middle, a value that is no
+  # number and a torn last line are skipped, named in one warning, and the rest is plotted.
+  corrupt = tmp_path / 'corrupt'
+  corrupt.mkdir()
+  (corrupt / 'metrics.jsonl').write_text(
+      '{"step": 1, "train/loss": 2.0}\nnot json\n{"step": 3, "train/loss": 1.0}\n'
+      '{"step": 4, "train/loss": [1]}\n{"step": 5, "train/loss": 0.5}\n{"step": 6, "tr')
+  proc = _cli(str(corrupt), '--x=steps', f'--out_dir={tmp_path}')
+  assert proc.returncode == 0, proc.stderr
+  assert 'metrics.jsonl: 3 damaged line(s) skipped (2, 4, 6)' in proc.stderr
+  assert list(tmp_path.glob('*.png'))
 
 
 def test_axes_that_need_what_a_run_lacks_say_so():

@@ -62,14 +62,19 @@ class Task(base.Task):
   """Softmax classification (the image recipes, digits, synthetic)."""
 
   @staticmethod
+  def defaults():
+    # Label smoothing of the softmax targets (Szegedy et al. 2016); 0: hard labels.
+    return {'label_smoothing': 0.0}
+
+  @staticmethod
   def validate(config, num_devices: int) -> None:
     del num_devices
+    fields.finite(config, 'label_smoothing', low=0.0, high=1.0, high_open=True)
     if config.task != 'classification':
       return
     if config.data.name.startswith('face_'):
       raise fields.ConfigError(f'config.data.name={config.data.name!r} is a face data set; set '
                                f'--config.task=face')
-    fields.finite(config, 'label_smoothing', low=0.0, high=1.0, high_open=True)
 
   def loss_fn(self, model):
     return functools.partial(loss_fn, model=model, num_classes=self.num_classes,
