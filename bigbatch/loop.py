@@ -61,11 +61,10 @@ def load_dataset(config):
     raise  # a source's own DataError names its files and the fix (the face sets' do)
   except Exception as e:  # pylint: disable=broad-except  (TF/TFDS raise many kinds)
     detail = str(e).strip().splitlines()[0] if str(e).strip() else ''
-    if config.data.name != 'digits' and config.data.name not in data.IMAGE_DATASETS:
+    where = data.prepared_dir(config)
+    if where is None:
       raise DataError(f'the {config.data.name} data set cannot be read ({type(e).__name__}: '
                       f'{detail[:200]}); check config.data') from e
-    # TFDS sets only: their prepared files are derived data, rebuilt when deleted.
-    where = config.data.data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
     raise DataError(
         f'the {config.data.name} data set under {where} cannot be read ({type(e).__name__}: '
         f'{detail[:200]}); delete its prepared files there so it is rebuilt, or point '

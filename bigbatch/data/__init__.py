@@ -19,6 +19,8 @@ A source is a module (or any object) with
 and, where it has them,
   defaults() -> dict           the config.data fields only it reads, with their defaults
   validate(config)             their checks, before anything is read (fields.ConfigError)
+  prepared_dir(config) -> str  where its prepared files are, if it prepares them (TFDS): what
+                               a read failure advises to delete, since they are rebuilt
   runlocal(config)             its CPU smoke form (config_lib.runlocal); a source without one is
                                replaced by 'synthetic' there, its fields reset to their defaults
 `register(name, source)` adds one, from any module; the built-in sources are registered below the
@@ -157,6 +159,13 @@ def runlocal(config) -> None:
   get(config.data.name).runlocal(config)
 
 
+def prepared_dir(config) -> str | None:
+  """Where the config's data set keeps prepared files that are rebuilt when deleted (a TFDS
+  directory), or None for a source that reads its files as they are or generates its data."""
+  source = get(config.data.name)
+  return source.prepared_dir(config) if hasattr(source, 'prepared_dir') else None
+
+
 def create(config, *, process_index: int | None = None,
            process_count: int | None = None) -> input_pipeline.Dataset:
   """The data set named by config.data.name, batched per `config` (validated first).
@@ -181,4 +190,3 @@ for _name in images.NAMES:
   register(_name, images)
 for _name in faces.FACE_DATASETS:
   register(_name, faces)
-IMAGE_DATASETS = images.NAMES  # the TFDS image sets (their prepared files can be rebuilt)

@@ -51,6 +51,11 @@ def load_sklearn() -> tuple[np.ndarray, np.ndarray]:
   return images, digits.target.astype(np.int64)
 
 
+def prepared_dir(config) -> str:
+  """Where the prepared TFDS files are: derived data, rebuilt when deleted."""
+  return config.data.data_dir or common.default_tfds_dir()
+
+
 def facts(config) -> common.DataFacts:
   """The splits' sizes by the split rule over the rows scikit-learn ships (read, not built)."""
   del config

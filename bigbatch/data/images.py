@@ -123,6 +123,11 @@ def prepared_info(name: str, data_dir: str | None):
   return tfds.builder_from_directory(found[-1]).info, str(found[-1])
 
 
+def prepared_dir(config) -> str:
+  """Where the prepared TFDS files are: derived data, rebuilt when deleted."""
+  return config.data.data_dir or common.default_tfds_dir()
+
+
 def facts(config) -> common.DataFacts:
   """The splits' sizes, image shape and classes: from a prepared copy's metadata, else the
   published sizes; unknown for another TFDS set that is not prepared."""
