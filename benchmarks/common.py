@@ -48,7 +48,7 @@ def config(model: str, *, k: int = 1, microbatch: int = 128, conv_impl: str = 'x
   return c
 
 
-def build(cfg, devices=None) -> trainer_lib.Trainer:
+def build(cfg, devices=None) -> trainer_lib.Setup:
   devices = list(devices if devices is not None else jax.devices())
   config_lib.validate(cfg, len(devices))
   mesh = sharding.make_mesh(cfg, devices)
@@ -56,13 +56,13 @@ def build(cfg, devices=None) -> trainer_lib.Trainer:
                      num_classes=NUM_CLASSES)
 
 
-def abstract_batch(trainer: trainer_lib.Trainer, k: int, microbatch: int) -> dict:
+def abstract_batch(trainer: trainer_lib.Setup, k: int, microbatch: int) -> dict:
   s = trainer.batch_sharding
   return {'image': jax.ShapeDtypeStruct((k, microbatch, *IMAGE_SHAPE), jnp.float32, sharding=s),
           'label': jax.ShapeDtypeStruct((k, microbatch), jnp.int32, sharding=s)}
 
 
-def random_batch(trainer: trainer_lib.Trainer, k: int, microbatch: int,
+def random_batch(trainer: trainer_lib.Setup, k: int, microbatch: int,
                  seed: int = 0) -> dict:
   kx, ky = jax.random.split(jax.random.PRNGKey(seed))
   batch = {'image': jax.random.normal(kx, (k, microbatch, *IMAGE_SHAPE), jnp.float32),
@@ -70,7 +70,7 @@ def random_batch(trainer: trainer_lib.Trainer, k: int, microbatch: int,
   return jax.device_put(batch, trainer.batch_sharding)
 
 
-def compile_step(trainer: trainer_lib.Trainer, k: int, microbatch: int):
+def compile_step(trainer: trainer_lib.Setup, k: int, microbatch: int):
   """The trainer's jitted step, lowered and compiled for a [k, microbatch, 32, 32, 3] batch."""
   return trainer.train_step.lower(trainer.state, abstract_batch(trainer, k, microbatch)).compile()
 

@@ -59,7 +59,7 @@ TARGET_MFU = 0.25
 IMPLS = ('xla', 'matmul')
 
 
-def plain_step_fn(cfg, trainer: trainer_lib.Trainer):
+def plain_step_fn(cfg, trainer: trainer_lib.Setup):
   """The trainer's update without shard_map: one device, k=1 (batch [1, M, H, W, C])."""
   model = models.build(cfg.model, common.NUM_CLASSES, axis_name=None)
   tx = trainer.optimizer.tx
@@ -131,7 +131,7 @@ def flop_comparison(name: str, batch: int = 2) -> dict:
           'xla': float(cost['flops']) / batch, 'seconds': seconds, 'size': size}
 
 
-def training_flops_per_step(model: str, trainer: trainer_lib.Trainer, batch: int) -> float:
+def training_flops_per_step(model: str, trainer: trainer_lib.Setup, batch: int) -> float:
   """The analytic count (bigbatch.flops): 3 x forward per example x batch."""
   net = models.build(common.config(model).model, common.NUM_CLASSES, axis_name=None)
   variables = {'params': trainer.state.params, 'batch_stats': trainer.state.batch_stats}

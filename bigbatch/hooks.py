@@ -5,7 +5,7 @@ epochs (batch-size phases included), in the spirit of big_vision's `itstime`.
 
 A hook is an object with any of `start(run)`, `before_step(run, done, batch) -> batch`,
 `after_step(run, done)` and `end(run)`; `order` places it among the others after each step
-(lower first). `run` is the loop's state (bigbatch/loop.py: Run). A new periodic measurement is
+(lower first). `run` is the loop's state (bigbatch/loop.py: RunState). A new periodic measurement is
 a new Hook passed to `loop.train_and_evaluate(..., hooks=[...])`; the loop does not change.
 """
 from __future__ import annotations

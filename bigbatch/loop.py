@@ -132,7 +132,7 @@ def nonfinite_paths(tree) -> list[str]:
   return [p for p, ok in zip(paths, flags) if not ok]
 
 
-class Run:
+class RunState:
   """The state of one training run that hooks read and act on: the trainer and its state, the
   data, the writers and the checkpointer, the latest step's device metrics, and whether a hook
   asked the run to stop."""
@@ -407,7 +407,7 @@ def _train_and_evaluate(config, workdir: str, lock: lock_lib.WorkdirLock | None,
                     * config.global_batch)
   logging.info('Model FLOPs per step: %.3g (3x the forward\'s convolutions and matrix products, '
                '%d examples).', flops_per_step, config.global_batch)
-  run = Run(config=config, workdir=workdir, trainer=trainer, dataset=dataset, state=state,
+  run = RunState(config=config, workdir=workdir, trainer=trainer, dataset=dataset, state=state,
             start=start, ckpt=ckpt, writer=writer, batches=batches,
             flops_per_step=flops_per_step)
   all_hooks = [*hooks_lib.standard(run, sigterm_received=signals.received,

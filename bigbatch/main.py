@@ -108,7 +108,7 @@ def _fail(kind: str, error: Exception, code: int):
   sys.exit(code)
 
 
-def run(config, workdir: str, *, restart_from_scratch: bool = False, hooks=()) -> dict:
+def train(config, workdir: str, *, restart_from_scratch: bool = False, hooks=()) -> dict:
   """Validates, then trains (`hooks`: extra loop hooks, bigbatch/hooks.py). Errors a user can
   fix, and SIGTERM or SIGINT at any moment, become one line on stderr and an exit code."""
   # Signals are recorded, never raised from a handler (bigbatch/signals.py). In-process (the
@@ -278,8 +278,8 @@ def main(argv, hooks=()):
       if _PRINT_DERIVED.value:
         _print_derived(_CONFIG.value)
         return
-      result = run(_CONFIG.value, _WORKDIR.value, restart_from_scratch=_RESTART.value,
-                   hooks=hooks)
+      result = train(_CONFIG.value, _WORKDIR.value, restart_from_scratch=_RESTART.value,
+                     hooks=hooks)
   except SystemExit as e:
     if signals.last_received():
       # The line is out: exit within a fraction of a second (a grace period before SIGKILL may

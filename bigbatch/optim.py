@@ -33,11 +33,6 @@ OPTIMIZERS = ('sgd', 'adamw', 'lars', 'lamb')
 LrFn = Callable[[jax.typing.ArrayLike, jax.typing.ArrayLike], jax.Array]
 
 
-# The peak lr is a value in the optimizer state (set after initialization), not a constant of the
-# compiled step: trials that differ in it share one compilation.
-fields.declare_host_only('lr.base_lr')
-
-
 def defaults() -> dict[str, Any]:
   """The config fields of the optimizer and its schedule (optimizer.*, and schedule's lr.*),
   with their defaults."""

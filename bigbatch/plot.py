@@ -66,7 +66,7 @@ class Series:
 
 
 @dataclasses.dataclass
-class Run:
+class Curves:
   """A run's scalar metrics by name, and its derived.json (None when it has none)."""
   workdir: str
   label: str
@@ -128,7 +128,7 @@ def _read_text(path: epath.Path, what: str) -> str:
     raise PlotError(f'cannot read {path}: {e}') from None
 
 
-def read_run(workdir: str, label: str | None = None) -> Run:
+def read_run(workdir: str, label: str | None = None) -> Curves:
   """A workdir's metrics.jsonl and derived.json; PlotError says what is missing or corrupt."""
   root = epath.Path(workdir)
   if not root.exists():
@@ -174,7 +174,7 @@ def read_run(workdir: str, label: str | None = None) -> Run:
     label = root.name or str(root)
     if derived is not None:
       label += f' (batch {derived["derived"]["global_batch"]})'
-  return Run(workdir=str(workdir), label=label, series=series, derived=derived)
+  return Curves(workdir=str(workdir), label=label, series=series, derived=derived)
 
 
 def _smooth(values: np.ndarray, weight: float) -> np.ndarray:
@@ -208,7 +208,7 @@ _PANELS = (
 )
 
 
-def plot(runs: Sequence[Run], x: str, path: str, *, smooth: float = 0.0,
+def plot(runs: Sequence[Curves], x: str, path: str, *, smooth: float = 0.0,
          title: str = '') -> None:
   """One PNG: loss, accuracy and learning rate of every run against `x`."""
   from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
@@ -268,7 +268,7 @@ def plot(runs: Sequence[Run], x: str, path: str, *, smooth: float = 0.0,
   workdir_lib.write_text(out, png.getvalue())  # whole: a full disk keeps the previous figure
 
 
-def _eval_names(runs: Sequence[Run]) -> list[str]:
+def _eval_names(runs: Sequence[Curves]) -> list[str]:
   names = set()
   for _, _, _, is_eval, _ in _PANELS:
     for run in runs:

@@ -92,6 +92,11 @@ class Resolved:
     return d
 
 
+# The peak lr is a value in the optimizer state (set after initialization), not a constant of the
+# compiled step: trials that differ in it share one compilation.
+fields.declare_host_only('lr.base_lr')
+
+
 def defaults() -> dict[str, Any]:
   """The lr.* config fields, with their defaults."""
   placeholder = config_dict.placeholder

@@ -1,4 +1,4 @@
-"""Construction: everything built from a config for one mesh (`build`, `Trainer`), the compiled
+"""Construction: everything built from a config for one mesh (`build`, `Setup`), the compiled
 functions shared between builds (`CompileCache`), and what a built trainer computes outside the
 training step (evaluation, precise BN, model FLOPs, starting from another run).
 
@@ -38,7 +38,7 @@ TrainState = step_lib.TrainState
 
 
 @dataclasses.dataclass
-class Trainer:
+class Setup:
   """Everything built from a config for one mesh: initial state and compiled-on-demand steps."""
   state: step_lib.TrainState
   state_specs: Any
@@ -103,7 +103,7 @@ def _mesh_key(mesh) -> list:
 
 def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
           image_shape: tuple[int, ...], num_classes: int, param_rules=(),
-          initialize: bool = True, cache: CompileCache | None = None) -> Trainer:
+          initialize: bool = True, cache: CompileCache | None = None) -> Setup:
   """Model, optimizer, initial state (initialized from shapes into its sharding) and steps.
 
   initialize=False leaves the state abstract (ShapeDtypeStructs carrying their shardings), for
@@ -179,7 +179,7 @@ def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
   step_fn, eval_fn, bn_fn = cache.get(
       'steps', CompileCache.step_key(config, mesh, optimizer.derived, **build_args),
       compile_steps)
-  return Trainer(state=state, state_specs=specs, train_step=step_fn, eval_step=eval_fn,
+  return Setup(state=state, state_specs=specs, train_step=step_fn, eval_step=eval_fn,
                  model=init_model, bn_statistics=bn_fn, optimizer=optimizer, mesh=mesh,
                  batch_sharding=batch_sharding, eval_sharding=eval_sharding, task=task,
                  config=config)
@@ -188,7 +188,7 @@ def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
 # ----------------------------------------------------------------------------- outside the step
 
 
-def precise_bn(trainer: Trainer, state: step_lib.TrainState, dataset, num_batches: int,
+def precise_bn(trainer: Setup, state: step_lib.TrainState, dataset, num_batches: int,
                first_step: int) -> step_lib.TrainState:
   """`state` with BN population statistics recomputed as the plain mean of the statistics of
   `num_batches` training batches (those of steps first_step, first_step + 1, ...), instead of
@@ -201,7 +201,7 @@ def precise_bn(trainer: Trainer, state: step_lib.TrainState, dataset, num_batche
   return state.replace(batch_stats=jax.tree.map(lambda t: t / num_batches, total))
 
 
-def evaluate(trainer: Trainer, state: step_lib.TrainState, dataset, *,
+def evaluate(trainer: Setup, state: step_lib.TrainState, dataset, *,
              precise_bn_batches: int = 0) -> dict[str, float]:
   """The task's evaluation of the parameters and, with config.ema_decay, of their moving
   average (prefix + '_ema'). With precise_bn_batches, BN statistics are first recomputed over
@@ -216,7 +216,7 @@ def evaluate(trainer: Trainer, state: step_lib.TrainState, dataset, *,
   return out
 
 
-def model_flops_per_example(trainer: Trainer, image_shape) -> float:
+def model_flops_per_example(trainer: Setup, image_shape) -> float:
   """Training FLOPs per example (3x the forward's convolutions and matrix products), counted
   from the model's own shapes (bigbatch/flops.py): the same number on every backend, where XLA's
   cost analysis has no FLOPs on GPU and leaves out cuDNN convolutions."""
@@ -226,7 +226,7 @@ def model_flops_per_example(trainer: Trainer, image_shape) -> float:
   return flops.training_flops_per_example(trainer.model, variables, tuple(image_shape))
 
 
-def init_from_workdir(trainer: Trainer, state: step_lib.TrainState, source: str, *,
+def init_from_workdir(trainer: Setup, state: step_lib.TrainState, source: str, *,
                       image_shape: tuple[int, ...], num_classes: int) -> step_lib.TrainState:
   """`state` with params and BN statistics from the latest good checkpoint of the run in
   `source` (another workdir): fine-tuning, or continuing with a new recipe. The optimizer state,

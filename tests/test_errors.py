@@ -1,7 +1,7 @@
 """docs/errors.md as tests: each bad input gets a non-zero exit, one line naming what is wrong
 and how to fix it, no traceback, and nothing overwritten.
 
-Rows run in-process (main.run, catching SystemExit), so the table costs seconds; the flag rows
+Rows run in-process (main.train, catching SystemExit), so the table costs seconds; the flag rows
 and one config row run the real command line to confirm exit codes and the absence of a
 traceback.
 """
@@ -88,7 +88,7 @@ def test_config_rows(row, tmp_path, capsys):
   overrides, code, words = CONFIG_ROWS[row]
   workdir = tmp_path / 'wd'
   with pytest.raises(SystemExit) as e:
-    main.run(_set(quickstart.get_config(), **overrides), str(workdir))
+    main.train(_set(quickstart.get_config(), **overrides), str(workdir))
   _assert_one_line(e, capsys, code, words)
   assert not workdir.exists()
 
@@ -123,7 +123,7 @@ def _snapshot(workdir):
 def test_workdir_of_another_experiment(trained, capsys):
   before = _snapshot(trained)
   with pytest.raises(SystemExit) as e:
-    main.run(_set(_short(), global_batch=64), str(trained))
+    main.train(_set(_short(), global_batch=64), str(trained))
   _assert_one_line(e, capsys, 2, ['holds another experiment', 'global_batch: 128 -> 64',
                                   '--restart_from_scratch'])
   assert _snapshot(trained) == before
@@ -133,7 +133,7 @@ def test_workdir_not_writable(tmp_path, capsys):
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a directory')
   with pytest.raises(SystemExit) as e:
-    main.run(_short(), str(blocker / 'wd'))
+    main.train(_short(), str(blocker / 'wd'))
   _assert_one_line(e, capsys, 2, ['cannot write to the workdir', 'writable --workdir'])
   assert blocker.read_text() == 'not a directory'
 
@@ -150,7 +150,7 @@ def test_checkpoint_of_another_model(trained, capsys):
       meta.write_text(json.dumps(record))
   before = _snapshot(trained)
   with pytest.raises(SystemExit) as e:
-    main.run(_set(_short(), **{'model.width': 16}), str(trained))
+    main.train(_set(_short(), **{'model.width': 16}), str(trained))
   _assert_one_line(e, capsys, 4, ['does not fit the model', 'conv0/kernel', 'new workdir'])
   assert _snapshot(trained) == before
 
@@ -159,7 +159,7 @@ def test_no_readable_checkpoint(trained, capsys):
   for step in ('2', '4'):
     os.remove(trained / 'checkpoints' / step / 'meta' / 'metadata')
   with pytest.raises(SystemExit) as e:
-    main.run(_short(), str(trained))
+    main.train(_short(), str(trained))
   _assert_one_line(e, capsys, 4, ['none of the checkpoints', str(trained / 'checkpoints')])
 
 
@@ -174,7 +174,7 @@ def test_disk_full_on_save(tmp_path, capsys, monkeypatch):
 
   monkeypatch.setattr(checkpoint.ocp.CheckpointManager, 'save', full)
   with pytest.raises(SystemExit) as e:
-    main.run(_short(), str(tmp_path / 'wd'))
+    main.train(_short(), str(tmp_path / 'wd'))
   _assert_one_line(e, capsys, 5, ['step 4', 'No space left on device', 'rerun the same command'])
   assert checkpoint.Checkpointer(str(tmp_path / 'wd' / 'checkpoints')).all_steps() == [2]
 
@@ -190,7 +190,7 @@ def test_corrupt_data_files(tmp_path, capsys):
       f.truncate(os.path.getsize(shard) // 3)
   capsys.readouterr()  # the preparation's progress bars
   with pytest.raises(SystemExit) as e:
-    main.run(_set(_short(), **{'data.data_dir': str(data_dir)}), str(tmp_path / 'wd'))
+    main.train(_set(_short(), **{'data.data_dir': str(data_dir)}), str(tmp_path / 'wd'))
   _assert_one_line(e, capsys, 6, ['cannot be read', str(data_dir)])
   assert not (tmp_path / 'wd').exists()
 

@@ -8,7 +8,7 @@ that a live trainer holds. A start that fails leaves no empty directory it creat
 
 The rotation is faked (checkpoint directories copied and deleted between listing and restore),
 not timed against a real concurrent trainer; the checkpointer tests use small states and take a
-second, the main.run rows a tiny digits run trained once per module (about 15 s).
+second, the main.train rows a tiny digits run trained once per module (about 15 s).
 """
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def test_none_readable_beside_a_live_trainer_never_advises_moving(tmp_path, live
 
 
 # ---------------------------------------------------------------------------------------------
-# Through main.run, as the command line.
+# Through main.train, as the command line.
 
 def _short(**overrides):
   return config_lib.override(quickstart.get_config('steps=4'), **{
@@ -185,7 +185,7 @@ def test_eval_evaluates_the_newest_after_a_rotation(trained, monkeypatch, capsys
     return real(self, step, like)
 
   monkeypatch.setattr(checkpoint.Checkpointer, 'restore', rotating)
-  result = main.run(_short(mode='eval'), str(trained))
+  result = main.train(_short(mode='eval'), str(trained))
   assert 0.0 <= result['eval/top1'] <= 1.0
   assert (trained / 'eval-6.json').exists() and not (trained / 'eval-4.json').exists()
   assert 'error' not in capsys.readouterr().err
@@ -198,7 +198,7 @@ def test_eval_beside_a_live_trainer_none_readable(trained, live_trainer, capsys)
     os.remove(trained / 'checkpoints' / step / 'meta' / 'metadata')
   before = sorted(os.listdir(trained))
   with pytest.raises(SystemExit) as e:
-    main.run(_short(mode='eval'), str(trained))
+    main.train(_short(mode='eval'), str(trained))
   line = _one_line(e, capsys, main.EXIT_CHECKPOINT_ERROR)
   assert 'none of the checkpoints' in line and f'A trainer holds {trained}' in line, line
   assert 'Move the directory away' not in line, line
@@ -211,7 +211,7 @@ def test_eval_without_checkpoints_creates_nothing(tmp_path, capsys):
     if workdir.name == 'empty':
       workdir.mkdir()
     with pytest.raises(SystemExit) as e:
-      main.run(_short(mode='eval'), str(workdir))
+      main.train(_short(mode='eval'), str(workdir))
     line = _one_line(e, capsys, main.EXIT_CHECKPOINT_ERROR)
     assert f'no checkpoint in {workdir}/checkpoints to evaluate; train first' in line, line
   assert not (tmp_path / 'absent').exists()
@@ -222,7 +222,7 @@ def test_eval_refuses_restart_from_scratch(trained, capsys):
   """eval-restart-from-scratch: it would move a workdir that a trainer may be using."""
   before = sorted(os.listdir(trained))
   with pytest.raises(SystemExit) as e:
-    main.run(_short(mode='eval'), str(trained), restart_from_scratch=True)
+    main.train(_short(mode='eval'), str(trained), restart_from_scratch=True)
   line = _one_line(e, capsys, main.EXIT_CONFIG_ERROR)
   assert '--restart_from_scratch with config.mode=eval' in line, line
   assert sorted(os.listdir(trained)) == before
@@ -235,7 +235,7 @@ def test_eval_with_another_config_is_told_to_use_the_runs(trained, live_trainer,
   _hold(trained, live_trainer)
   before = sorted(os.listdir(trained))
   with pytest.raises(SystemExit) as e:
-    main.run(_short(mode='eval', global_batch=64), str(trained))
+    main.train(_short(mode='eval', global_batch=64), str(trained))
   line = _one_line(e, capsys, main.EXIT_CONFIG_ERROR)
   assert 'holds another experiment' in line and 'global_batch: 128 -> 64' in line, line
   assert 'Evaluate with the config the run was trained with' in line, line
@@ -253,7 +253,7 @@ def test_init_from_error_leaves_no_empty_directory(existed, tmp_path, capsys):
     workdir.mkdir()
     (workdir / 'notes.txt').write_text('mine')
   with pytest.raises(SystemExit) as e:
-    main.run(_short(init_from=str(tmp_path / 'nothing')), str(workdir))
+    main.train(_short(init_from=str(tmp_path / 'nothing')), str(workdir))
   line = _one_line(e, capsys, main.EXIT_CHECKPOINT_ERROR)
   assert 'config.init_from=' in line and 'not a bigbatch workdir' in line, line
   if existed:

@@ -2,7 +2,7 @@
 ends the run with exit 6 and one line naming the file (for RecordIO the record and its byte
 offset) and the fix for face files, never the TFDS hint, and no traceback.
 
-Each row makes a tiny set in tmp_path (12 PNG images of 8x8), damages it and runs main.run (the
+Each row makes a tiny set in tmp_path (12 PNG images of 8x8), damages it and runs main.train (the
 CLI's code path; a slow test runs the real command line). The rows found when the set is opened
 cost about a second each; the two found later (an image that does not decode, read by the first
 training step; a .bin image, decoded at the task's startup check) build a small MLP first.
@@ -232,7 +232,7 @@ def test_found_when_the_set_is_opened(row, images, tmp_path, capsys):
   overrides = damage(root, images)
   workdir = tmp_path / 'wd'
   with pytest.raises(SystemExit) as e:
-    main.run(_config(root, **overrides), str(workdir))
+    main.train(_config(root, **overrides), str(workdir))
   _assert_one_line(e, capsys, words)
   assert not (workdir / 'checkpoints').exists()
 
@@ -254,7 +254,7 @@ def test_undecodable_image_is_named_when_converted(kind, images, tmp_path, capsy
              'replace the file with a good copy, or delete it']
   config = _config(root, **{'data.name': f'face_{kind}', 'data.face_cache': str(tmp_path / 'c')})
   with pytest.raises(SystemExit) as e:
-    main.run(config, str(tmp_path / 'wd'))
+    main.train(config, str(tmp_path / 'wd'))
   _assert_one_line(e, capsys, words)
   assert not (tmp_path / 'c' / 'meta.json').exists()  # no half conversion taken as finished
 
@@ -269,7 +269,7 @@ def test_bin_image_that_does_not_decode_stops_the_start(images, tmp_path, capsys
   insightface.save_bin(root / 'agedb_30.bin', pairs, [bool(i % 2) for i in range(10)])
   config = _config(root, **{'data.verification_bins': ('agedb_30.bin',)})
   with pytest.raises(SystemExit) as e:
-    main.run(config, str(tmp_path / 'wd'))
+    main.train(config, str(tmp_path / 'wd'))
   _assert_one_line(e, capsys, [f'{root}/agedb_30.bin: image 13 (pair 6): the image cannot be '
                                'decoded', 'replace it with a good copy'])
   assert not (tmp_path / 'wd' / 'checkpoints').exists()
@@ -283,7 +283,7 @@ def test_undecodable_image_met_by_a_training_step(images, tmp_path, capsys):
   root = tmp_path / 'set'
   _write_recordio(root, images)
   with pytest.raises(SystemExit) as e:
-    main.run(_config(root), str(tmp_path / 'wd'))
+    main.train(_config(root), str(tmp_path / 'wd'))
   line = _assert_one_line(e, capsys, ['the image cannot be decoded', 're-create train.rec'])
   assert line.startswith(f'bigbatch: data error: {root}/train.rec: record 3 (example 2), byte '
                          f'{recordio.read_index(root / "train.idx")[1][3]}: '), line

@@ -130,7 +130,7 @@ def test_same_config_and_seed_give_identical_metrics(tmp_path):
 def test_sigterm_writes_checkpoint_and_exits_75(tmp_path, monkeypatch, capsys):
   workdir = tmp_path / 'wd'
   with pytest.raises(SystemExit) as e:
-    main.run(_config(), str(workdir), hooks=[faults.Fault('term_after_step:3')])
+    main.train(_config(), str(workdir), hooks=[faults.Fault('term_after_step:3')])
   assert e.value.code == main.EXIT_PREEMPTED == 75
   assert 'checkpoint written at step 3' in capsys.readouterr().err
   assert checkpoint.Checkpointer(str(workdir / 'checkpoints')).latest_step() == 3
@@ -189,7 +189,7 @@ def test_signal_rows(row, tmp_path, capsys):
   signum, where, at, times, code, words, steps = SIGNAL_ROWS[row]
   handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
   with pytest.raises(SystemExit) as e:
-    main.run(_config(num_steps=8), str(tmp_path), hooks=[_Send(signum, where, at, times)])
+    main.train(_config(num_steps=8), str(tmp_path), hooks=[_Send(signum, where, at, times)])
   assert e.value.code == code
   err = capsys.readouterr().err
   assert 'Traceback' not in err
@@ -406,7 +406,7 @@ class _PoisonState(hooks_lib.Hook):
 @pytest.mark.slow
 def test_nonfinite_state_is_never_checkpointed_nor_a_success(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
-    main.run(_config(num_steps=8), str(tmp_path), hooks=[_PoisonState(8)])
+    main.train(_config(num_steps=8), str(tmp_path), hooks=[_PoisonState(8)])
   assert e.value.code == main.EXIT_NONFINITE
   lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith('bigbatch:')]
   assert len(lines) == 1 and 'step 8: the state holds non-finite values (params/' in lines[0]
@@ -420,7 +420,7 @@ def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, monkeypatch, capsys,
                                                   expected_streak):
   config = _config(nonfinite=policy, max_nonfinite_steps=3)
   with pytest.raises(SystemExit) as e:
-    main.run(config, str(tmp_path), hooks=[faults.Fault('nan_from_step:6')])
+    main.train(config, str(tmp_path), hooks=[faults.Fault('nan_from_step:6')])
   assert e.value.code == main.EXIT_NONFINITE
   err = capsys.readouterr().err.strip()
   assert f'step {5 + expected_streak}:' in err and f'{expected_streak} consecutive' in err
@@ -442,7 +442,7 @@ def test_restart_with_a_different_experiment_is_refused(tmp_path, capsys):
   loop.train_and_evaluate(_short(), str(tmp_path))
   before = sorted(os.listdir(tmp_path / 'checkpoints'))
   with pytest.raises(SystemExit) as e:
-    main.run(_short(global_batch=64, **{'optimizer.name': 'lars'}), str(tmp_path))
+    main.train(_short(global_batch=64, **{'optimizer.name': 'lars'}), str(tmp_path))
   assert e.value.code == main.EXIT_CONFIG_ERROR
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and 'global_batch: 128 -> 64' in err[0] and 'optimizer.name' in err[0]

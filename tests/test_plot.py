@@ -196,7 +196,7 @@ def test_a_damaged_line_costs_that_line_only(tmp_path):
 
 
 def test_axes_that_need_what_a_run_lacks_say_so():
-  run = plot.Run(workdir='w', label='w', derived=None,
+  run = plot.Curves(workdir='w', label='w', derived=None,
                  series={'train/loss': plot.Series(np.array([1.0]), np.array([2.0]))})
   with pytest.raises(plot.PlotError, match='no train/steps_per_sec'):
     run.x_of(np.array([1]), 'time')

@@ -368,7 +368,7 @@ def test_checkpoint_record_protects_a_workdir_without_config_json(copy, capsys):
   os.remove(copy / 'config.json')
   before = _snapshot(copy)
   with pytest.raises(SystemExit) as e:
-    main.run(_short(global_batch=64), str(copy))
+    main.train(_short(global_batch=64), str(copy))
   _assert_one_line(e, capsys, 2, ['holds another experiment (recorded in the checkpoint of '
                                   'step 4)', 'global_batch: 128 -> 64'])
   assert _snapshot(copy) == before
@@ -380,7 +380,7 @@ def test_checkpoint_record_wins_over_a_rewritten_config_json(copy, capsys):
   recorded['global_batch'] = 64
   json.dump(recorded, open(copy / 'config.json', 'w'))
   with pytest.raises(SystemExit) as e:
-    main.run(_short(global_batch=64), str(copy))
+    main.train(_short(global_batch=64), str(copy))
   _assert_one_line(e, capsys, 2, ['global_batch: 128 -> 64'])
 
 
@@ -391,7 +391,7 @@ def test_corrupt_config_json_is_one_line(copy, capsys, text, reason):
   (copy / 'config.json').write_text(text)
   before = _snapshot(copy)
   with pytest.raises(SystemExit) as e:
-    main.run(_short(), str(copy))
+    main.train(_short(), str(copy))
   _assert_one_line(e, capsys, 2, ['config.json is damaged', reason, 'delete it'])
   assert _snapshot(copy) == before
 
@@ -480,7 +480,7 @@ def test_tensorstore_disk_full_exits_5(tmp_path, capsys, monkeypatch):
 
   monkeypatch.setattr(checkpoint.ocp.CheckpointManager, name, full)
   with pytest.raises(SystemExit) as e:
-    main.run(_short(), str(tmp_path / 'wd'))
+    main.train(_short(), str(tmp_path / 'wd'))
   _assert_one_line(e, capsys, 5, ['No space left on device (RESOURCE_EXHAUSTED)',
                                   'rerun the same command'])
   assert not (tmp_path / 'wd' / workdir_lib.LOCK_FILE).exists()  # released on the way out

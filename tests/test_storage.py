@@ -57,7 +57,7 @@ def _one_line(e, capsys, words):
   return line
 
 
-# ----------------------------------------------------------------------------- through main.run
+# ----------------------------------------------------------------------------- through main.train
 
 
 class _FillsAt:
@@ -86,7 +86,7 @@ def test_metrics_row_on_a_full_disk_exits_5(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(metrics.JsonlWriter, '__init__', init)
   workdir = tmp_path / 'wd'
   with pytest.raises(SystemExit) as e:
-    main.run(_short(), str(workdir))
+    main.train(_short(), str(workdir))
   _one_line(e, capsys, [f'{workdir}/metrics.jsonl'])
   # The rows written before are intact; the torn row is what a resume sets aside.
   rows = (workdir / 'metrics.jsonl').read_text().splitlines()
@@ -104,7 +104,7 @@ def test_tensorboard_on_a_full_disk_at_start_exits_5(tmp_path, capsys, monkeypat
   monkeypatch.setattr(metrics.metric_writers, 'SummaryWriter', full)
   workdir = tmp_path / 'wd'
   with pytest.raises(SystemExit) as e:
-    main.run(_short(), str(workdir))
+    main.train(_short(), str(workdir))
   line = _one_line(e, capsys, [f'{workdir}/tensorboard', 'ResourceExhaustedError'])
   assert 'Traceback' not in line
 
@@ -124,7 +124,7 @@ def test_config_json_on_a_full_disk_exits_5_and_keeps_the_old_one(tmp_path, caps
 
   monkeypatch.setattr(workdir_lib.os, 'replace', replace)
   with pytest.raises(SystemExit) as e:
-    main.run(_short(), str(workdir))
+    main.train(_short(), str(workdir))
   _one_line(e, capsys, [f'{workdir}/config.json'])
   assert (workdir / 'config.json').read_text() == '{"old": 1}'
   assert not [n for n in os.listdir(workdir) if n.endswith('.tmp')]
@@ -295,7 +295,7 @@ def test_object_store_error_at_startup_in_process(tmp_path, capsys, monkeypatch)
   monkeypatch.setitem(backends, 'gs', Unreachable())
   monkeypatch.setattr(gpath, '_is_tf_installed', lambda: False)
   with pytest.raises(SystemExit) as e:
-    main.run(_short(), 'gs://bucket/run')
+    main.train(_short(), 'gs://bucket/run')
   assert e.value.code == 5
   (line,) = capsys.readouterr().err.strip().splitlines()
   assert line == ("bigbatch: storage error: gs://bucket/run: Error executing an HTTP request: "
@@ -345,7 +345,7 @@ def test_relative_workdir_is_made_absolute_once(tmp_path):
 @pytest.mark.parametrize('seed', [-1, 2**32, 2**64])
 def test_seed_out_of_range_is_a_config_error(seed, tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
-    main.run(_short(seed=seed), str(tmp_path / 'wd'))
+    main.train(_short(seed=seed), str(tmp_path / 'wd'))
   assert e.value.code == 2
   (line,) = capsys.readouterr().err.strip().splitlines()
   assert line == (f'bigbatch: config error: config.seed={seed!r}: must be an integer in '

@@ -131,7 +131,7 @@ def test_a_trial_that_never_meets_the_target_is_recorded_as_not_reached(tmp_path
   study.target.value = 1.01  # unreachable
   study.budget.epochs, study.budget.steps = None, 6
   study.sharpness = False
-  results = run.run(study, str(tmp_path), echo=lambda *_: None)
+  results = run.run_study(study, str(tmp_path), echo=lambda *_: None)
   (row,) = results
   assert row['reached'] is False and row['steps_to_target'] is None
   assert row['examples_to_target'] is None and row['steps_run'] == 6
@@ -145,7 +145,7 @@ def test_a_bad_variant_field_fails_before_any_trial_runs(tmp_path):
   study = study_digits.get_config('quick')
   study.variants.sgd_tuned = {'optimizer': {'nmae': 'lars'}}
   with pytest.raises(config_lib.ConfigError, match=r'variants\.sgd_tuned\.optimizer\.nmae'):
-    run.run(study, str(tmp_path))
+    run.run_study(study, str(tmp_path))
   assert not os.path.exists(tmp_path / 'trials')
 
 
@@ -154,7 +154,7 @@ def test_quick_sweep_end_to_end_compiles_once_per_batch_size_and_resumes(tmp_pat
   study = study_digits.get_config('quick')
   cache = trainer_lib.CompileCache()
   lines = []
-  results = run.run(study, str(tmp_path), echo=lines.append, cache=cache)
+  results = run.run_study(study, str(tmp_path), echo=lines.append, cache=cache)
   assert len(results) == 4  # 2 batch sizes x 2 learning rates
   assert any('trial 4/4' in l and 'ETA' in l for l in lines)
   new = cache.entries('steps')
@@ -175,7 +175,7 @@ def test_quick_sweep_end_to_end_compiles_once_per_batch_size_and_resumes(tmp_pat
 
   # Resume: nothing reruns, the report is written again from results.jsonl.
   monkeypatch.setattr(run, 'run_trial', lambda *a: pytest.fail('a finished trial was rerun'))
-  again = run.run(study, str(tmp_path), echo=lines.append)
+  again = run.run_study(study, str(tmp_path), echo=lines.append)
   assert [r['trial_id'] for r in again] == [r['trial_id'] for r in results]
   # Cluster mode: no command is left to run; merge rewrites the report.
   assert run.commands(study, str(tmp_path), 'configs/study_digits.py:quick') == []

@@ -106,7 +106,7 @@ def test_quick_fixed_epoch_study_end_to_end(tmp_path):
   study.variants = {'no_remedy': study.variants.no_remedy.to_dict()}
   study.num_seeds = 3
   lines = []
-  results = run.run(study, str(tmp_path), echo=lines.append)
+  results = run.run_study(study, str(tmp_path), echo=lines.append)
   assert len(results) == 6
   num_train = study.base.data.num_train
   for r in results:
@@ -140,7 +140,7 @@ def test_quick_fixed_epoch_study_end_to_end(tmp_path):
 def test_quick_configs_run_end_to_end(name, tmp_path):
   """The shipped :quick studies as they are (2 variants x 2 batch sizes x 2 seeds)."""
   study = importlib.import_module(f'configs.{name}').get_config('quick')
-  results = run.run(study, str(tmp_path), echo=lambda *_: None)
+  results = run.run_study(study, str(tmp_path), echo=lambda *_: None)
   assert len(results) == 8 and not any(r['diverged'] for r in results)
   rows = aggregate.fixed_epochs(results)
   assert all(r['final_metric']['kind'] == 'min-max' for r in rows)

@@ -98,7 +98,7 @@ def test_quick_face_study_end_to_end(tmp_path):
   accuracy and TAR@FAR at the end, the budget run in full (the target does not stop it)."""
   study = _study('quick')
   study.target.value = 0.5  # reached at the first evaluation: recorded, training goes on
-  results = run.run(study, str(tmp_path), echo=lambda *_: None)
+  results = run.run_study(study, str(tmp_path), echo=lambda *_: None)
   assert sorted(r['trial_id'] for r in results) == [
       'sgd_linear-b256-lr0-s0', 'sgd_linear-b64-lr0-s0', 'sgd_linear_pfc-b256-lr0-s0']
   for r in results:

@@ -97,7 +97,7 @@ def main(argv):
         elif _MERGE.value:
           run.merge(study, workdir)
         else:
-          run.run(study, workdir, only=_TRIAL.value)
+          run.run_study(study, workdir, only=_TRIAL.value)
       except (Exception, signals.Interrupted) as e:  # pylint: disable=broad-except
         failure = exits.classify(e)
         if failure is None:

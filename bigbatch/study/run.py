@@ -62,9 +62,11 @@ import ml_collections
 
 from bigbatch import config_lib
 from bigbatch import data
+from bigbatch import jsonl
 from bigbatch import schedule
 from bigbatch import signals
 from bigbatch import trainer
+from bigbatch import units
 from bigbatch import workdir as workdir_lib
 from bigbatch.fields import ConfigError
 from bigbatch.study import grid
@@ -74,15 +76,15 @@ from bigbatch.study import render_steps
 # ----------------------------------------------------------------------------- results
 
 
-def _read_metrics(path: str) -> list[dict]:
-  rows = []
-  if workdir_lib.exists(path):
-    for line in epath.Path(path).read_text().splitlines():
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        break
-  return rows
+def _read_rows(path: str, key: str) -> list[dict]:
+  """The rows of a JSON-lines file (none if it is missing); damaged lines are skipped with a
+  warning (bigbatch/jsonl.py)."""
+  if not workdir_lib.exists(path):
+    return []
+  read = jsonl.read(path, key)
+  if read.damaged:
+    logging.warning('%s.', jsonl.describe_damage(path, read.damaged))
+  return read.rows
 
 
 def _float(v) -> float:
@@ -92,7 +94,7 @@ def _float(v) -> float:
 def collect(trial: grid.Trial, trial_dir: str, wall_s: float, diverged: bool = False) -> dict:
   """The result row of a finished trial, from its workdir (metrics.jsonl, target.json)."""
   c = trial.config
-  rows = _read_metrics(os.path.join(trial_dir, 'metrics.jsonl'))
+  rows = _read_rows(os.path.join(trial_dir, 'metrics.jsonl'), 'step')
   metric = c.target.metric
   evals = [r for r in rows if metric in r]
   curve = [[r['step'], _float(r[metric])] for r in evals]
@@ -157,7 +159,7 @@ def _num_train(c) -> int:
 def read_results(workdir: str) -> dict[str, dict]:
   """Finished trials by id: results.jsonl, plus result.json files not merged into it yet."""
   out = {}
-  for row in _read_metrics(os.path.join(workdir, 'results.jsonl')):
+  for row in _read_rows(os.path.join(workdir, 'results.jsonl'), 'trial_id'):
     out[row['trial_id']] = row
   trials_dir = epath.Path(workdir) / 'trials'
   if trials_dir.is_dir():
@@ -221,12 +223,7 @@ def run_trial(trial: grid.Trial, workdir: str, cache=None) -> dict:
   return row
 
 
-def _duration(seconds: float) -> str:
-  seconds = int(seconds)
-  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
-
-
-def run(study: ml_collections.ConfigDict, workdir: str, *, only: Iterable[str] = (),
+def run_study(study: ml_collections.ConfigDict, workdir: str, *, only: Iterable[str] = (),
         echo=print, cache=None) -> list[dict]:
   """Runs every unfinished trial (or those named in `only`), then writes the report (not for
   `only`). Returns all results known in the workdir. `cache`: a trainer.CompileCache for the
@@ -273,7 +270,7 @@ def run(study: ml_collections.ConfigDict, workdir: str, *, only: Iterable[str] =
                  'diverged' if row['diverged'] else 'target not reached')
     echo(f'[study] trial {i + 1}/{len(todo)} {trial.trial_id}: {outcome}, best '
          f'{row["target"]["metric"]} {row["best_metric"]}, {row["wall_s"]:.1f} s | elapsed '
-         f'{_duration(elapsed)}, ETA {_duration(eta)}')
+         f'{units.duration(elapsed)}, ETA {units.duration(eta)}')
   if only:
     return list(done.values())
   return finish(study, workdir, all_trials, done, echo=echo)
@@ -306,7 +303,7 @@ def merge(study: ml_collections.ConfigDict, workdir: str, echo=print) -> list[di
   workdir = workdir_lib.absolute(workdir)
   all_trials = grid.trials(study)
   _check_workdir(workdir)
-  in_jsonl = {r['trial_id'] for r in _read_metrics(os.path.join(workdir, 'results.jsonl'))}
+  in_jsonl = {r['trial_id'] for r in _read_rows(os.path.join(workdir, 'results.jsonl'), 'trial_id')}
   done = read_results(workdir) if workdir_lib.isdir(workdir) else {}
   if not done:
     raise workdir_lib.WorkdirError(
