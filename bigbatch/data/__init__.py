@@ -1,33 +1,10 @@
-"""Data sets by name: a registry of sources, and `create(config)` for the one config.data.name
-names.
+"""Data sets by name: a registry of sources, and `create(config)` for the one that
+config.data.name names.
 
-  name              module              reads
-  digits            digits.py           sklearn's 8x8 digits through TFDS, held in memory
-  synthetic         synthetic.py        generated images labelled by a random teacher network
-  imagenet2012      images.py           TFDS image sets, decoded and augmented by tf.data
-  cifar10           images.py           (array_record: by global index; tfrecord: per process)
-  mnist             images.py
-  face_synthetic    faces.py            generated identities (face_synthetic.py)
-  face_folder       faces.py            image folders (face_files.py)
-  face_recordio     faces.py            InsightFace RecordIO (face_files.py, face_arrays.py)
-
-A source is a module (or any object) with
-  create(config, *, global_batch, accumulation_steps, eval_batch, seed, process_index,
-         process_count, prefetch) -> input_pipeline.Dataset
-  facts(config) -> DataFacts   the splits' sizes, image shape and classes, found without reading
-                               or preparing the data (main --print_derived, export)
-and, where it has them,
-  defaults() -> dict           the config.data fields only it reads, with their defaults
-  validate(config)             their checks, before anything is read (fields.ConfigError)
-  prepared_dir(config) -> str  where its prepared files are, if it prepares them (TFDS): what
-                               a read failure advises to delete, since they are rebuilt
-  runlocal(config)             its CPU smoke form (config_lib.runlocal); a source without one is
-                               replaced by 'synthetic' there, its fields reset to their defaults
-`register(name, source)` adds one, from any module; the built-in sources are registered below the
-same way, and one source may serve several names. Every registered source is light at import
-(numpy; no TensorFlow or jax): configs are validated before those are imported, and a source
-imports them in `create` and `facts`. Shared helpers (DataFacts, counter hash, file locks, tf.data
-plumbing) are in common.py.
+`register(name, source)` adds a source from any module; the built-in ones (digits, synthetic,
+the TFDS image sets in images.py, the face sets in faces.py) are registered below the same way.
+What a source provides, and the table of built-in names, are in docs/design.md, "Adding a data
+set or a model: one file". Shared helpers are in common.py.
 """
 from __future__ import annotations
 
@@ -49,8 +26,10 @@ _SOURCES: dict[str, Any] = {}
 
 
 def register(name: str, source: Any) -> None:
-  """Adds data set `name` (config.data.name), read by `source` (module docstring). Registering
-  the same source again is a no-op; another source under a registered name is a ValueError."""
+  """Adds data set `name` (config.data.name), read by `source`: a module or object with `create`
+  and `facts`, and optionally `defaults`, `validate`, `runlocal`, `prepared_dir` (docs/design.md,
+  "Adding a data set or a model: one file"). Registering the same source again is a no-op;
+  another source under a registered name is a ValueError, one without create/facts a TypeError."""
   missing = [f for f in ('create', 'facts') if not callable(getattr(source, f, None))]
   if missing:
     raise TypeError(f'data source {name!r} ({source!r}) has no {" or ".join(missing)}')

@@ -1,17 +1,9 @@
-"""Models by name: a registry of model sources, and `build` for the one config.model.name names.
+"""Models by name: a registry of model sources, and `build` for the one that config.model.name
+names.
 
-A model source is a module (or any object) with
-  Model     a flax module class, built as Model(num_classes, norm, width, dtype, **optional) and
-            called as `model.apply(variables, x_BxHxWxC, train=...)`; each of OPTIONAL_FIELDS
-            (depth, stage_depths, ...) is passed only to a Model that declares a field of its name
-and, where it has them,
-  DEPTHS    the model.depth values it builds
-  STAGES    how many block counts model.stage_depths gives (without it, stage_depths stays None)
-  validate(config)  further checks of config.model (fields.ConfigError)
-  runlocal(config)  its CPU smoke form (config_lib.runlocal), e.g. one block per stage, width 8
-`register(name, source)` adds one, from any module. The built-in models are the modules of this
-package that define a Model, registered below the same way under their file names: a new one is a
-new file here, or a file anywhere that registers itself.
+`register(name, source)` adds a source (a module with a `Model` class) from any module; the
+modules of this package that define a Model are registered below under their file names. What a
+source provides is in docs/design.md, "Adding a data set or a model: one file".
 """
 from __future__ import annotations
 
@@ -37,8 +29,10 @@ OPTIONAL_FIELDS = ('depth', 'stage_depths', 'zero_init_last_gamma', 'conv_impl',
 
 
 def register(name: str, source: Any) -> None:
-  """Adds model `name` (config.model.name), built from `source` (module docstring). Registering
-  the same source again is a no-op; another source under a registered name is a ValueError."""
+  """Adds model `name` (config.model.name), built from `source`: a module or object with a
+  `Model` class, and optionally `DEPTHS`, `STAGES`, `validate`, `runlocal` (docs/design.md,
+  "Adding a data set or a model: one file"). Registering the same source again is a no-op;
+  another source under a registered name is a ValueError, one without Model a TypeError."""
   if not isinstance(getattr(source, 'Model', None), type):
     raise TypeError(f'model {name!r} ({source!r}) has no Model class')
   known = _MODELS.get(name)
