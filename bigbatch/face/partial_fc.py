@@ -2,86 +2,11 @@
 millions of identities, its class centers split over devices, each device using only a sample
 of its own.
 
-Layout. The class centers W [C_pad, D] are one parameter, sharded in contiguous row blocks over
-every device: PartitionSpec(('data', 'model'), None) (`centers_spec`). C_pad is C rounded up to a
-multiple of the device count N; shard j holds classes [j * Cs, (j + 1) * Cs), Cs = C_pad / N, in
-the linear device order of ('data', 'model') (data-major), the order in which shard_map hands
-out the row blocks and `lax.all_gather` concatenates. Padded rows (class id >= C) are never
-sampled as positives, are masked out of the softmax (logit -inf) and get a zero gradient.
-
-Per-device computation (`loss`, called inside `jax.shard_map` over the axes in
-`Config.axis_names`):
-  1. The local embeddings [m, D] are L2-normalized and all-gathered (tiled) with the labels
-     over all device axes: every device sees the global batch [B = N * m, D].
-  2. Shard j's softmax holds the positive classes of the global batch that it holds, topped up
-     with uniformly random other real classes to S = int(rate * Cs) rows (`sample_size`,
-     rounded down as arcface_torch's partial_fc_v2), whatever the batch: max(S, P) rows where
-     P is the shard's distinct positives, exactly arcface_torch's rule (which keeps all P rows
-     when P > S). The order is drawn once, K = max(S, min(B, Cs)) long (`capacity`: no shard
-     holds more positives than that): top_k of (uniform score, + 2 for positives, -1 for
-     padding), i.e. positives first, then negatives; keys are fold_in(key, shard index). At
-     S = Cs (rate 1) every row is taken, in order, without sampling.
-     Static shapes: the first S columns are one [B, S] block, computed every step. A shard
-     whose P exceeds S (rare at scale: at 64 devices and B = 65,536 a shard sees at most
-     ~B / 64 = 1,024 distinct positives on average against S = 3,218; frequent with few
-     classes per device and a large batch, as in small synthetic runs)
-     computes its columns S..P in further blocks of ceil(S / 4) under lax.cond inside a
-     rematerialized lax.scan: blocks past P are skipped, so a normal step does no extra work,
-     one compiled program serves every batch, each shard decides alone (no host decision, no
-     agreement between processes), and the extra buffers are a quarter of the [B, S] logits'.
-     Nothing is dropped, the rate is never changed: the aux 'overflow' (0/1, any shard) is
-     the trainer's `partial_fc_overflow` metric (the microbatches of the step that overflowed).
-  3. Logits [B, columns] = margin_logits(cos) with each row's target remapped to its sampled
-     column (-1 where another shard holds it). Cross-entropy across shards: each block gives
-     its row max (stop_gradient: the max cancels out of the value) and exp-sum, merged within
-     the shard; across shards the max by pmax, the rescaled exp-sums by psum, the target logit
-     by psum from its owner; loss = mean over the global batch, the same value on every device
-     (with Config.cap_loss each row's value capped at -log(1e-30), as arcface_torch reports it;
-     the gradient is the uncapped one: bigbatch/face/losses.py).
-
-Gradient contract (what the trainer must do; tested in tests/test_partial_fc.py). The trainer
-calls `jax.value_and_grad` of this per-device loss w.r.t.
-  * the backbone's replicated parameters, after `lax.pcast(p, axis_names, to='varying')`, and
-    then reduces their gradients with ONE `lax.pmean` over axis_names (after accumulation);
-  * its local block of centers [Cs, D], whose gradient it does NOT reduce.
-Then the backbone gradient is exactly d(global mean loss)/d(params) and each device's centers
-gradient is exactly d(global mean loss)/d(its rows). How: the loss value is device-invariant
-(a psum result), and differentiating an invariant value in shard_map gives every device the
-full derivative w.r.t. its own varying inputs (the backward of psum is pvary, no
-communication); the backward of all_gather is a reduce-scatter, so the embeddings' cotangent
-sums every shard's contribution. That is the true gradient w.r.t. the centers. For the local
-embeddings it is d L / d e_i, which a pmean would divide by N, so the embeddings pass through an
-identity whose backward multiplies by N: the per-device gradient w.r.t. the local embeddings is
-N * dL/de_i = the gradient of this device's own mean loss (1/m) sum_i CE, the data-parallel
-convention, and pmean over devices then yields the true backbone gradient. Consequently the
-per-device loss must not also be pmean'd/psum'd before differentiation, and gradients of
-anything upstream of the embeddings on one device (e.g. the input images) are N x dL/d(them).
-The pcast is required: differentiating w.r.t. parameters left invariant makes the vma type
-system insert a psum of their gradient (the transpose of the implicit pcast) inside every
-microbatch, which with the x N above would give N x the true gradient. Under accumulation the
-centers' gradient is summed over the K microbatches and divided by K like every other gradient;
-only the pmean is skipped for it.
-
-Batch layout required: the embeddings' batch axis is sharded over all of axis_names jointly
-(device i holds examples [i * m, (i + 1) * m) of the global batch, i the linear device index).
-With a 'model' axis of size 1 this is the trainer's P(None, 'data') microbatch layout. With
-model > 1 the batch must be split over ('data', 'model'), not replicated over 'model' (a
-replicated batch would be gathered N_model times). Inputs not yet varying over an axis are
-pcast to varying over it.
-
-Gradient accumulation: each microbatch samples its own negatives; the trainer passes the key
-`fold_in(step_key, microbatch_index)` (`microbatch_key`), so the accumulated centers gradient
-is nonzero on the union of the microbatches' samples.
-
-Optimizer state: the centers' momentum / Adam moments are sharded like the centers (the
-optimizer runs elementwise, so jit keeps the sharding). Rows not sampled get an exactly zero
-gradient. By default (as arcface_torch's partial_fc_v2) the optimizer still applies momentum and
-weight decay to them; `sampled_rows_update(inner)` instead restricts `inner` to rows with a
-nonzero gradient (zero update, state rows unchanged elsewhere), as partial_fc v1 did with its
-per-sample momentum.
-
-Shapes: B global batch, m per-device batch, D embedding dim, C classes, Cs rows per shard,
-S sampled rows per shard, K the length of the sampled order, P a shard's distinct positives.
+`loss` is the per-device computation (inside `jax.shard_map`), `centers_spec` the centers'
+sharding, `sampled_rows_update` the optional optimizer restriction to sampled rows. The layout,
+the computation step by step, the gradient contract the trainer keeps (bigbatch/step.py) and
+the batch layout it needs are in docs/design.md, "Partial FC: ..." sections; the margin itself
+is bigbatch/face/losses.py.
 """
 from __future__ import annotations
 
@@ -140,7 +65,7 @@ def padded_num_classes(num_classes: int, num_shards: int) -> int:
 
 def sample_size(num_classes: int, num_shards: int, sample_rate: float) -> int:
   """S = int(rate * Cs): the rows of each shard in the softmax of a batch whose positives on
-  every shard number at most S (module doc). Rounded down, as arcface_torch's partial_fc_v2
+  every shard number at most S (docs/design.md). Rounded down, as arcface_torch's partial_fc_v2
   (`int(self.sample_rate * self.num_local)`); rate 1 is every row."""
   cs = padded_num_classes(num_classes, num_shards) // num_shards
   return cs if sample_rate >= 1.0 else int(sample_rate * cs)
@@ -149,7 +74,7 @@ def sample_size(num_classes: int, num_shards: int, sample_rate: float) -> int:
 def capacity(num_classes: int, num_shards: int, global_batch: int, sample_rate: float) -> int:
   """max(S, min(B, Cs)): the most rows one shard's softmax can have for a batch of B (the
   positives of a shard number at most min(B, Cs)); the sampled order is drawn this long and
-  the rows beyond S are computed only when a shard's positives exceed S (module doc)."""
+  the rows beyond S are computed only when a shard's positives exceed S (docs/design.md)."""
   cs = padded_num_classes(num_classes, num_shards) // num_shards
   return max(sample_size(num_classes, num_shards, sample_rate), min(global_batch, cs))
 
@@ -275,7 +200,7 @@ def loss(centers_CsxD, embeddings_MxD, labels_M, key, *, config: Config):
       sampled order, -1 for padding and for the columns beyond max(S, positives) (K =
       `capacity`),
     'overflow' float32 0/1 (device-invariant): whether some shard's positives exceeded S.
-  Gradients follow the contract in the module doc.
+  Gradients follow the contract in docs/design.md, "Partial FC: the gradient contract".
   """
   axes = tuple(config.axis_names)
   num_shards = lax.axis_size(axes)
