@@ -1,49 +1,10 @@
-"""Normalization layers whose statistics are a config choice, not a property of the hardware.
+"""Normalization layers whose statistics are a config choice, not a property of the hardware:
+BatchNorm with sync (whole microbatch over a mesh axis) or ghost (groups of g examples within a
+device's share) statistics, GroupNorm, and `make_norm`: the norm factory of config.model.
 
-flax's `nn.BatchNorm` reduces over the whole (optionally cross-device) batch; it has no ghost
-(virtual) batches. Ghost BN normalizes over groups of g examples within one device's share
-(Hoffer et al. 2017), which is what lets a large global batch keep the statistics of a small one
-and lets 1 device with accumulation reproduce the update of a pod. So BatchNorm is written here.
-
-Running statistics: each call in training mode returns m * running + (1 - m) * batch_stat, where
-batch_stat is the mean over groups (ghost BN) or the statistic of the whole synchronized
-microbatch. Under gradient accumulation the trainer averages the k microbatch results, i.e.
-running <- m * running + (1 - m) * mean_k(batch_stat): one update per optimizer step.
-Variances are biased (divide by n), as in flax.
-
-Cost: the statistics take one pass over the activations, both moments reduced together in
-float32 (as flax's `nn.BatchNorm` with its default use_fast_variance), and sync BN issues one
-collective per layer forward (both moments in one pmean) and one backward. The output is
-x * a + b with per-channel (per-group) a and b, whose backward pass needs only the per-group sums
-of dy and dy * x (benchmarks/bytes_accessed.py: fewer bytes than flax's layer).
-
-Numerics: the moments are taken about a per-channel shift s, var = E[(x - s)^2] - E[x - s]^2,
-because E[x^2] - E[x]^2 multiplies float32's rounding of E[x^2] by E[x^2] / var. That ratio
-reached 1.3e3 in the face test's iResNet (a stage-4 norm3 over groups of 4 examples at 1x1
-spatial size), where it turned the summation-order noise between 1 and 8 devices into 1%
-differences in weights after two steps. Ghost (and local) BN shifts each group by one of its own
-values (the first), so the ratio is 1 + (x_0 - mean)^2 / var: no cancellation beyond the spread.
-Sync BN needs one shift on every device for its single pmean and takes the running mean, which
-tracks the batch mean once training has started (at initialization it is 0: the plain formula).
-The shift costs bytes (benchmarks/bytes_accessed.py, ResNet-50 224x224 batch 32 bf16 on
-XLA:CPU, bytes vs the flax example: sync BN 0.841 -> 0.905, ghost BN 16 0.869 -> 0.964), still
-fewer than flax's layer; where they go is not yet traced (writing the moments' backward out
-changes nothing). A variance lost entirely (a constant channel) clips to 0.
-x * a + b rounds both terms at |mean| / std before they cancel: an absolute error of
-~2^-24 |mean| / std in y, far below bf16's resolution.
-
-Layouts: every per-group sum (both moments forward, dy and dy * x backward) is `_group_sum`:
-each example's positions reduced on their own, then the g examples added in a fixed pairwise
-tree, on x always reshaped to G x g x F (G = 1 included). So a group's statistics are the same
-bits whether its device holds it alone (8 devices x k=8, 4 examples each, groups of 4) or with
-many others (8 x 1, 1 x 8). A single reduction over the group's axes was rounded by XLA in an
-order that depended on G (the fused reduction's shape), and early training with a large lr
-multiplies such a difference ~10-1000x per update: 8 x 8 and 8 x 1 drifted to 2.5e-5 after 5
-updates of the CIFAR ResNet-20 (16x16, ghost 4, SGD lr 0.4), where they now stay below 2e-7
-(tests/test_layouts.py; README, How it works, for what holds over a run). The fixed order costs
-bytes under sync BN, whose one group is a device's whole share (benchmarks/bytes_accessed.py, as
-above: sync BN 37.840 -> 39.019 GiB, 0.905 -> 0.933 of the flax example; ghost BN 16 40.303 ->
-40.360 GiB, 0.964 -> 0.965; the same FLOPs), still fewer than flax's layer.
+Why BatchNorm is written here, how the running statistics move under accumulation, and its
+cost, numerics (moments about a shift) and fixed summation order are in docs/design.md, "Batch
+norm statistics are a config choice" and "Batch norm: cost, numerics and one summation order".
 """
 from __future__ import annotations
 
@@ -95,7 +56,7 @@ class BatchNorm(nn.Module):
     sync = self.axis_name is not None and self.group_size is None
     # One pass over the activations: both moments from one read, accumulated in float32, taken
     # about a per-channel shift near the mean, so that E[(x - s)^2] - E[x - s]^2 does not cancel
-    # (module doc, Numerics). Ghost and local BN shift each group by one of its own values; sync
+    # (docs/design.md, Numerics). Ghost and local BN shift each group by one of its own values; sync
     # BN needs the same shift on every device for its one pmean and takes the running mean.
     if sync:
       shift = per_channel(ra_mean.value)
@@ -118,7 +79,7 @@ class BatchNorm(nn.Module):
     # dy * x per group and derives every other gradient from those per-channel sums, where
     # (x - mean) * a + bias would keep x - mean in memory for its reduction and reduce dy again
     # over all groups for the bias. Both reductions are _group_sum's (the transpose of
-    # _broadcast_groups), the statistics' own order (module doc, Layouts).
+    # _broadcast_groups), the statistics' own order (docs/design.md, one summation order).
     a = jax.lax.rsqrt(var + self.epsilon) * per_channel(scale)
     y = (xg * _broadcast_groups(a, xg.shape)
          + _broadcast_groups(per_channel(bias) - mean * a, xg.shape))
