@@ -1,17 +1,9 @@
 """python -m bigbatch.study --config=configs/study_digits.py --workdir=DIR
 
 Runs a batch-size study (bigbatch/study/run.py): every trial of the sweep through the trainer,
-then DIR/report.md with figures and DIR/results.jsonl. Rerunning the command resumes: trials
-with results are not rerun.
-
-  --print_commands   print one command per unfinished trial (a SLURM array, several slices)
-  --trial=ID         run only that trial (writes DIR/trials/ID/result.json), repeatable
-  --merge            gather the trials' result.json files into results.jsonl and write the report
-
-Errors and signals keep the trainer's contract (docs/errors.md, bigbatch/exits.py): one line
-`bigbatch.study: KIND: ...` and the trainer's exit code, no traceback. SIGTERM (or SIGHUP) during
-a trial checkpoints its current update and exits 75, so that a SLURM job is requeued; the rerun
-skips the trials with results and resumes that one. SIGINT: the same with 130.
+then DIR/report.md with figures and DIR/results.jsonl; rerunning resumes. --print_commands,
+--trial=ID and --merge split it over a cluster. Errors and signals keep the trainer's contract
+(docs/errors.md); the flags and signals are described in docs/design.md, "Batch-size studies".
 """
 from __future__ import annotations
 

@@ -1,16 +1,9 @@
 """A study's trial results reduced to one row per (variant, batch size), and the steps/examples
 fit: pure functions (no files, no figures), which the reports render and unit tests check.
 
-Input is one result dict per trial (a line of results.jsonl), with the fields
-
-  trial_id, variant, data, batch_size, lr, lr_index, seed, target {metric, value, mode},
-  reached, steps_to_target, examples_to_target, wall_to_target_s, best_metric, final_metric,
-  final_train_loss, steps_run, wall_s, eval_curve [[step, value]], noise_scale [[step, B_simple]],
-  sharpness [[step, top eigenvalue]], diverged.
-
-Only trial_id, variant, batch_size, lr and seed are required; any other field may be missing,
-None or non-finite (a diverged trial's NaN, or the string 'nan' that metrics.jsonl writes), and
-is then treated as not measured.
+The input is one result dict per trial (a line of results.jsonl); its fields, which are
+required and how a missing or non-finite one is treated are in docs/design.md, "Trials,
+results and reports".
 """
 from __future__ import annotations
 

@@ -1,14 +1,9 @@
-"""The figure files of the study reports, drawn from `bigbatch.study.aggregate`'s rows.
+"""The figure files of the study reports, drawn from `bigbatch.study.aggregate`'s rows for the
+renderers (render_steps.py, render_epochs.py).
 
-matplotlib's object API with the Agg canvas: no pyplot, no global backend switch, nothing needs a
-display. Each figure function writes one PNG and returns '' or, when its data are missing, draws
-nothing and returns why (report.md prints that in the figure's place). What a row holds, and how
-a trial's fields are read, is `bigbatch.study.aggregate`'s business: the figures get the rows,
-the fits and the words (target, metric) from the renderers (render_steps.py, render_epochs.py).
-
-Arguments: by_variant is {variant: its rows, by batch size}, in the report's order; fits is
-{variant: (aggregate.fit_steps_examples's dict or None, why not)}; path is where the PNG goes (a
-local path or an object-store URL).
+Each figure function writes one PNG with matplotlib's Agg canvas (no pyplot, no display) and
+returns '' or, when its data are missing, why. Its arguments (by_variant, fits, path) and the
+split of work with aggregate.py are in docs/design.md, "Trials, results and reports".
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The trials of a batch-size study: one validated experiment config per (variant, batch size,
-lr, seed), built from the study config (its fields: bigbatch/study/run.py). Pure: nothing runs
-and nothing is written here."""
+lr, seed), built from the study config (its fields: docs/design.md, "The study config").
+Pure: nothing runs and nothing is written here."""
 from __future__ import annotations
 
 import copy

@@ -1,5 +1,6 @@
 """The study's in-run measurements, as loop hooks (bigbatch/hooks.py): the target stop and the
-top Hessian eigenvalue (sharpness). The loop installs them when the config asks for them.
+top Hessian eigenvalue (sharpness). `hooks_for(config, workdir)` gives those the config asks
+for; main.train and the study runner pass them to `loop.train_and_evaluate`, which knows no study.
 
 Target: the first evaluated step at which config.target's metric is met is recorded in
 workdir/target.json ({step, examples, wall_s, metric, value, achieved}) and read back on resume;

@@ -1,39 +1,10 @@
-"""Gradient noise scale (McCandlish et al. 2018), measured for free in data-parallel training.
+"""Gradient noise scale (McCandlish et al. 2018): the host-side averaging of the in-step
+measurement (bigbatch/grad_stats.py), for series computed off the trainer.
 
-The simple noise scale B_simple = tr(Sigma) / |G|^2 predicts the critical batch size: G is the
-true (full-data) gradient of the mean loss and Sigma the covariance of one example's gradient.
-The gradient of a mean over a batch of b examples has E|G_b|^2 = |G|^2 + tr(Sigma) / b, so the
-squared norms at two batch sizes b < B of the same step give unbiased estimates of both:
-
-  |G|^2     ~= (B |G_B|^2 - b |G_b|^2) / (B - b)
-  tr(Sigma) ~= (|G_b|^2 - |G_B|^2) / (1/b - 1/B)
-
-Each step's estimates are noisy (tr(Sigma) is often negative on a single step), and the ratio of
-two noisy numbers is biased; so the numerator and the denominator are smoothed SEPARATELY
-(moving averages) and divided afterwards (`NoiseScaleEMA`), as the paper does.
-
-What b and B are in data-parallel training: each device (or each microbatch under gradient
-accumulation) computes the gradient of the mean loss over its own b examples before the
-cross-device reduction. |G_b|^2 is the MEAN over devices/microbatches of those gradients'
-squared norms (`per_shard_sq_norms` on each, then a mean), |G_B|^2 the squared norm of the
-reduced (averaged) gradient, and B the global batch. b is the number of examples behind ONE small
-gradient: the per-device microbatch if the squared norm is taken per microbatch, the per-device
-batch if taken after local accumulation. With one device and no accumulation b == B and there is
-nothing to compare (`estimates` raises).
-
-Biases to avoid when measuring:
-* Synchronized batch norm normalizes each device's examples with statistics of the WHOLE global
-  batch, so the per-device gradients are coupled through those statistics: they are not
-  gradients of independent b-example batches, and the estimator's E|G_b|^2 = |G|^2 +
-  tr(Sigma)/b no longer holds (the estimate is biased). Prefer ghost BN with groups inside one
-  device (model.bn_group_size dividing the per-device batch): each device's gradient is then the
-  gradient of its own examples only. The independent unit is then a ghost group rather than an
-  example; b and B stay example counts (both multiples of the group size) and the estimate is
-  that of the ghost-BN loss. Batch-free norms (group norm) have no such issue.
-* Use the gradient of the LOSS only: exclude weight decay / L2 terms (and any other
-  deterministic term). They add the same vector to every small and large gradient, which
-  cancels in tr(Sigma) but inflates |G|^2, so B_simple would describe the regularizer too.
-* Both gradients must be of a MEAN (not a sum) over their examples, with the same loss scale.
+`NoiseScaleEMA` smooths |G|^2 and tr(Sigma) separately and divides afterwards;
+`b_simple_from_series` does that for a whole series. The estimator, what b and B are in
+data-parallel training and the biases to avoid are in docs/design.md, "The gradient noise
+scale".
 """
 from __future__ import annotations
 

@@ -1,50 +1,10 @@
-"""Batch-size studies: a sweep of trials through the one trainer, results, report.
+"""Batch-size studies: a sweep of trials through the one trainer, their results, the report.
 
-A study config (configs/study_*.py) names a base experiment config and what to sweep:
-
-  study.base          the experiment (any bigbatch config: digits, CIFAR-10, ImageNet, ...)
-  study.batch_sizes   global batch sizes
-  study.variants      name -> overrides of the base config (nested ConfigDicts), e.g. the
-                      optimizer, the lr scaling rule, warmup, BN groups; a variant may also
-                      override `lr_search` (e.g. a single untuned trial to test a scaling rule)
-  study.lr_search     per-batch-size learning-rate search (Shallue et al. 2018): mode 'grid'
-                      (log-spaced) or 'quasirandom' (a Halton sequence in log space) over
-                      `range`, `num_trials` values; relative_to 'rule' multiplies the peak lr
-                      that the config's scaling rule gives at that batch, 'absolute' sets the
-                      peak lr itself (the rule is then unused)
-                      (a variant may also set `batch_sizes`: a subset of study.batch_sizes
-                      at which it runs, e.g. a Partial FC rate tried at the large end only)
-  study.num_seeds     seeds per point: reported as mean and spread
-  study.target        metric, value, mode: a trial stops at the first evaluation that meets it
-  study.budget        epochs or steps: a trial that has not met the target by then is recorded
-                      as not reached
-  study.microbatch    examples per device per microbatch (None: the whole batch at once): the
-                      accumulation steps follow, which gives the noise scale a small batch on
-                      one device
-  study.noise_scale   log the gradient noise scale in every trial that can measure it
-  study.sharpness     measure the top Hessian eigenvalue at the end of every trial
-  study.kind          'steps_to_target' (the default: the above) or 'fixed_epochs': every
-                      trial trains for exactly study.budget.epochs with no target and one lr per
-                      variant (no search: the variant's rule sets it; epochs count as total
-                      examples / batch, lr.epoch_steps=total_examples_floor unless the base
-                      asks for total_examples_ceil), and the report compares
-                      the final (and best) held-out metric and loss at that budget across batch
-                      sizes (Goyal et al. 2017 Fig. 1, Keskar et al. 2017); a target value, if
-                      set, is recorded (steps to target) without stopping the trial
-  study.report_metrics  fixed_epochs: further evaluation metrics tabulated (final value over
-                      seeds), e.g. 'verify/synthetic/tar_at_far_1e-3'
-
-Each trial (bigbatch/study/grid.py builds them) is one run of `loop.train_and_evaluate` in
-DIR/trials/<trial id>, with the target stop and the budget set; its result (the schema of
-bigbatch/study/aggregate.py) goes to DIR/trials/<id>/result.json and DIR/results.jsonl. Trials
-that differ only in the peak lr or the seed reuse one compiled step (a trainer.CompileCache held
-by the runner). A rerun of the same command skips every trial with a result; an interrupted
-trial resumes from its own checkpoints. The report is render_steps.py's or render_epochs.py's,
-by study.kind.
-
-For a cluster, `--print_commands` prints one command per unfinished trial (`--trial=ID`, to run
-as a SLURM array or on several TPU slices, each writing only its result.json) and `--merge`
-gathers their result.json files into results.jsonl and writes the report.
+`run_study` runs (or, for a cluster, prints or merges) the trials that grid.py builds from a
+study config (configs/study_*.py), each one run of `loop.train_and_evaluate` with the study's
+hooks, and writes results.jsonl and the report (render_steps.py or render_epochs.py). The study
+config's fields, the files a study writes and the cluster mode are in docs/design.md,
+"Batch-size studies".
 """
 from __future__ import annotations
 

@@ -1,21 +1,8 @@
-"""Sharpness: the largest algebraic eigenvalue of the training-loss Hessian, by Lanczos.
+"""Sharpness: the largest algebraic eigenvalue of the training-loss Hessian, by Lanczos over
+reverse-over-reverse Hessian-vector products (`hvp`, `lanczos_top_eigenvalue`, `top_eigenvalue`).
 
-Keskar et al. 2017 relate large-batch generalization to sharp minima; the top Hessian eigenvalue
-is the standard measure. It is the largest ALGEBRAIC eigenvalue (the most positive curvature);
-away from a minimum the Hessian also has negative eigenvalues, possibly larger in magnitude, which
-is why plain power iteration (it finds the largest |lambda|) is not used.
-
-Hessian-vector products are reverse-over-reverse, grad_p(grad_p L(p) . v): the CPU convolution
-(bigbatch.models.conv, impl='matmul') is a jax.custom_vjp whose backward is differentiable but
-which has no forward mode, so the cheaper forward-over-reverse jvp(grad) is not available there.
-
-The loss must be the same deterministic function of the parameters in every product for Lanczos
-to see one symmetric matrix: a fixed batch, no fresh dropout rngs, and batch norm either with
-frozen running statistics (apply(..., train=False)) or, in train mode, with the mutated
-statistics discarded rather than fed back between products.
-
-Memory: Lanczos with full reorthogonalization keeps num_iters + 1 vectors of the parameter size
-on the device (e.g. ResNet-50, 25.6M float32 parameters, 20 iterations: ~2.2 GB).
+Why Lanczos and reverse-over-reverse, what the loss must satisfy and the memory it takes are in
+docs/design.md, "Sharpness"; the loop hook that measures a run is bigbatch/study/hooks.py.
 """
 from __future__ import annotations
 
