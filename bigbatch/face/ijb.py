@@ -2,22 +2,8 @@
 
   python -m bigbatch.face.ijb WORKDIR_OR_EXPORT --root=DIR/IJBC --target=IJBC [--batch=256]
 
-The benchmark's layout (what InsightFace distributes as IJB_release/IJB{B,C}):
-  ROOT/loose_crop/NAME.jpg                       the images, not aligned
-  ROOT/meta/{target}_name_5pts_score.txt         NAME x1 y1 ... x5 y5 faceness, one image a line
-  ROOT/meta/{target}_face_tid_mid.txt            NAME template_id media_id, the same order
-  ROOT/meta/{target}_template_pair_label.txt     template_1 template_2 label(1 same, 0 not)
-
-Per image: a similarity transform from its 5 landmarks onto ArcFace's 112x112 template, bilinear
-(`align`); the embedding of the image plus that of its mirror image, unnormalized (the flip
-test, "F2"); times the detector's faceness score. Per template: the mean embedding of each
-media (the frames of one video count once), summed over its media, L2-normalized. Per pair: the
-cosine of the two templates. Reported: TAR at FAR 1e-6 ... 1e-1 read off scikit-learn's ROC as
-InsightFace reads it (the point whose FAR is nearest), and the ROC's AUC.
-
-Differences from the reference that can move a number in the last digits: the warp is
-scipy.ndimage's bilinear interpolation (the reference: OpenCV's warpAffine), and images are
-decoded by Pillow (the reference: OpenCV).
+The benchmark's layout, the computation (alignment, flip test, templates, TAR at FAR) and the
+differences from the reference are in docs/design.md, "Face verification protocols".
 """
 from __future__ import annotations
 

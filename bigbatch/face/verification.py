@@ -1,24 +1,9 @@
-"""Face verification as InsightFace reports it (LFW, CFP-FP, AgeDB-30, ...).
+"""Face verification as InsightFace reports it (LFW, CFP-FP, AgeDB-30, ...): `embed_pairs` with
+the flip test, `evaluate` for accuracy and TAR@FAR over 10 folds.
 
-Spec: deepinsight/insightface recognition/arcface_torch eval/verification.py (`test`,
-`evaluate`, `calculate_roc`, `calculate_val`), itself from FaceNet's lfw.py.
-
-Pairs are consecutive: images 2n and 2n+1 form pair n. `embed_pairs` embeds every image and its
-horizontal mirror, sums the two raw embeddings and L2-normalizes the sum (the flip test).
-`evaluate` then uses the squared L2 distance d of each pair (in [0, 4] for unit vectors; "same"
-when d < threshold) and 10 contiguous folds (sklearn KFold without shuffle: the first N mod 10
-folds hold one pair more):
-  accuracy   per fold, the threshold of 0, 0.01, ..., 3.99 with the best accuracy on the other 9
-             folds (the first on ties, as np.argmax), applied to this fold; mean and std (numpy's
-             population std) over the folds.
-  TAR@FAR    per fold, on the other 9 folds the false accept rate FAR(t) of thresholds
-             0, 0.001, ..., 3.999; the threshold for FAR = target is interpolated linearly between
-             the last threshold with FAR <= target and the next one (InsightFace interpolates the
-             same curve with scipy's interp1d(far, thresholds, 'slinear'), whose result is
-             ill-defined where FAR repeats; this picks the crossing, which is where they agree).
-             When no threshold reaches the target FAR (negatives all farther than 3.999), the
-             largest threshold is used; InsightFace uses 0 there, which reports TAR 0 for a
-             perfect model. TAR and FAR of that threshold on this fold; mean over folds.
+Specification: deepinsight/insightface recognition/arcface_torch eval/verification.py, itself
+from FaceNet's lfw.py. The protocol, and where bigbatch departs from it (the TAR@FAR
+interpolation), are in docs/design.md, "Face verification protocols".
 """
 from __future__ import annotations
 
@@ -105,7 +90,7 @@ def _sci(x: float) -> str:
 
 def evaluate(embeddings_2NxD: np.ndarray, issame_N: np.ndarray, nfolds: int = NUM_FOLDS,
              far_target: float = 1e-3) -> dict[str, float]:
-  """Verification metrics of consecutive-pair embeddings (module docstring).
+  """Verification metrics of consecutive-pair embeddings (docs/design.md, "Face verification").
 
   Returns accuracy_mean, accuracy_std, best_threshold (mean over folds of the chosen distance
   threshold), tar_at_far_1e-3 (for far_target=1e-3; the key names the target), tar_std and far

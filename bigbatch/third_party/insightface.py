@@ -1,24 +1,10 @@
 """InsightFace data conventions: the RecordIO layout of face training sets, and `.bin` pairs.
 
-Spec: deepinsight/insightface recognition/arcface_torch (dataset.py MXFaceDataset,
-eval/verification.py load_bin) and the face2rec2 tools that wrote the public sets.
-
-Training sets (`train.rec` / `train.idx`, MXNet RecordIO: bigbatch/third_party/recordio.py):
-  record 0            flag 2, label [first identity record, end of records)
-  records 1 .. b-1    images: JPEG payloads, label = identity (a float, or label[0] of an array)
-  records b .. end-1  one per identity: flag 2, label [start, end) of its image records, no image
-The ranges are float32: above 2^24 (16.7M records, e.g. Glint360K's 17M images) a float32 cannot
-hold every integer, so `b` read from record 0 may be off by one or more. The record indices
-therefore come from the exact integer keys of the `.idx`, the float only serves as a cross-check:
-`face_layout` finds b as the first key whose record has no image (a binary search, since images
-precede identity records), and requires float32(b) == record 0's label[0].
-Without a header (record 0 flag 0) every record is an image and the identities are counted from
-the labels.
-
-Verification pairs (`lfw.bin`, `cfp_fp.bin`, `agedb_30.bin`, ...): a pickle of
-(bins: list of 2N encoded images, issame_list: N bools), written under Python 2 by MXNet. Read
-with pickle.load(f, encoding='bytes') and, here, a restricted unpickler: a pickle can run any
-callable it names, so only the few numpy/builtin constructors such files need are allowed.
+Specification: deepinsight/insightface recognition/arcface_torch (dataset.py MXFaceDataset,
+eval/verification.py load_bin) and the face2rec2 tools that wrote the public sets. The layout
+(and why record indices come from the `.idx` keys, not the float32 header), and the restricted
+unpickler for `.bin` pairs, are in docs/design.md, "InsightFace face sets and verification
+pairs".
 """
 from __future__ import annotations
 
@@ -56,8 +42,8 @@ def image_label(header: recordio.IRHeader) -> float:
 
 
 def face_layout(reader: recordio.IndexedRecordIOReader) -> FaceLayout:
-  """The layout of an InsightFace training set (module docstring); raises RecordIOError when the
-  records do not follow it."""
+  """The layout of an InsightFace training set (docs/design.md, "InsightFace face sets"); raises
+  RecordIOError when the records do not follow it."""
   keys = reader.keys
   if len(keys) == 0:
     raise recordio.RecordIOError(f'{reader.idx_path}: byte 0: the index lists no records')

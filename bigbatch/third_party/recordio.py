@@ -1,42 +1,9 @@
 """MXNet RecordIO: reader and writer, written from the public format (no MXNet needed).
 
-Spec: dmlc-core include/dmlc/recordio.h and src/recordio.cc (framing), mxnet
-python/mxnet/recordio.py (`.idx` files, the 'IfQQ' payload header, pack/unpack).
-
-Framing. A file is a sequence of parts, each
-    uint32 magic 0xced7230a | uint32 lrec = cflag << 29 | length | data[length] | zero padding to 4
-(little-endian). cflag 0: a whole record; 1, 2, 3: the start, middle and end of a record that the
-writer split. The writer scans the payload at 4-aligned offsets and splits it wherever the 4 bytes
-there equal the magic, dropping those 4 bytes; the reader joins the parts re-inserting the magic
-between them. So a part's data never holds the magic at an aligned offset, and every part starts at
-a 4-aligned file offset: both are checked here, which is what lets a reader tell a record start
-from data.
-
-Payload ('IfQQ', 24 bytes, then the image): uint32 flag, float32 label, uint64 id, uint64 id2.
-flag > 0: `flag` float32 labels follow the header and the header label is 0.
-
-`.idx`: text lines "key\\tbyte_offset", the offset of each record's first magic in the `.rec`.
-Every writer (mxnet's MXIndexedRecordIO.write_idx, im2rec, InsightFace's face2rec2, ours) appends
-the line of a record as it appends the record, so the offsets of an index increase strictly in
-file order, by at least a record's 8-byte part header; keys need not be in order (im2rec takes
-them from a .lst). An index that breaks this (two keys at one offset, an offset that goes back or
-lands inside the record before it) maps keys to records that are not theirs: one record read
-under two keys and so under two labels, another never read. `read_index` refuses it at open,
-naming the keys and offsets: a repeated offset, one that does not increase, or one less than 8
-bytes after the previous. Distinct offsets out of order would read (mxnet reads them), but no
-writer makes them, and they cannot be told from two lines whose offsets were swapped, where each
-key reads the other's record and label; so they are refused too, and keys stay free in order.
-An offset further inside the previous record needs no scan of the file to be caught: no record
-starts there (the data holds no aligned magic, and a continuation part is not a start), so
-reading it raises.
-
-Errors. Every malformed, truncated or mismatched input raises `RecordIOError` (a ValueError) whose
-message names the file and the byte offset, never another exception type and never a silent skip.
-RecordIO has no checksum, so a changed data byte inside a record is returned as read; what the
-framing can show (bad magic, a length past the end or landing inside data, a flag out of order,
-nonzero padding, the magic inside data) is checked on every read.
-
-Reads use os.pread on one descriptor: thread-safe, no shared file position, cheap per record.
+Specification: dmlc-core include/dmlc/recordio.h and src/recordio.cc, mxnet
+python/mxnet/recordio.py. The framing, the payload header, what an `.idx` must satisfy and the
+error policy (every bad input is a `RecordIOError` naming the file and byte offset) are in
+docs/design.md, "MXNet RecordIO". InsightFace's layout on top of it is insightface.py.
 """
 from __future__ import annotations
 
