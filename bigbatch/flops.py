@@ -1,37 +1,11 @@
-"""Model FLOPs counted from the model itself, and the dense peak of the chip they run on.
+"""Model FLOPs counted from the model itself, and the dense peak of the chip they run on: what
+the trainer's perf/* metrics and MFU divide.
 
-MFU = achieved model FLOP/s / (peak FLOP/s per device x devices), where the model FLOPs are the
-work the network needs (its convolutions and matrix products), not what a backend happens to
-execute or report. XLA's cost analysis cannot be that count: a lowered module's analysis has no
-'flops' on GPU, a compiled GPU module's leaves out the convolutions it hands to cuDNN, and a
-compiled step's counts a loop body once. So the count here is analytic, from shapes alone:
-
-  convolution   2 x output elements x kernel volume x input channels per group (forward)
-  dot_general   2 x output elements x contracted size (a dense layer: 2 x batch x in x out)
-  training      3 x forward (the forward product, and two backward ones: d/dinput, d/dweight)
-
-Normalization, activations, pooling and the loss are not counted (under 1.5% of the FLOPs of
-the models here, and not what a matrix unit's peak is about), as in the usual MFU accounting.
-
-How the shapes are found: by tracing the eval-mode forward to a jaxpr on abstract values
-(jax.make_jaxpr on ShapeDtypeStructs: nothing is computed or allocated) and walking it for
-conv_general_dilated and dot_general, recursing into every sub-jaxpr (pjit, custom_vjp and
-custom_jvp calls, remat, scan bodies times their length). This rather than intercepting flax
-module methods (flax.linen.intercept_methods) because the primitives are what every layer comes
-down to: bigbatch.models.conv.Conv (a custom_vjp around lax.conv_general_dilated), nn.Conv,
-nn.Dense, nn.DenseGeneral, einsums and bare jnp.dot all count without a handler per module
-class, and a layer added later cannot be missed silently. The trace is the same on every backend
-(conv_impl only changes the backward pass, which is not traced here), so the count is too.
-
-Padding: "kernel volume" above is the taps that land inside the input. A tap on padding
-multiplies a zero, so it is not work the model needs, and it is what XLA's cost analysis leaves
-out too: this count equals XLA:CPU's convolution and dot FLOPs to the FLOP (tests/test_flops.py
-checks strided, padded, dilated and grouped convolutions; on whole models XLA's total is ~1%
-higher, from the elementwise ops). count_padding=True counts every tap, the convention of
-the published figures: ResNet-50 at 224x224 has 4.09 G multiply-adds = 8.18 GFLOP forward that
-way (7.90 GFLOP without the padded taps, so 23.7 GFLOP per example per training step, 24.5 with
-them). The two differ most where feature maps are small next to the kernel (3x3
-on 7x7: 18% of the taps are padding; ResNet-18 at 64x64 counts 31% more with them).
+The count is analytic (2 x output elements x kernel taps inside the input x input channels per
+group for a convolution, 2 x output elements x contracted size for a dot, 3 x forward for a
+training step), found by tracing the eval-mode forward to a jaxpr on abstract values. Why not
+XLA's cost analysis, how the jaxpr is walked and the padding convention: docs/design.md, "Model
+FLOPs".
 """
 from __future__ import annotations
 
@@ -180,7 +154,7 @@ def forward_flops_per_example(model, variables, image_shape, *,
 
 def training_flops_per_example(model, variables, image_shape, *,
                                count_padding: bool = False) -> float:
-  """Model FLOPs of one training step per example: 3x the forward (module doc).
+  """Model FLOPs of one training step per example: 3x the forward (docs/design.md, "Model FLOPs").
 
   model: a flax module called as model.apply(variables, x, train=...); variables: its
   {'params': ..., 'batch_stats': ...} as arrays or ShapeDtypeStructs; image_shape: (H, W, C).

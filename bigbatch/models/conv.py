@@ -1,27 +1,10 @@
 """2-D convolution whose backward pass is fast on XLA:CPU, and a drop-in `nn.Conv` built on it.
 
-`conv2d(x_NHWC, kernel_HWIO, ...)` computes exactly `lax.conv_general_dilated(x, kernel, strides,
-padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))`. The forward pass is always XLA's
-convolution. impl='matmul' replaces the backward pass with a `jax.custom_vjp`:
-
-* kernel gradient: dW = patches(x)^T @ dy, i.e. one matrix product per chunk of the batch, where
-  the patches (im2col) are built from strided slices of the padded chunk. Chunks, accumulated by
-  a `lax.scan`, keep each patch matrix a few MB (cache-sized): building all patches of a big
-  batch at once is memory-bound on CPU and loses most of the gain. XLA:CPU lowers the kernel
-  gradient as a convolution whose "kernel" is the whole dy image; that is the slow path this
-  module exists to avoid (see benchmarks/conv_grad.py).
-* input gradient: the transposed convolution, as s*s stride-1 forward convolutions, one per
-  output phase (polyphase decomposition), interleaved. For stride 1 this is the single
-  convolution XLA itself uses; for stride 2 it avoids XLA's input-dilated convolution, which
-  multiplies by the inserted zeros (4x the work).
-
-The backward pass is written in differentiable jax ops, and the convolutions inside it call the
-same custom_vjp, so reverse-over-reverse (Hessian-vector products as grad of grad . v) works and
-stays on the fast path at every order. Forward-mode (jvp) through a custom_vjp is not supported
-by JAX, so nothing here relies on it.
-
-impl='auto' is 'matmul' on the CPU backend and 'xla' (unchanged XLA convolution) elsewhere,
-where XLA's own convolution gradients are the fast ones.
+`conv2d` computes exactly `lax.conv_general_dilated` in NHWC/HWIO; impl='matmul' gives it a
+custom backward pass (kernel gradient as chunked im2col matrix products, input gradient as
+polyphase stride-1 convolutions) that stays differentiable, so Hessian-vector products work;
+impl='auto' is 'matmul' on CPU and XLA's own elsewhere. How and why: docs/design.md,
+"Convolution gradients on CPU"; timings: benchmarks/conv_grad.py, docs/performance.md.
 """
 from __future__ import annotations
 
@@ -81,7 +64,7 @@ def _xla_conv(x, kernel, strides, pads):
 def conv2d(x_NHWC, kernel_HWIO, strides=(1, 1), padding='SAME', impl: str = 'auto', *,
            lhs_dilation=None, rhs_dilation=None, feature_group_count: int = 1):
   """`lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=('NHWC', 'HWIO',
-  'NHWC'))`, with the backward pass chosen by impl ('auto' | 'xla' | 'matmul', see module doc).
+  'NHWC'))`, with the backward pass chosen by impl ('auto' | 'xla' | 'matmul', docs/design.md).
 
   strides: int or pair; padding: 'SAME' | 'VALID' | 'SAME_LOWER' | ((lo, hi), (lo, hi)).
   Dilation and grouped convolution are not implemented (the arguments exist to say so).

@@ -1,39 +1,10 @@
 """iResNet-18/34/50/100/200 face embedding networks (InsightFace arcface_torch iresnet.py).
 
-112x112x3 faces -> 3x3/1 stem conv (width), norm, PReLU -> 4 stages of IBasicBlocks with
-width * (1, 2, 4, 8) channels, the first block of each stage with stride 2 (112 -> 56 -> 28 ->
-14 -> 7) -> head: norm, flatten (7x7x512 = 25088 features), dropout, dense to embedding_dim,
-norm ('features'). Returns the embeddings [B, embedding_dim], not normalized (the margin
-softmax normalizes them).
-
-IBasicBlock (pre-activation style, no activation after the sum):
-  norm1 -> conv1 3x3 -> norm2 -> PReLU -> conv2 3x3 (stride) -> norm3, + shortcut, where the
-  shortcut is proj_conv 1x1 (stride) + proj_norm when the shape changes (always in the first
-  block of a stage).
-
-Differences from the reference, all deliberate:
-  * The 'features' norm has a learned scale; the reference freezes BatchNorm1d's weight at 1
-    (requires_grad=False), which the repo's norm factory cannot express. Its bias is learned in
-    both. (The parameter counts still agree: torch counts the frozen weight as a parameter.)
-  * Norms come from the config (sync BN, ghost BN, GroupNorm, none); the reference is BN with
-    momentum 0.1 (flax convention 0.9) and eps 1e-5, the config defaults.
-  * With norm='none' the convs get a bias and He (fan_in) init instead of the reference's
-    N(0, 0.1), which only works because a norm follows every conv.
-  * No zero-init of the last norm of a block (the reference's zero_init_residual defaults to
-    False), so the model does not declare `zero_init_last_gamma`.
-PReLU slopes are per channel, initialized to 0.25 (torch's nn.PReLU(C)); the reference applies
-weight decay to every parameter, PReLU slopes included.
-
-Fields beyond the models' common ones: embedding_dim (512) and dropout (0.0, the reference's
-default; arcface_torch configs use 0 except for some WebFace42M runs). Dropout draws from the
-'dropout' rng collection only when train and dropout > 0: pass rngs={'dropout': key} then.
-num_classes is accepted for the common constructor and unused: the classifier is Partial FC
-(bigbatch/face/partial_fc.py), outside the model.
-
-Parameter counts with the standard widths and a 512-d embedding at 112x112 (norm='batch';
-BN scale/bias and PReLU slopes included, running statistics not): iResNet-18 24,025,600,
--34 34,139,328, -50 43,590,848, -100 65,156,160, -200 118,833,920 (arcface_torch's "43.6M" and
-"65.2M" for r50 / r100; tests/test_iresnet.py checks them against a closed form).
+112x112x3 faces -> stem -> 4 stages of IBasicBlocks (stride 2 each: 112 -> 7) -> head (norm,
+flatten, dropout, dense, norm) -> embeddings [B, embedding_dim], not normalized; the classifier
+is Partial FC (bigbatch/face/partial_fc.py), outside the model. The block, the deliberate
+differences from the reference and the parameter counts are in docs/design.md, "iResNet, the
+face backbone".
 """
 from __future__ import annotations
 
@@ -85,7 +56,7 @@ class PReLU(nn.Module):
 
 def make_conv(features: int, kernel: int, strides: int, *, norm: layers.Norm, dtype: Any,
               impl: str, name: str) -> conv.Conv:
-  """kxk conv with padding k // 2 (torch's), a bias only without a norm (module doc)."""
+  """kxk conv with padding k // 2 (torch's), a bias only without a norm (docs/design.md)."""
   with_norm = norm.kind != 'none'
   return conv.Conv(features, (kernel, kernel), strides=strides,
                    padding=((kernel // 2, kernel // 2),) * 2, use_bias=not with_norm,
@@ -118,7 +89,8 @@ class IBasicBlock(nn.Module):
 
 
 class Model(nn.Module):
-  """iResNet embedding network (module doc). Returns [B, embedding_dim] float32 embeddings.
+  """iResNet embedding network (docs/design.md, "iResNet"). Returns [B, embedding_dim] float32
+  embeddings.
 
   Names: stem_conv, stem_norm, stem_prelu, stage{1-4}_block{j}/{norm1-3, conv1-2, prelu,
   proj_conv, proj_norm}, head_norm, head_dense, features.
