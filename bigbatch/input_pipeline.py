@@ -1,27 +1,13 @@
 """Input pipeline: global batches from (seed, step), each process reading its own rows.
 
-The sequence of global batches depends only on (seed, data set, global batch), never on the
-number of processes or devices, so a run resumes exactly and a laptop sees the same batches as a
-pod:
-  steps_per_epoch = num_train // global_batch     (the remainder of each epoch is dropped)
-  epoch, offset   = divmod(step, steps_per_epoch)
-  perm            = np.random.default_rng([seed, epoch]).permutation(num_train)
-  batch(step)     = perm[offset * B:(offset + 1) * B].reshape(k, B // k)
-with B = global_batch and k = accumulation_steps. Axis 0 is the microbatch (scanned on device),
-axis 1 the examples of one microbatch, split over the mesh 'data' axis; process p builds only the
-block of axis 1 its devices hold and `make_global_batches` assembles the global jax.Arrays.
-
-Each split comes from a source or a reader (bigbatch/data/ builds them, one module per data set;
-`bigbatch.data.create` picks one by config.data.name). A source is random access by example
-index, so any process builds any rows without reading the others; a reader streams batches (the
-TFDS image sets, the real face sets): read by global index they follow exactly this order, while
-TFRecord sets stream per process, in an order that depends on the process count
-(`Dataset.global_order` is False).
+The batch at a step depends only on (seed, data set, global batch), never on the number of
+processes or devices: a run resumes exactly and a laptop sees a pod's batches (docs/design.md,
+"Data order does not depend on the process count"). Batches are [K, M, ...]; process p builds
+only its block of axis 1, and `make_global_batches` assembles the global jax.Arrays. Sources
+and readers come from bigbatch/data/. This module knows no data set: it imports neither
+bigbatch.data nor TensorFlow, and jax only where it is used.
 
 Shape letters: K accumulation steps, M examples per microbatch, N examples, H W C image.
-
-This module knows no data set: it imports neither bigbatch.data nor TensorFlow, and jax only where
-it is used (configs are validated before either is imported).
 """
 from __future__ import annotations
 

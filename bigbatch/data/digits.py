@@ -1,21 +1,9 @@
-"""scikit-learn's handwritten digits as a TFDS data set, `bigbatch_digits`, built locally.
+"""scikit-learn's handwritten digits as a TFDS data set, `bigbatch_digits`, built locally, and
+the data set 'digits' (each split held in memory, standardized with the training split's
+statistics): the quickstart and small studies run on a fresh machine with no download.
 
-The 1797 8x8 images ship inside scikit-learn, so the quickstart and small studies run on a fresh
-machine with no download, through the same TFDS path as the real data sets.
-
-Split (fixed, deterministic): sklearn row i goes to 'test' when i % 5 == 0, otherwise to 'train'
-(360 test, 1437 train; every class has 26 to 48 test examples). A fixed rule rather than a
-seeded random split: it is the same in every scikit-learn version that ships the same rows, and
-needs no seed that could drift from the training seed.
-
-Pixels: sklearn's 0..16 counts are stored as uint8 round(value * 255 / 16), so the images look
-like ordinary 8-bit images to any TFDS consumer; normalization is the input pipeline's business.
-
-As the data set 'digits': each split held in memory (`ArraySource`), pixels / 255 standardized
-with the training split's pixel mean and std.
-
-Light at import, as every registered source is (bigbatch/data/__init__.py): TensorFlow Datasets
-(seconds) is imported when the digits are built or read, not when a config is validated.
+The fixed train/test split rule and the pixel encoding are in docs/design.md, "Sources and
+readers". Light at import: TensorFlow Datasets is imported when the digits are built or read.
 """
 from __future__ import annotations
 

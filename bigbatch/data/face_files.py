@@ -1,22 +1,10 @@
 """Real face sets on disk: image folders and InsightFace RecordIO, decoded by global index.
 
-  face_folder     image files under data.face_root/<identity>/; identities sorted by directory
-                  name are labels 0..C-1; example i is the i-th file in (identity, file name) order.
-  face_recordio   data.face_root/train.rec + train.idx in the InsightFace layout
-                  (bigbatch/third_party/insightface.py); example i is the i-th image record.
-Both give random access to (encoded image or its path, label) by global index; `decode_stream`
-decodes blocks of them (JPEG/PNG, tf.io in a parallel, order-preserving tf.data map), resized to
-the set's image size if they are not that size already, as uint8.
-
-Errors. Whatever cannot be read raises FaceDataError (a common.DataError: one line, exit 6) that
-names the file, for RecordIO the record and its byte offset, and the fix. An image that does not
-decode is refused, not skipped: training would otherwise run on a different set than the files
-say, and tf.data names no element, so the block it is in is decoded again one image at a time to
-name it. A RecordIO set is checked at open as far as is cheap (its index, the header record, the
-first and the last record, so a truncated .rec fails at start); a damaged record elsewhere fails
-when it is read.
-
-Numpy at import; TensorFlow only when images are decoded.
+face_folder reads data.face_root/<identity>/ files, face_recordio train.rec + train.idx
+(bigbatch/third_party/insightface.py); both give random access to (encoded image, label), and
+`decode_stream` decodes blocks of them with tf.data. Unreadable input raises FaceDataError
+naming the file (and record and offset), never a skip; the example order and the error policy
+are in docs/design.md, "Sources and readers". Numpy at import; TensorFlow when decoding.
 """
 from __future__ import annotations
 

@@ -1,17 +1,10 @@
 """'face_synthetic': generated identities, no files; example i of a split from (split, i) alone.
 
-Each identity has a latent prototype; an image (RGB, data.image_size square) is a fixed random
-smooth "renderer" (tanh MLP, then a bilinearly upsampled coarse map, tanh) of [prototype +
-per-image latent noise, a per-image "pose" latent unrelated to the identity], plus pixel noise,
-mirrored left-right for half the images (so identity must be learnt flip-invariant, as for faces,
-and the verification flip test makes sense). Example i of the training split shows identity
-i mod num_identities; the eval split shows fresh images of the same identities. Verification
-pairs come from held-out identities (a separate prototype space, disjoint from the training
-identities). Defaults: raw pixels with the flip test verify at ~0.74-0.81; a small CNN trained
-with a CosFace loss for 8 epochs reaches >= 0.90 (tests/test_face_data.py, slow).
-
-Like 'synthetic', any size costs no memory and any process builds any rows, bit-identical.
-Numpy only. Shape letters: N examples, H W C image, L latent dimension.
+Identities are latent prototypes rendered by a fixed random smooth network, half the images
+mirrored; verification pairs come from held-out identities. Any size costs no memory and any
+process builds any rows, bit-identical. How images are generated and how well raw pixels and a
+small CNN verify: docs/design.md, "Sources and readers". Numpy only. Shape letters: N examples,
+H W C image, L latent dimension.
 """
 from __future__ import annotations
 
@@ -118,7 +111,8 @@ def renderer(image_shape: tuple[int, int, int], latent_dim: int) -> FaceRenderer
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SyntheticFaces:
-  """Generated identities (module docstring). Images are float32 [N, H, W, C], normalized."""
+  """Generated identities (docs/design.md, "Sources and readers"). Images are float32
+  [N, H, W, C], normalized."""
   image_shape: tuple[int, int, int]
   num_identities: int
   latent_dim: int

@@ -1,25 +1,11 @@
 """Face recognition data: training sets as `input_pipeline.Dataset`s, and verification pairs.
 
-config.data.name picks the training set:
-  face_synthetic  generated identities, no files (bigbatch/data/face_synthetic.py).
-  face_folder     image files under data.face_root/<identity>/ (bigbatch/data/face_files.py).
-  face_recordio   data.face_root/train.rec + train.idx, InsightFace's layout (face_files.py).
-Real images are decoded (JPEG/PNG, tf.io in parallel tf.data maps), resized to data.image_size
-if they are not that size already, kept as uint8, then mirrored (training, when data.face_flip)
-and normalized as InsightFace does: x / 127.5 - 1, i.e. (x/255 - 0.5) / 0.5. The flip of an
-example is a function of (config.seed, epoch, global index) only. With data.face_cache set they
-are decoded once into verified uint8 arrays and read with numpy only (face_arrays.py).
-
-Every reader reads by global example index, so the batch at step s is `Dataset.train_indices(s)`
-(the core's global order, independent of the process count) and a process reads only its rows.
-
-The Dataset's eval split is a closed-set check, not the face metric: face_synthetic evaluates
-fresh images of the training identities; folder and RecordIO sets evaluate data.num_eval training
-examples spread evenly over the set (seen images, no flip). Face verification accuracy comes from
-`verification_sets` and bigbatch/face/verification.py.
-
-Numpy at import (TensorFlow only when real images are decoded). Shape letters: N examples,
-H W C image.
+config.data.name picks the training set: face_synthetic (generated, face_synthetic.py),
+face_folder or face_recordio (files, face_files.py; the decoded cache, face_arrays.py). Every
+reader reads by global example index, so the core's global order holds. How images are
+decoded, flipped and normalized, and what the eval split checks (a closed-set check, not the
+face metric; `verification_sets` gives the pairs): docs/design.md, "Sources and readers".
+Numpy at import. Shape letters: N examples, H W C image.
 """
 from __future__ import annotations
 
@@ -208,7 +194,7 @@ def facts(config) -> common.DataFacts:
 
 def create(config, *, process_index: int, process_count: int,
            **common_args: Any) -> input_pipeline.Dataset:
-  """The face training set of config.data.name (module docstring) as an input_pipeline.Dataset;
+  """The face training set of config.data.name as an input_pipeline.Dataset;
   `common_args` are the Dataset's batching fields."""
   validate(config)
   d = config.data

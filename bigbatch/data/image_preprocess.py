@@ -1,18 +1,7 @@
-"""Preprocessing of the TFDS image sets: tf functions of one example, run in parallel tf.data maps.
-
-  name          train                                          eval                      image
-  imagenet2012  inception crop (area 8%..100% of the image,    shorter side resized to   [S, S, 3]
-                aspect 3/4..4/3), resized to S; random flip    S / 0.875, center crop S
-  cifar10       zero padding of 4 px (black, before            none                      stored
-                normalization, as He et al. 2016 and
-                torchvision's RandomCrop(32, padding=4)),
-                random crop of the stored size; random flip
-  mnist         none                                           none                      stored
-then x / 255 standardized per channel with the data set's usual constants (below). S is
-config.data.image_size. Output: float32 images [H, W, C], int32 labels.
-
-Augmentation is stateless per example: its random numbers are a function of
-(config.seed, epoch, global example index) only (`example_key`).
+"""Preprocessing of the TFDS image sets (imagenet2012 inception crop, cifar10 pad-and-crop, mnist
+none; random flips; per-channel standardization): tf functions of one example, run in parallel
+tf.data maps, with stateless per-example randomness (`example_key`). The table of what each set
+gets is in docs/design.md, "Sources and readers, data set by data set".
 
 Imports TensorFlow (seconds): bigbatch/data/images.py imports it when an image set is read.
 """

@@ -3,7 +3,7 @@
 `train(dataset, start_step, rows)` streams local batches for steps start, start+1, ...;
 `eval(dataset, rows)` yields the padded eval batches. Dataset.train_batch keeps one stream going
 while steps come in order and starts a new one at any other step. The formats' order guarantees
-are in bigbatch/data/images.py.
+are in docs/design.md, "Sources and readers".
 
 Imports TensorFlow (seconds).
 """

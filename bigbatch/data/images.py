@@ -1,36 +1,11 @@
 """TFDS image data sets (imagenet2012, cifar10, mnist) with their preprocessing, as global batches.
 
-`create(config, ...)` returns an `input_pipeline.Dataset` whose batches stream from tf.data.
-`config.data.name` picks the preprocessing; `config.data.tfds_name` (default: the same name) picks
-the TFDS data set read with it, so a small local set can stand in for a real one. The
-preprocessing of each name (crops, flips, normalization) is tabled in image_preprocess.py. S is
-config.data.image_size (224 for ImageNet; the base config's 8 is the synthetic data's). cifar10 and
-mnist keep the stored size (32x32x3, 28x28x1); a stand-in whose images vary in size is resized to
-S x S first. Output: float32 images [H, W, C], int32 labels.
-
-Augmentation is stateless per example: its random numbers are a function of
-(config.seed, epoch, global example index) only, where the global index is the record's position
-in the split as TFDS stored it. The same example therefore gets the same crop and flip whatever
-the process count, batch or position it lands in, and a resumed run reproduces it.
-
-Reading follows the format the data set was prepared in (`builder.info.file_format`):
-  array_record  random access by global index (tfds.data_source). The core's global-index order
-                holds exactly: the batch at step s depends only on (seed, data set, global batch).
-                A generator walks `Dataset.train_indices` from the start step, fetching each step's
-                records as raw bytes (one `__getitems__` per step); parsing, decoding and
-                augmentation run in parallel tf.data maps.
-  tfrecord      (the TFDS default) streamed per process: process p reads its even share of the
-                split (`tfds.even_splits`, i.e. its own subset of the files), each epoch in a file
-                order and through a shuffle buffer seeded from (seed, epoch). Deterministic for a
-                fixed process count, but the batch order DEPENDS ON THE PROCESS COUNT (augmentation
-                does not). Prepare with config.data.file_format='array_record' for exact order.
-Evaluation reads every example once, padded and masked to the same number of batches on every
-process: array_record in the core's layout (batch b holds examples b*E .. (b+1)*E), TFRecord as
-each process's even share of the eval split, in order.
-
-Light at import, as every registered source is (bigbatch/data/__init__.py): TensorFlow and TFDS
-(seconds) are imported when an image set is prepared, read or measured (`facts`), not when a
-config is validated. Preprocessing: image_preprocess.py; readers: image_readers.py.
+`create(config, ...)` returns an `input_pipeline.Dataset` whose batches stream from tf.data;
+`config.data.name` picks the preprocessing (image_preprocess.py) and `config.data.tfds_name` the
+TFDS set read with it. array_record sets are read by global index (exact order), TFRecord sets
+per process; readers are in image_readers.py. Light at import, as every registered source is:
+TensorFlow and TFDS are imported when a set is prepared, read or measured (`facts`). The formats'
+order guarantees and the augmentation's randomness: docs/design.md, "Sources and readers".
 """
 from __future__ import annotations
 
@@ -203,7 +178,7 @@ def prepare(name: str, data_dir: epath.PathLike | None = None, *, file_format: s
 
 def create(config, *, process_index: int, process_count: int,
            **common_args: Any) -> input_pipeline.Dataset:
-  """The image data set of `config.data`, read as its prepared format allows (module docstring)."""
+  """The image data set of `config.data`, read as its prepared format allows."""
   # pylint: disable=g-import-not-at-top,redefined-outer-name  (seconds; typing's names)
   import tensorflow_datasets as tfds
   from bigbatch.data import image_preprocess

@@ -239,8 +239,8 @@ def read_index(idx_path, rec_size: int | None = None) -> tuple[np.ndarray, np.nd
   Lines are "key\\toffset" (integers; surrounding whitespace ignored, as mxnet does); a final
   newline is optional. Raises RecordIOError naming the line's byte offset for a malformed line, a
   duplicate key, an offset that is negative, not 4-aligned or (given rec_size) past the end, and
-  for offsets that do not increase strictly, by at least a part header, in file order (module
-  docstring): the keys and offsets involved are named.
+  for offsets that do not increase strictly, by at least a part header, in file order
+  (docs/design.md, "MXNet RecordIO"): the keys and offsets involved are named.
   """
   idx_path = os.fspath(idx_path)
   try:
