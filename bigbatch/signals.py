@@ -1,32 +1,10 @@
 """SIGTERM, SIGHUP and SIGINT: recorded by flag, acted on where that is safe.
 
-A handler never raises. Python runs a signal handler between two bytecodes of the main thread,
-wherever that is, also inside a garbage-collector callback (jax registers one), and an exception
-raised there is printed as "exception ignored" and dropped: the signal is lost, and the run
-trains on. So the handlers installed here only record the signal, and two readers act on it:
-
-* The main thread, at points it controls: at every step boundary (the Preemption hook,
-  bigbatch/hooks.py, which checkpoints the current update and stops with loop.Preempted) and at
-  `check()` calls in the setup and evaluation code (`Interrupted`, which main turns into one line
-  and the exit code).
-* A watcher thread (commands only: `start()` or `watching(hard_exit=True)`), woken through
-  `signal.set_wakeup_fd` by the C-level handler at once, even while the main thread sits for
-  minutes in C code (an XLA compilation, a TFDS build, an orbax restore) where no Python handler
-  can run. In a phase with nothing to checkpoint (startup, setup, the first update's compilation,
-  after the last update) it writes the one line and leaves with os._exit: nothing is lost, as a
-  SIGKILL loses nothing, but it first waits for the main thread to leave a `critical()` section
-  (the workdir lock, a file being replaced) and runs the `at_exit` callbacks (log flushes, the
-  lock's release). Inside the step loop it leaves the signal to the step boundary, except a
-  second SIGINT (^C ^C), which stops at once. An evaluation inside the step loop is not cut: its
-  result is the record of that step (a study's steps to target), and on several hosts all must
-  agree where to stop; the checkpoint follows it.
-
-SIGHUP (a closed terminal or ssh session) is a SIGTERM: the run stops as if preempted, exit 75,
-and rerunning the same command resumes. Exit codes: 75 (EX_TEMPFAIL: launch/slurm.sbatch
-requeues) for SIGTERM and SIGHUP, 130 for SIGINT.
-
-This module imports only the standard library: `python -m bigbatch.main` installs it before its
-seconds of imports.
+Handlers only record the signal; the main thread acts at step boundaries (the Preemption hook)
+and `check()` calls, and a watcher thread (commands only) stops setup and compilation at once.
+Exit codes: 75 for SIGTERM and SIGHUP (requeued by SLURM), 130 for SIGINT. Why a handler never
+raises, and what each phase does with a signal: docs/design.md, "Signals". Imports only the
+standard library, so `python -m bigbatch.main` installs it before its seconds of imports.
 """
 from __future__ import annotations
 
