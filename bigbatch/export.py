@@ -1,22 +1,10 @@
 """python -m bigbatch.export WORKDIR --out=DIR [--step=N] [--ema]
 
-Writes the trained network of a run, in evaluation mode (BatchNorm with its population
-statistics, as the trainer evaluates), in two forms that load without bigbatch:
-
-  DIR/model.jax_export     jax.export serialization of f(variables, images) -> outputs, batch
-                           size symbolic; with DIR/variables.msgpack (flax serialization):
-                             exp = jax.export.deserialize(open('model.jax_export', 'rb').read())
-                             variables = flax.serialization.msgpack_restore(
-                                 open('variables.msgpack', 'rb').read())
-                             outputs = exp.call(variables, images)
-  DIR/saved_model/         a TensorFlow SavedModel made by jax2tf, the variables inside:
-                             m = tf.saved_model.load('saved_model'); outputs = m.serve(images)
-  DIR/export.json          what the inputs and outputs are, the step, the run's config
-
-`images` are float32 [b, H, W, C] as the trainer's evaluation feeds the model (export.json says
-the normalization); outputs are class logits (classification) or embeddings before L2
-normalization (face). Only the network's arrays are read from the checkpoint (orbax partial
-restore): Partial FC's class centers and the optimizer state stay on disk.
+Writes the trained network of a run, in evaluation mode, in two forms that load without
+bigbatch: DIR/model.jax_export with DIR/variables.msgpack (jax.export), and DIR/saved_model/
+(jax2tf), with DIR/export.json describing inputs and outputs. Only the network's arrays are read
+from the checkpoint. How to load each form: docs/design.md, "Reading a run afterwards: plots
+and exports".
 """
 from __future__ import annotations
 
@@ -151,7 +139,8 @@ def load(workdir: str, *, step: int | None = None, ema: bool = False):
 
 
 def export(workdir: str, out: str, *, step: int | None = None, ema: bool = False) -> dict:
-  """Writes the exports of the run in `workdir` into `out` (module docstring); returns what
+  """Writes the exports of the run in `workdir` (its checkpoint at `step`, default the newest;
+  the EMA parameters with `ema`) into `out` (the files: module docstring); returns what
   export.json records."""
   # pylint: disable=g-import-not-at-top
   import flax

@@ -1,26 +1,11 @@
-"""python -m bigbatch.plot WORKDIR [WORKDIR ...]: figures of one run's metrics, or of runs side by side.
+"""Figures of one run's metrics, or of runs side by side.
 
   python -m bigbatch.plot /tmp/q1 /tmp/q2 --x=steps,epochs --out_dir=plots
 
-For each --x (steps, epochs, examples, time) it writes OUT_DIR/metrics_vs_<x>.png: three
-panels, loss, accuracy and learning rate, one colour per run; training values as lines,
-evaluations as dashed lines with markers. A run is read from WORKDIR/metrics.jsonl (what
-bigbatch.metrics.JsonlWriter writes: {"step": s, "train/loss": ..., "eval/top1": ...} per line)
-and WORKDIR/derived.json (steps per epoch, batch schedule: for epochs and examples). Workdirs
-and --out_dir may be local paths or object-store URLs (gs://...), read through etils.epath.
-
-What the x axes mean:
-  steps     updates made
-  epochs    passes over the training set (under a batch-size schedule, per phase)
-  examples  training examples seen (steps times the global batch of each step)
-  time      minutes of training, summed from the logged step rates (train/steps_per_sec over
-            each log interval, so compilation and evaluation are counted, start-up before the
-            first step and the time between a preemption and its resume are not)
-
-A run that is still training can be plotted: a torn last line of metrics.jsonl is skipped, as
-the trainer does on resume. Anything else unreadable is one line on stderr and exit status 1; a
-figure that cannot be written (a full disk) is one line and exit status 5, the previous figure
-intact.
+writes OUT_DIR/metrics_vs_<x>.png for each --x (steps, epochs, examples, time): loss, accuracy
+and learning rate, one colour per run, read from WORKDIR/metrics.jsonl and derived.json (local or
+object-store paths). What each x axis counts, and the exit codes: docs/design.md, "Reading a run
+afterwards: plots and exports".
 """
 from __future__ import annotations
 
