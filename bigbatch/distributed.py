@@ -1,20 +1,10 @@
 """Multi-host runs: starting JAX's distributed runtime, the topology, and agreement helpers.
 
-One code path for every topology: a TPU pod slice, a SLURM GPU cluster and N local CPU processes
-(launch/local.sh) all call `jax.distributed.initialize` and then run the same trainer, in which
-every process executes the same sequence of jitted computations on global arrays.
-
-Rules the trainer follows to stay in step (docs/multihost.md):
-- Every decision that chooses which collectives run next (the step to restore, whether to stop
-  for a preemption) is the same on every process: it comes from a collective (an all-reduce, or
-  process 0's value broadcast), never from one process's local view of a file or a signal.
-- Only process 0 writes the workdir's own files (metrics.jsonl, TensorBoard, config.json) and
-  logs at INFO; checkpoints are written by all processes together, as orbax requires.
-- A dead process makes its peers abort after `heartbeat_timeout_seconds` (JAX's coordination
-  service), so a failure ends the job instead of hanging it.
-
-Importing this module costs only numpy and absl; jax is imported where it is used, because
-main.py parses flags and loads the config before anything touches jax.
+Every topology (a TPU pod slice, a SLURM GPU cluster, N local CPU processes) calls
+`jax.distributed.initialize` and runs the same trainer. The rules that keep processes in step
+(decisions that choose collectives come from a collective; only process 0 writes the workdir's
+own files; a dead process makes its peers abort) are in docs/multihost.md. Importing this module
+costs only numpy and absl: main.py parses flags and loads the config before jax is touched.
 """
 from __future__ import annotations
 

@@ -1,20 +1,10 @@
 """Workdir paths, storage errors and small files: a workdir belongs to one experiment.
 
-Every checkpoint records the config it was written under (bigbatch/checkpoint.py), and the
-workdir keeps the config of its latest start (config.json). Resuming with a config that changes
-the experiment is refused, listing the fields; the check is against the record of the newest
-checkpoint (so deleting config.json does not bypass it), and against config.json only when no
-checkpoint holds a record. Changes that only observe or extend the run are allowed:
-logging/eval/checkpoint intervals, and a longer (or shorter) run as long as every step already
-taken would have had the same learning rate. That one trainer at a time uses a workdir is
-bigbatch/lock.py's job.
-
-A workdir may be a local directory or an object-store URL (gs://bucket/run, s3://...): every file
-operation on it goes through etils.epath, and the helpers here (exists, isdir, read_json,
-write_json, move) are what the rest of bigbatch uses for the workdir's small files. Every JSON
-file bigbatch writes goes through `write_json`, which replaces it whole. Object stores have no
-append and no atomic rename of a directory; `is_object_store` says which kind a path is, and
-`move` (used by set_aside) copies, then deletes, where it cannot rename.
+`check_compatible` refuses a restart whose config changes the experiment (against the newest
+checkpoint's record, then config.json); `write_json` replaces every JSON file bigbatch writes
+whole; the helpers work on local paths and object-store URLs alike through etils.epath. What is
+allowed to change, and how object stores are handled: docs/design.md, "Checkpoints and resume".
+The lock (one trainer at a time) is bigbatch/lock.py.
 """
 from __future__ import annotations
 
