@@ -1,15 +1,9 @@
 """Checkpoints through orbax, verified on restore.
 
-What a checkpoint holds: the train state (params, BN statistics, optimizer state, step, RNG)
-and a JSON record with the config it was written under, the shape and dtype of every array and a
-fingerprint of every array's bytes. Saves are asynchronous; orbax writes into a temporary
-directory and renames it when finalized, and only finalized checkpoints are listed.
-
-Orbax does not checksum array data: a flipped byte can restore silently. So every array gets a
-fingerprint, computed on device (no host copy of the state): two wrapping uint32 sums over the
-array's 32-bit words, one weighted by position. Integer sums are exact in any order, so the
-fingerprint does not depend on how the array is sharded or on the number of processes. Restore
-recomputes it; a checkpoint that fails to read or to verify is reported and the previous one used.
+A checkpoint holds the train state and a JSON record (the config, every array's shape and dtype,
+a fingerprint of its bytes computed on device); saves are asynchronous and only finalized
+checkpoints are listed. `restore_newest` is the one restore path, for one process or several.
+What is guaranteed, and why the fingerprint: docs/design.md, "Checkpoints and resume".
 """
 from __future__ import annotations
 

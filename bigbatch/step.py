@@ -1,12 +1,10 @@
-"""The pure per-device step functions: one update, BN statistics. No task branches: what differs
-between tasks (the loss, which parameters the model applies, the axes an update reduces over)
-arrives as arguments from bigbatch/tasks/.
+"""The pure per-device step functions: one update (`train_step`), BN statistics
+(`bn_statistics_step`). No task branches: what differs between tasks (the loss, which parameters
+the model applies, the axes an update reduces over) arrives as arguments from bigbatch/tasks/.
 
-The update is per-device code under `jax.shard_map` (docs/design.md): each device computes the
-gradients of its share of each microbatch, accumulates them locally over a `lax.scan`, and the
-gradients are averaged across devices once per update, after the scan. Under plain `jit` with a
-sharded batch XLA places that all-reduce inside the scan body (once per microbatch), which is
-why the collective is written by hand here.
+The update runs under `jax.shard_map`: gradients accumulate locally over a `lax.scan` of the
+microbatches and are averaged across devices once, after it. Why the collective is written by
+hand: docs/design.md, "The update is per-device code under shard_map".
 
 Shapes: K = accumulation steps (microbatches per update), M = examples per microbatch on this
 device, H, W, C = image height, width, channels.

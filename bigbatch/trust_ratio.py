@@ -1,15 +1,8 @@
-"""The LARS/LAMB trust-ratio transform: per leaf, u -> ratio * (u + wd*w), with the ratios kept.
-
-LARS and LAMB use this transform rather than `optax.lars` / `optax.lamb`:
-  - optax.lars divides by ||g + wd*w||; the reference (You et al. 2017, tensorflow/tpu
-    LARSOptimizer) divides by ||g|| + wd*||w||, and puts the lr inside the momentum.
-  - optax.lamb applies the trust ratio to every leaf; the reference skips biases and
-    normalization parameters (ratio 1, no weight decay).
-  - neither records the ratios, which are the first thing to look at when a large-batch run
-    diverges; ours keeps the last update's per-leaf ratios in the state (`trust_ratio_stats`).
-
-`bigbatch.optim` chains it with the lr schedule and momentum/Adam into the LARS and LAMB
-optimizers; `path_mask` also gives the other optimizers their weight-decay mask.
+"""The LARS/LAMB trust-ratio transform: per leaf, u -> ratio * (u + wd*w), with the ratios kept
+(`trust_ratio_stats`), in the reference forms rather than optax.lars / optax.lamb (why:
+docs/design.md, "Batch-dependent hyperparameters are derived once"). `bigbatch.optim` chains it
+into the LARS and LAMB optimizers; `path_mask` also gives the other optimizers their
+weight-decay mask.
 """
 from __future__ import annotations
 
