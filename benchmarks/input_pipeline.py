@@ -44,7 +44,7 @@ from benchmarks import report  # noqa: E402
 from bigbatch import config_lib  # noqa: E402
 from bigbatch import data  # noqa: E402
 
-# ResNet-50 training rates to feed (docs/performance.md, issue table): one H100 at 256 per step
+# ResNet-50 training rates to feed (docs/performance.md, 'accelerator-bn'): one H100 at 256 per step
 # runs 4,700 (bigbatch) to 5,700 (flax's example) img/s; an 8-GPU host ~40,000.
 TARGETS = (('H100, bigbatch step', 4_700), ('H100, flax example', 5_700),
            ('8-GPU host', 40_000))

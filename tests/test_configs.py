@@ -206,7 +206,7 @@ def test_imagenet_recipes_count_steps_as_their_sources(name, arg, lr_overrides, 
 
 
 def test_64k_recipe_sees_90_epochs_of_examples():
-  """The issue this guards against: 19 whole batches per epoch ran 1,710 steps, 2.8% short of
+  """The mistake this guards against: 19 whole batches per epoch ran 1,710 steps, 2.8% short of
   90 epochs; 1,759 steps are 90 epochs less than one batch."""
   config = load('r50_64k')
   n = images.IMAGENET_TRAIN_EXAMPLES

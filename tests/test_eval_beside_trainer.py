@@ -264,7 +264,7 @@ def test_init_from_error_leaves_no_empty_directory(existed, tmp_path, capsys):
 
 @pytest.mark.slow  # ~1-2 min on 2 loaded cores: a real trainer and a real evaluation
 def test_eval_beside_a_real_trainer_that_rotates_every_step(tmp_path):
-  """The issue's case with real processes: a trainer checkpointing every step and keeping two,
+  """The reported case with real processes: a trainer checkpointing every step and keeping two,
   so every checkpoint the evaluation listed at its start is gone by the time it has compiled.
   The evaluation exits 0 with the eval-<step>.json of a checkpoint that was current then."""
   workdir = tmp_path / 'wd'

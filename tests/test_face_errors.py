@@ -276,7 +276,7 @@ def test_bin_image_that_does_not_decode_stops_the_start(images, tmp_path, capsys
 
 
 def test_undecodable_image_met_by_a_training_step(images, tmp_path, capsys):
-  """The issue's case: a corrupt image inside a valid record, read directly (no face_cache) by
+  """The reported case: a corrupt image inside a valid record, read directly (no face_cache) by
   the first training step: one line naming the record and its byte offset, exit 6."""
   images = list(images)
   images[2] = JUNK

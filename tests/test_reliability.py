@@ -1,4 +1,4 @@
-"""Reliability (issue 14): the workdir lock, metrics that are never dropped, configs recorded in
+"""Reliability: the workdir lock, metrics that are never dropped, configs recorded in
 checkpoints, disk faults. Each class is tested by bringing its fault about; the rows of
 docs/errors.md these tests stand for are in DOC_ROWS."""
 from __future__ import annotations
@@ -277,7 +277,7 @@ def test_second_trainer_exits_2_naming_the_holder(tmp_path):
 
 @pytest.mark.slow
 def test_two_real_trainers_on_one_workdir(tmp_path):
-  """The worst case of the issue: a second trainer started while the first runs. It is refused
+  """The worst case: a second trainer started while the first runs. It is refused
   (exit 2, naming the first), and the first's metrics hold each step once."""
   workdir = tmp_path / 'wd'
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
