@@ -104,6 +104,8 @@ def fingerprints(tree) -> dict[str, str]:
 
 
 def layout(tree) -> dict[str, list]:
+  """{path: [shape, dtype]} of every array of `tree`: what a checkpoint records, and what
+  restore compares the current state with."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {sharding.path_str(p): [list(x.shape), str(x.dtype)] for p, x in flat}
 
@@ -131,6 +133,9 @@ def none_readable(directory: str, steps: list[int], where: str = '') -> Checkpoi
 
 class Checkpointer:
 
+  """The checkpoints in one directory, through an orbax CheckpointManager: saves (asynchronous
+  unless `asynchronous=False`) keeping the newest `keep`, each with its JSON record, and restores
+  that verify the record's fingerprints."""
   def __init__(self, directory: str, *, keep: int = 3, asynchronous: bool = True):
     self.directory = directory
     self._manager = ocp.CheckpointManager(
@@ -140,12 +145,16 @@ class Checkpointer:
         item_names=('state', 'meta'))
 
   def latest_step(self) -> int | None:
+    """The step of the newest finalized checkpoint, or None."""
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
+    """The steps of the finalized checkpoints, oldest first."""
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, *, config=None, extra: dict | None = None) -> None:
+    """Starts writing `state` as the checkpoint of `step`, with its record: layout, fingerprints,
+    `config` (if given) and `extra`. SaveError when storage refuses the write."""
     meta = {'step': int(step), 'layout': layout(state), 'fingerprints': fingerprints(state),
             **(extra or {})}
     if config is not None:
@@ -155,6 +164,7 @@ class Checkpointer:
                                     meta=ocp.args.JsonSave(meta)))
 
   def metadata(self, step: int) -> dict:
+    """The JSON record saved with the checkpoint of `step`."""
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
   def recorded_config(self, steps: list[int] | None = None) -> tuple[int, dict] | None:
@@ -235,12 +245,15 @@ class Checkpointer:
     return moved
 
   def reload(self) -> None:
+    """Lists the directory again (another process may have added or removed checkpoints)."""
     self._manager.reload()
 
   def wait(self) -> None:
+    """Blocks until a pending asynchronous save is finished; SaveError if it failed."""
     _saving('finishing a checkpoint', self.directory, self._manager.wait_until_finished)
 
   def close(self) -> None:
+    """Waits for a pending save, then closes the manager; its failure is raised once."""
     try:
       self.wait()
     except SaveError:

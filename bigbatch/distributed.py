@@ -195,6 +195,7 @@ def topology(config, mesh) -> dict[str, Any]:
 
 
 def topology_line(t: dict[str, Any]) -> str:
+  """The one log line of a `topology(...)` dict: processes, devices, mesh and the batch split."""
   mesh = ' x '.join(f'{name}={size}' for name, size in t['mesh'].items())
   return (f'Topology: {t["processes"]} process(es) x {t["local_devices"]} local '
           f'{t["platform"]} device(s) = {t["global_devices"]} devices; mesh {mesh}; global batch '

@@ -190,6 +190,7 @@ def export(workdir: str, out: str, *, step: int | None = None, ema: bool = False
 
 
 def main(argv):
+  """The command line (module docstring): prints what was written; exit 4 for an unusable run."""
   if not logging.vlog_is_on(1):  # orbax logs a dozen INFO lines per restore
     logging.set_verbosity(logging.WARNING)
   if len(argv) != 2:

@@ -138,6 +138,7 @@ def integer(config, path: str, *, low: int, high: int = INT_MAX) -> None:
 
 
 def choice(config, path: str, choices: Sequence[str]) -> None:
+  """ConfigError unless the field at `path` is one of `choices`."""
   value = get(config, path)
   if value not in choices:
     raise ConfigError(f'config.{path}={value!r} is unknown; choose one of {", ".join(choices)}')

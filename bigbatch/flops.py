@@ -149,6 +149,7 @@ def forward_count(model, variables, image_shape, *, batch: int = 1,
 
 def forward_flops_per_example(model, variables, image_shape, *,
                               count_padding: bool = False) -> float:
+  """Model FLOPs of one eval-mode forward pass of one example (`forward_count` at batch 1)."""
   return float(forward_count(model, variables, image_shape, count_padding=count_padding).total)
 
 

@@ -29,6 +29,7 @@ def dtype_name(dtype) -> str:
 
 
 def dtype_bytes(name: str) -> int:
+  """Bytes per element of an HLO type name: 'f32' -> 4."""
   return _DTYPE_BYTES[name]
 
 
@@ -51,6 +52,7 @@ def computations(text: str) -> dict[str, str]:
 
 
 def entry_name(text: str) -> str:
+  """The name of the module's ENTRY computation; ValueError if the text has none."""
   m = re.search(r'^ENTRY\s+%?([\w.\-]+)', text, re.M)
   if not m:
     raise ValueError('no ENTRY computation in the HLO text')
@@ -68,6 +70,7 @@ def _callees(line: str) -> list[tuple[str, str]]:
 
 
 def trip_count(line: str) -> int | None:
+  """The trip count XLA annotated on a while instruction's line, or None if unknown."""
   m = re.search(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)"?', line)
   return int(m.group(1)) if m else None
 
@@ -85,6 +88,7 @@ def while_bodies(comps: dict[str, str]) -> list[tuple[str, int | None]]:
 
 
 def reachable(comps: dict[str, str], roots) -> set[str]:
+  """The computations called, directly or not, from `roots` (roots included)."""
   seen, todo = set(), list(roots)
   while todo:
     c = todo.pop()
@@ -126,11 +130,13 @@ def executions(comps: dict[str, str], entry: str, default_trip: int | None = Non
 
 @dataclasses.dataclass(frozen=True)
 class AllReduce:
+  """One all-reduce: the computation it sits in and the (dtype, shape) of each operand."""
   computation: str
   operands: tuple[tuple[str, tuple[int, ...]], ...]  # (dtype, shape) of each result element
 
   @property
   def bytes(self) -> int:
+    """Bytes reduced by one execution: the sum over its operands."""
     return sum(_DTYPE_BYTES[d] * math.prod(s) for d, s in self.operands)
 
 

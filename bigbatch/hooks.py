@@ -88,9 +88,12 @@ class Throughput:
     self._last = (now, waited())
 
   def restart_clock(self, now: float) -> None:
+    """Starts the next interval at `now` (the Log hook: after the first update compiled)."""
     self._last = (now, self._waited())
 
   def rates(self, steps_per_sec: float | None, now: float) -> dict[str, float]:
+    """perf/* metrics of the interval since the last call: model FLOPs per step, the fraction of
+    wall time spent waiting for input, and with `steps_per_sec` FLOP/s and MFU (peak known)."""
     waited = self._waited()
     (then, waited_then), self._last = self._last, (now, waited)
     out = {'perf/model_flops_per_step': self.flops_per_step,
@@ -126,6 +129,8 @@ class Log(Hook):
     run.write_logs = self.write
 
   def write(self, step: int, device_metrics) -> None:
+    """Writes the metrics of `step` (device values, fetched here) with the progress and
+    throughput rates to the writer, and logs the progress line."""
     values = {f'train/{k}': float(v) for k, v in jax.device_get(device_metrics).items()}
     now = time.monotonic()
     values.update(self.progress.rates(step, now))
@@ -250,7 +255,15 @@ class Profile(Hook):
 
 def standard(run, *, sigterm_received: Callable[[], int], preempt_sync,
              preempted: type[Exception]) -> list[Hook]:
-  """The hooks every run has, scheduled from its config."""
+  """The hooks every run has, scheduled from its config: Log, Evaluate, Checkpoint, Preemption,
+  and Profile on process 0 when config.profile_steps is set.
+
+  Args:
+    run: the loop's RunState.
+    sigterm_received: returns the signal number this process received, 0 if none.
+    preempt_sync: agrees across processes whether any received one (bool -> bool).
+    preempted: the exception the Preemption hook raises after its checkpoint (loop.Preempted).
+  """
   c = run.config
   eval_every = Every(steps=c.eval_every_steps, epochs=c.eval_every_epochs)
   hooks: list[Any] = [

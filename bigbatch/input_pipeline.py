@@ -228,6 +228,7 @@ _OPEN_DATASETS = weakref.WeakSet()
 
 
 def close_at_exit(dataset: 'Dataset') -> 'Dataset':
+  """Registers `dataset` to be closed when the interpreter exits; returns it."""
   _OPEN_DATASETS.add(dataset)
   return dataset
 

@@ -66,6 +66,7 @@ class Holder:
 
   @classmethod
   def current(cls) -> 'Holder':
+    """This process as a lock holder."""
     return cls(host=socket.gethostname(), pid=os.getpid(),
                start_time=process_start_time(os.getpid()), boot_id=_boot_id(),
                pid_namespace=_pid_namespace(),
@@ -73,15 +74,18 @@ class Holder:
 
   @classmethod
   def parse(cls, text: str) -> 'Holder | None':
+    """The holder a lock file's text describes, or None if it is not one."""
     try:
       return cls(**json.loads(text))
     except (ValueError, TypeError):
       return None
 
   def to_json(self) -> str:
+    """The lock file's text for this holder."""
     return json.dumps(dataclasses.asdict(self), indent=2) + '\n'
 
   def describe(self) -> str:
+    """'PID p on host, since t': the holder in an error message."""
     return f'PID {self.pid} on {self.host}, since {self.started.split(" (")[0]}'
 
   def gone(self, age: float) -> str | None:
@@ -255,6 +259,7 @@ class WorkdirLock:
         logging.warning('Could not touch the lock %s: %s', self.path, e)
 
   def stop_heartbeat(self) -> None:
+    """Stops touching the lock file (and waits for the heartbeat thread, unless called on it)."""
     self._stop.set()
     if self._thread is not None and self._thread is not threading.current_thread():
       self._thread.join()

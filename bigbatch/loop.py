@@ -85,6 +85,7 @@ class PhasedBatches:
 
   @property
   def wait_seconds(self) -> float:
+    """Seconds the loop has waited for input over all phases so far."""
     return self._waited + (self._current.wait_seconds if self._current else 0.0)
 
   def __iter__(self):
@@ -113,6 +114,7 @@ class PhasedBatches:
         self._current = None
 
   def close(self):
+    """Stops the current phase's prefetcher."""
     if self._current is not None:
       self._current.close()
 
@@ -172,6 +174,7 @@ class RunState:
           f'the lr, add warmup or clipping (optimizer.clip_grad_norm), then resume or start over')
 
   def flush_logs(self) -> None:
+    """Writes the metrics the Log hook held back one step (their values are ready by now)."""
     if self.pending is not None:
       pending, self.pending = self.pending, None
       self.write_logs(*pending)
@@ -191,11 +194,15 @@ class RunState:
           f'or start over')
 
   def save(self, step: int) -> None:
+    """Checkpoints the state as the checkpoint of `step`; NonFiniteError instead if the state
+    holds a non-finite value."""
     self.check_state_finite(step, 'checkpointed')  # never a checkpoint with a non-finite value
     self.ckpt.save(step, self.state, config=self.config)
     self.last_good = step
 
   def evaluate(self, step: int) -> dict[str, float]:
+    """Evaluates the current state (after precise BN, if configured), writes and logs the
+    metrics as those of `step`, and returns them."""
     self.eval_metrics = trainer_lib.evaluate(self.trainer, self.state, self.dataset,
                                              precise_bn_batches=self.config.precise_bn_batches)
     self.evaluated_at = step
@@ -205,6 +212,7 @@ class RunState:
     return self.eval_metrics
 
   def epoch_at(self, step: int) -> float:
+    """The epochs seen after `step` updates (batch-size phases included)."""
     if self.derived.phases:
       return hooks_lib.epochs_at(step, self.derived.phases)
     return step / self.derived.steps_per_epoch

@@ -263,6 +263,9 @@ def _print_derived(config) -> None:
 
 
 def main(argv, hooks=()):
+  """The command's body after absl parsed the flags: starts jax.distributed where needed, then
+  --print_derived or one `train` of the flags' config and workdir (`hooks` passed to the loop),
+  and prints the run's summary on process 0."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   console.install()

@@ -243,9 +243,11 @@ class Progress:
     self._recent: collections.deque[float] = collections.deque(maxlen=self.RECENT)
 
   def restart_clock(self, step: int, now: float) -> None:
+    """Starts the next interval at (`step`, `now`)."""
     self._last_step, self._last_time = step, now
 
   def rates(self, step: int, now: float) -> dict[str, float]:
+    """train/steps_per_sec and train/examples_per_sec since the last call ({} on the first)."""
     if self._last_time is None or step <= self._last_step:
       self._last_step, self._last_time = step, now
       return {}
@@ -256,11 +258,13 @@ class Progress:
             'train/examples_per_sec': steps_per_sec * self.global_batch}
 
   def eta_seconds(self, step: int) -> float | None:
+    """Seconds left at the recent median step rate, or None before the first rate."""
     if not self._recent:
       return None
     return (self.total_steps - step) / statistics.median(self._recent)
 
   def line(self, step: int, values: Mapping[str, float]) -> str:
+    """The console progress line of `step`: epoch, loss, accuracy, lr, examples/s, ETA."""
     parts = [f'step {step}/{self.total_steps}' + (
         f' (epoch {self.epoch_of(step):.1f})' if self.epoch_of else '')]
     for key, fmt in (('train/loss', 'loss {:.4f}'), ('train/accuracy', 'acc {:.3f}'),

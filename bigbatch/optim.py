@@ -150,6 +150,8 @@ def _transforms(o, lr: Callable) -> list[optax.GradientTransformation]:
 
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
+  """The optax transformation of a config (peak lr in its state), the resolved schedule it was
+  built from, and its lr function."""
   tx: optax.GradientTransformation
   derived: schedule.Resolved
   lr_fn: LrFn  # = lr_schedule(config, derived)

@@ -46,6 +46,7 @@ class PlotError(Exception):
 
 @dataclasses.dataclass
 class Series:
+  """One metric's values at the steps where it was logged."""
   steps: np.ndarray
   values: np.ndarray
 
@@ -195,7 +196,9 @@ _PANELS = (
 
 def plot(runs: Sequence[Curves], x: str, path: str, *, smooth: float = 0.0,
          title: str = '') -> None:
-  """One PNG: loss, accuracy and learning rate of every run against `x`."""
+  """Writes one PNG to `path`: loss, accuracy and learning rate of every run against `x`
+  (steps, epochs, examples or time), training values smoothed by an exponential moving average
+  of weight `smooth` (the lr never), with `title` above the panels if given."""
   from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
@@ -262,6 +265,8 @@ def _eval_names(runs: Sequence[Curves]) -> list[str]:
 
 
 def main(argv: Sequence[str]) -> None:
+  """The command line (module docstring): exit 1 for unreadable input, 5 for an unwritable
+  figure."""
   workdirs = list(argv[1:])
   if not workdirs:
     raise app.UsageError('Give one or more workdirs: python -m bigbatch.plot WORKDIR ...')

@@ -86,6 +86,7 @@ class Resolved:
   epoch_steps: str = 'floor_per_epoch'  # config.lr.epoch_steps: how epochs became steps above
 
   def as_dict(self) -> dict:
+    """The numbers as JSON-ready values (what derived.json and --print_derived show)."""
     d = dataclasses.asdict(self)
     d['boundaries_steps'] = list(self.boundaries_steps)
     d['phases'] = [dataclasses.asdict(p) for p in self.phases]

@@ -70,5 +70,6 @@ def specs_for(tree: Any, rules: Sequence[tuple[str, P]] = ()) -> Any:
 
 
 def named(mesh: Mesh, specs: Any) -> Any:
+  """NamedShardings on `mesh` for a tree of PartitionSpecs."""
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                       is_leaf=lambda x: isinstance(x, P))

@@ -30,10 +30,12 @@ TWICE = 'twice: stopped without waiting for the checkpoint of the current update
 
 
 def exit_code(signum: int) -> int:
+  """The exit code of a run stopped by `signum`: 130 for SIGINT, 75 otherwise."""
   return EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED
 
 
 def name(signum: int) -> str:
+  """'SIGTERM' etc. for `signum`."""
   return NAMES.get(signum, str(signum))
 
 
@@ -212,11 +214,13 @@ def set_context(text: str) -> None:
 
 
 def context() -> str:
+  """The text set by `set_context`."""
   return _state.context
 
 
 @contextlib.contextmanager
 def phase(where: str | None):
+  """Sets the phase (`set_phase`) for the body of the with-statement, then restores it."""
   with _state.lock:
     before = _state.where
   set_phase(where)

@@ -32,6 +32,7 @@ LossFn = Callable[..., tuple[jax.Array, tuple[Any, jax.Array]]]
 
 @flax.struct.dataclass
 class TrainState:
+  """Everything a run carries from update to update; what a checkpoint holds."""
   step: jax.Array  # int32 scalar: updates applied so far
   params: Any
   batch_stats: Any  # BN running statistics ({} without BatchNorm)

@@ -60,9 +60,10 @@ class CompileCache:
 
   Trials that differ only in values held in the optimizer state (the peak lr) reuse one jitted
   step, and so one compilation. The key is everything the compiled code depends on: the config
-  (less the fields their owners declare host-only with fields.declare_host_only: those only the host loop, the data reader or the initial state read), the
-  arguments of `build` (class count, image shape, sharding rules), the derived schedule, and the
-  mesh. An undeclared host-only field costs a compilation, never a wrong reuse.
+  (less the fields their owners declare host-only with fields.declare_host_only: those only the
+  host loop, the data reader or the initial state read), the arguments of `build` (class count,
+  image shape, sharding rules), the resolved schedule, and the mesh. An undeclared host-only
+  field costs a compilation, never a wrong reuse.
   """
 
   def __init__(self):
@@ -75,10 +76,13 @@ class CompileCache:
     return self._entries[kind, key]
 
   def entries(self, kind: str) -> list[Any]:
+    """The entries made so far of `kind` ('init', 'steps')."""
     return [v for (k, _), v in self._entries.items() if k == kind]
 
   @classmethod
   def step_key(cls, config, mesh, derived: schedule_lib.Resolved, **build_args) -> str:
+    """The key of the compiled steps: the config less its host-only fields, the schedule's
+    shape, the mesh and `build_args`."""
     flat = json.loads(config.to_json_best_effort())
     for path in fields.host_only():
       fields.pop(flat, path)

@@ -25,6 +25,7 @@ def path_mask(params, exclude_regex: str | None):
 
 
 class TrustRatioState(NamedTuple):
+  """The transform's state: the last ratios, and which leaves get one."""
   trust_ratios: Any  # like params: float32 scalars, the last update's ratio (1 before the first)
   adapted: Any  # like params: bool scalars, False where trust_ratio_exclude matched
 

@@ -127,11 +127,13 @@ def exists(path: epath.PathLike) -> bool:
 
 
 def isdir(path: epath.PathLike) -> bool:
+  """Whether `path` is a directory; StorageError if that cannot be told."""
   with storage(path):
     return epath.Path(path).is_dir()
 
 
 def read_json(path: epath.PathLike) -> Any:
+  """The JSON value in the file at `path`; StorageError if it cannot be read."""
   with storage(path):
     text = epath.Path(path).read_text()
   return json.loads(text)

@@ -63,6 +63,7 @@ class Task:
     return params
 
   def wrap_optimizer(self, optimizer: optim.Optimizer) -> optim.Optimizer:
+    """The optimizer the task trains with, built around the config's (default: unchanged)."""
     return optimizer
 
   def loss_fn(self, model) -> Callable:
