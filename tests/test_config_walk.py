@@ -122,7 +122,6 @@ VALID = {
     **{('target.value', v): 'any finite threshold' for v in ('-1.0', '0.0', '-1', '0')},
     # Empty tuples are "none", as None is.
     ('batch_schedule', '()'): 'a fixed batch',
-    ('lr.table', '()'): 'no table (refused with lr.scaling=table)',
     ('data.verification_bins', '()'): 'no verification sets',
     # Paths, split names, TFDS names and regexes: any string; they are checked where they are
     # opened (a missing data set: exit 6), '' is "unset" where None is.
