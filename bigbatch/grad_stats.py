@@ -2,8 +2,9 @@
 or per-microbatch) and large (per-update) gradients of each step, their unbiased estimates of
 |G|^2 and tr(Sigma), and the moving averages the training state carries (config.noise_scale).
 
-The estimator and its biases are described in docs/design.md; the studies read the gns/*
-metrics (bigbatch/study/noise_scale.py has the host-side averaging for offline series).
+The estimator and its biases are in docs/design.md, "The gradient noise scale"; the studies
+read the gns/* metrics (bigbatch/study/noise_scale.py has the host-side averaging for offline
+series).
 """
 from __future__ import annotations
 
