@@ -70,6 +70,18 @@ def global_norm(tree, *, sharded, axes: Sequence[str]) -> jax.Array:
   return jnp.sqrt(total)
 
 
+def _count_nonfinite(leaves) -> jax.Array:
+  """The number of non-finite values in `leaves`, as one reduction per dtype over their
+  concatenation: a reduction per leaf (hundreds in a ResNet's parameters and optimizer state)
+  made XLA take 3x as long to compile the whole step on CPU (29 s against 10 s for the
+  runlocal ResNet-50 step with LAMB), for the same exact count."""
+  by_dtype: dict[Any, list[jax.Array]] = {}
+  for x in leaves:
+    by_dtype.setdefault(jnp.dtype(x.dtype), []).append(jnp.ravel(x))
+  return sum((jnp.sum(~jnp.isfinite(jnp.concatenate(xs)), dtype=jnp.int32)
+              for xs in by_dtype.values()), jnp.zeros((), jnp.int32))
+
+
 def all_finite(tree, axes: Sequence[str]) -> jax.Array:
   """Whether every float value in `tree` is finite on every device: a leaf that differs across
   devices (a sharded parameter, its optimizer state) is checked on all of them, so every device
@@ -77,11 +89,10 @@ def all_finite(tree, axes: Sequence[str]) -> jax.Array:
   common, local = [], []
   for x in jax.tree.leaves(tree):
     if jnp.issubdtype(x.dtype, jnp.inexact):
-      bad = jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
-      (local if any(varying(x, a) for a in axes) else common).append(bad)
-  total = sum(common, jnp.zeros((), jnp.int32))
+      (local if any(varying(x, a) for a in axes) else common).append(x)
+  total = _count_nonfinite(common)
   if local:
-    spread = sum(local, jnp.zeros((), jnp.int32))
+    spread = _count_nonfinite(local)
     total = total + lax.psum(spread, tuple(a for a in axes if varying(spread, a)))
   return total == 0
 

@@ -12,6 +12,8 @@ groups (consecutive examples of a device's share) hold the same examples in ever
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -73,8 +75,9 @@ def _batches():
           for _ in range(UPDATES)]
 
 
-def _run(layout, group, optimizer):
-  """The parameters after each update, and the final state."""
+def _run(layout, group, optimizer, nudge=False):
+  """The parameters after each update, and the final state. nudge: the initial parameters moved
+  up by one float32 ulp each."""
   config = _config(layout, group, optimizer)
   devices = LAYOUTS[layout][0]
   mesh = sharding.make_mesh(config, jax.devices()[:devices])
@@ -82,6 +85,11 @@ def _run(layout, group, optimizer):
                               num_classes=10)
   k = config.accumulation_steps
   state, params = trainer.state, []
+  if nudge:
+    moved = jax.tree.map(lambda x: np.nextafter(x, np.float32(np.inf)),
+                         jax.device_get(state.params))
+    state = state.replace(params=jax.tree.map(lambda m, p: jax.device_put(m, p.sharding),
+                                              moved, state.params))
   for image, label in _batches():
     batch = {'image': image.reshape(k, GLOBAL_BATCH // k, *IMAGE_SHAPE),
              'label': label.reshape(k, GLOBAL_BATCH // k)}
@@ -95,12 +103,28 @@ def _max_diff(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def _assert_same_run(got, expected, label, optimizer):
+@functools.lru_cache(maxsize=None)
+def _rounding_growth(layout, group, optimizer) -> tuple[float, ...]:
+  """Max |difference| after each update between the run of `layout` and the same run with its
+  initial parameters moved by one ulp: how far this run's own rounding can carry it."""
+  plain, nudged = _run(layout, group, optimizer), _run(layout, group, optimizer, nudge=True)
+  return tuple(_max_diff(a, b) for a, b in zip(plain[0], nudged[0]))
+
+
+def _assert_same_run(got, expected, label, optimizer, reference):
+  """Layouts agree after each update within ATOL, or within twice what a 1-ulp change of the
+  reference's initialization makes (where the run passes near a ReLU's or a rounding's edge,
+  that alone grows past ATOL: 2.3e-6 after update 5 for ghost 4, SGD, 8 x 1, once the finite
+  check's reduction changed XLA's fusions; a layout-dependent BN order gave that with a 1-ulp
+  growth of 1.8e-7)."""
   (got_params, got_state), (expected_params, expected_state) = got, expected
   diffs = [_max_diff(a, b) for a, b in zip(got_params, expected_params)]
-  print(f'{label}: max |difference| after each update', ' '.join(f'{d:.1e}' for d in diffs))
-  for update, (d, tol) in enumerate(zip(diffs, ATOL[optimizer]), 1):
-    assert d <= tol, f'{label}: parameters differ by {d:.2e} after update {update} (> {tol})'
+  growth = _rounding_growth(*reference)
+  print(f'{label}: max |difference| after each update', ' '.join(f'{d:.1e}' for d in diffs),
+        '; 1-ulp growth of the reference', ' '.join(f'{d:.1e}' for d in growth))
+  for update, (d, tol, g) in enumerate(zip(diffs, ATOL[optimizer], growth), 1):
+    assert d <= max(tol, 2 * g), (f'{label}: parameters differ by {d:.2e} after update {update} '
+                                  f'(> {tol}, and > 2 x the 1-ulp growth {g:.2e})')
   # The runs moved: the comparison is not between two unchanged initializations.
   assert _max_diff(got_params[-1], got_params[0]) > 1e-2
   # The running statistics are averaged over groups, microbatches and devices in an order that
@@ -113,7 +137,7 @@ def _assert_same_run(got, expected, label, optimizer):
 def test_one_ghost_group_per_device_microbatch_equals_eight_groups_over_updates():
   """8 devices x k=8 hold one group of 4 per device and microbatch; 8 x 1 hold eight."""
   _assert_same_run(_run('8x8', 4, 'sgd'), _run('8x1', 4, 'sgd'), 'ghost 4, sgd, 8x8 vs 8x1',
-                   'sgd')
+                   'sgd', ('8x1', 4, 'sgd'))
 
 
 @pytest.mark.slow
@@ -124,7 +148,8 @@ def test_ghost_bn_layouts_agree_over_updates(group, optimizer):
   reference = _run('8x1', group, optimizer)
   for layout in ('8x8', '1x8', '2x4_k2'):
     _assert_same_run(_run(layout, group, optimizer), reference,
-                     f'ghost {group}, {optimizer}, {layout} vs 8x1', optimizer)
+                     f'ghost {group}, {optimizer}, {layout} vs 8x1', optimizer,
+                     ('8x1', group, optimizer))
 
 
 _SYNC_LARS_K8 = pytest.mark.xfail(strict=True, reason=(
@@ -143,4 +168,5 @@ def test_sync_bn_layouts_agree_over_updates(optimizer, layout, reference):
   k (8 x 1 = 1 x 1, 8 x 8 = 1 x 8, 2 x 4 with k=2 = 1 x 2). Different k are different
   statistics, not compared."""
   _assert_same_run(_run(layout, None, optimizer), _run(reference, None, optimizer),
-                   f'sync BN, {optimizer}, {layout} vs {reference}', optimizer)
+                   f'sync BN, {optimizer}, {layout} vs {reference}', optimizer,
+                   (reference, None, optimizer))
