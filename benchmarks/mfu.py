@@ -289,8 +289,8 @@ def main():
           f'{"none published" if published is None else f"{published / 1e12:.1f} TFLOP/s"}); '
           f'MFU vs matmul (wall) = achieved / the matmul peak measured in the same run '
           f'({peak / 1e9:.1f} GFLOP/s wall). '
-          f'The issue\'s speed-up target is for a CIFAR ResNet-18 (3x3 stem, 32x32 stages), which '
-          f'`bigbatch.models` does not have; `benchmarks/conv_grad.py` times a BN-free stack of '
+          f'A speed-up target stated for a CIFAR ResNet-18 (3x3 stem, 32x32 stages) needs a model '
+          f'that `bigbatch.models` does not have; `benchmarks/conv_grad.py` times a BN-free stack of '
           f'that shape.\n\n' + text + '\n\n' + '\n'.join(f'- {l}' for l in verdicts + notes))
   report.update_section('mfu', 'Training step time and MFU vs the matmul peak', body)
 

@@ -260,7 +260,8 @@ def _steps(c: dict) -> str:
   return f'{c["count"]:,} ({c["rule"]}): {listed}'
 
 
-def format(d: dict, *, memory_hint: str = '--print_derived_memory') -> str:  # pylint: disable=redefined-builtin
+# pylint: disable-next=redefined-builtin
+def format(d: dict, *, memory_hint: str = '--print_derived_memory') -> str:
   """`derive`'s result as aligned plain text."""
   h, b, data = d['hardware'], d['batch'], d['data']
   lines = _section('Config', [(k, str(v)) for k, v in d['config'].items()])

@@ -170,8 +170,9 @@ class RunState:
       last = f'step {self.last_good} in {self.ckpt_dir}' if self.last_good else 'none'
       raise NonFiniteError(
           f'step {step}: the loss, gradients or update were not finite for {streak} '
-          f'consecutive step(s) (lr {lr:.4g}); none of them was applied. Last good checkpoint: {last}. Lower '
-          f'the lr, add warmup or clipping (optimizer.clip_grad_norm), then resume or start over')
+          f'consecutive step(s) (lr {lr:.4g}); none of them was applied. Last good checkpoint: '
+          f'{last}. Lower the lr, add warmup or clipping (optimizer.clip_grad_norm), then resume '
+          f'or start over')
 
   def flush_logs(self) -> None:
     """Writes the metrics the Log hook held back one step (their values are ready by now)."""

@@ -131,7 +131,7 @@ def test_ema_bias_correction_and_edge_cases():
     noise_scale.NoiseScaleEMA(decay=1.0)
 
 
-def test_per_shard_sq_norms():
+def test_sq_norm_of_a_gradient_tree():
   tree = {'a': jnp.array([3.0, 4.0]), 'b': {'c': jnp.ones((2, 2), jnp.bfloat16)}}
   assert float(noise_scale.sq_norm(tree)) == pytest.approx(29.0)
   assert noise_scale.sq_norm(tree).dtype == jnp.float32
