@@ -29,3 +29,18 @@ if not os.environ.get('PYTEST_XDIST_WORKER'):
 import jax  # noqa: E402
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
+
+
+# Files holding the longest tests (minutes each on 2 cores: the signal sweep, the loopback
+# multi-host runs, the face runs, the layouts), collected first: xdist hands tests out in
+# collection order, and one of these started last would leave the other worker idle for its
+# whole length. Each file keeps its own order.
+_LONGEST_FIRST = ('test_signals.py', 'test_multihost.py', 'test_face_data.py',
+                  'test_layouts.py', 'test_face_train.py', 'test_export.py',
+                  'test_study_faces.py', 'test_configs.py')
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))
