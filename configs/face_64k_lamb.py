@@ -3,8 +3,11 @@ lr scaling and warmup, to study against the batch-4,096 recipe (configs/face_r10
 
 Command:  python -m bigbatch.main --config=configs/face_64k_lamb.py --workdir=DIR \
             --config.data.face_root=/data/webface42m
-Hardware: a TPU v4-128 / 64 x H100 (1,024 images per device), or fewer devices with
-          --config.accumulation_steps=N.
+Hardware: a TPU v4-128 (64 chips) or 64 x H100 80GB, 1,024 images per device, which fits
+          neither as it is (estimated peak 108.9 GiB per device, benchmarks/fit.py). Add
+          --config.accumulation_steps=2 on 64 x H100 80GB (512 per microbatch: 55.6 GiB, 25%
+          headroom) and --config.accumulation_steps=4 on the TPU v4-128 (256: 28.7 GiB of 32,
+          10% headroom, at the limit; 8 leaves more); on fewer devices raise it accordingly.
 Expected: no published result at this batch for faces; this is the experiment. What to compare
           with the baseline: LFW / CFP-FP / AgeDB-30 accuracy and TAR@FAR=1e-3 at equal epochs
           (20), and the steps to a verification target. Starting point, not a tuned recipe: LAMB

@@ -2,8 +2,10 @@
 
 Command:  python -m bigbatch.main --config=configs/face_r100_cosface_4k.py --workdir=DIR \
             --config.data.face_root=/data/webface42m   # train.rec / train.idx (InsightFace)
-Hardware: 8 x A100/H100 or a TPU v4-32 (512 images per device); on fewer devices add
-          --config.accumulation_steps=N (the update is the same).
+Hardware: 8 x A100 80GB or 8 x H100 80GB (512 images per device; estimated peak 57.6 GiB, 23%
+          headroom, benchmarks/fit.py). A TPU v4-32 is 16 chips (256 per device: 29.2 GiB of
+          32, 9% headroom, too little): add --config.accumulation_steps=2 there (15.7 GiB, 51%).
+          On fewer devices add --config.accumulation_steps=N (the update is the same).
 Data:     InsightFace RecordIO of WebFace42M (about 2.06M identities, 42.5M images: the
           WebFace260M paper's counts, unverified here) or MS1MV3 (set face_root accordingly);
           verification on lfw.bin, cfp_fp.bin and agedb_30.bin next to train.rec.

@@ -1,7 +1,9 @@
 """ResNet-50 on ImageNet at batch 32,768 with LAMB (You et al. 2019).
 
 Command:  python -m bigbatch.main --config=configs/r50_32k_lamb.py --workdir=gs://BUCKET/r50_lamb
-Hardware: a TPU v3-256/512 or 256+ GPUs; bf16 compute.
+Hardware: a TPU v3-256 (128 examples per device), a TPU v3-512 (64 per device) or 256 x A100 40GB
+  (128 per device); bf16 compute. Estimated peak per device (benchmarks/fit.py): 13.2 GiB at 128
+  (17% headroom on a 16 GiB v3 core, 64% on an A100 40GB), 6.8 GiB at 64 (57% on v3).
 Expected: 76.3% top-1 at 32k (the LAMB authors' repository README; docs/references.md).
 CPU smoke run: configs/r50_32k_lamb.py:runlocal
 

@@ -3,7 +3,9 @@
 Nado et al.'s point: LARS/LAMB are not required at this batch size; tuned Nesterov momentum
 reaches 75.9% top-1 in 2,512 steps (64.25 epochs of 1,281,167 examples at 32,768).
 Command:  python -m bigbatch.main --config=configs/r50_32k_nesterov.py --workdir=gs://BUCKET/r50_nag
-Hardware: a TPU v3-256/512 or 256+ GPUs; bf16 compute.
+Hardware: a TPU v3-256 (128 examples per device), a TPU v3-512 (64 per device) or 256 x A100 40GB
+  (128 per device); bf16 compute. Estimated peak per device (benchmarks/fit.py): 13.1 GiB at 128
+  (18% headroom on a 16 GiB v3 core, 65% on an A100 40GB), 6.7 GiB at 64 (58% on v3).
 Expected: 75.9% top-1 at 2,512 steps (Nado et al. 2021; docs/references.md).
 CPU smoke run: configs/r50_32k_nesterov.py:runlocal
 

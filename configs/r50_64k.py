@@ -1,8 +1,10 @@
 """ResNet-50 on ImageNet at batch 65,536 with LARS: the headline large-batch experiment.
 
 Command:  python -m bigbatch.main --config=configs/r50_64k.py --workdir=gs://BUCKET/r50_64k
-Hardware: a TPU v3-1024 pod slice or 512+ GPUs (64-128 examples per device); with fewer devices
-  add --config.accumulation_steps=K. bf16 compute, float32 parameters.
+Hardware: a TPU v3-1024 pod slice (64 examples per device) or 512 x A100 40GB (128 per device);
+  estimated peak 6.7 GiB per device on the v3 (58% headroom), 13.1 GiB on the A100 (65%)
+  (benchmarks/fit.py). With fewer devices add --config.accumulation_steps=K. bf16 compute,
+  float32 parameters.
 Expected: about 75% top-1 (Ying et al. 2018 report ~75.2% at 64k with LARS, label smoothing and
   distributed BN; unverified, docs/references.md). LARS alone: 72.5% at 32k (You et al. 2017).
   Goyal et al.'s SGD recipe at 64k: 66.04% (33.96% error). Variants: configs/r50_64k.py:batch=32768.

@@ -1,8 +1,9 @@
 """ResNet-50 on ImageNet at batch 8,192 in 1 hour: Goyal et al. 2017.
 
 Command:  python -m bigbatch.main --config=configs/r50_8k_goyal.py --workdir=gs://BUCKET/r50_8k
-Hardware: 256 GPUs (32 per device) as in the paper, or a TPU v3-256; on fewer devices add
-  --config.accumulation_steps=K: the update is the same (BN stays over 32 examples).
+Hardware: 256 GPUs (32 per device) as in the paper, e.g. 256 x V100 16GB, or a TPU v3-256;
+  estimated peak 2.9 GiB per device, 80%+ headroom on both (benchmarks/fit.py). On fewer
+  devices add --config.accumulation_steps=K: the update is the same (BN stays over 32 examples).
 Expected: 76.26% top-1 (23.74% error, Goyal et al. 2017, Table 1; 23.60% at batch 256).
   Without warmup 24.84% error; constant warmup 25.88%; no lr scaling 41.67%; sqrt scaling 26.22%.
   Each ablation is one override, e.g. --config.lr.scaling=sqrt or --config.lr.warmup_epochs=0.

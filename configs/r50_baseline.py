@@ -1,7 +1,8 @@
 """ResNet-50 on ImageNet at batch 256: the small-batch baseline (Goyal et al. 2017 recipe).
 
 Command:  python -m bigbatch.main --config=configs/r50_baseline.py --workdir=gs://BUCKET/r50_256
-Hardware: 8 GPUs or a TPU v3-8 (32 examples per device, BN over those 32); about a day on 8 V100s.
+Hardware: 8 x V100 16GB or a TPU v3-8 (32 examples per device, BN over those 32); about a day
+  on 8 V100s. Estimated peak 2.9 GiB per device, 80%+ headroom on both (benchmarks/fit.py).
 Expected: 76.4% top-1 (23.60% error, Goyal et al. 2017, Table 1, batch 256, 90 epochs).
 CPU smoke run: configs/r50_baseline.py:runlocal
 
