@@ -31,7 +31,6 @@ import concurrent.futures
 import dataclasses
 import importlib
 import json
-import math
 import os
 import subprocess
 import sys

@@ -14,13 +14,13 @@ import pytest
 
 from bigbatch import config_lib
 from bigbatch import data as data_lib
+from bigbatch import grad_stats
 from bigbatch import loop
 from bigbatch import sharding
 from bigbatch import trainer as trainer_lib
 from bigbatch.study import aggregate
 from bigbatch.study import grid
 from bigbatch.study import hooks as study_hooks
-from bigbatch.study import noise_scale
 from bigbatch.study import render_steps
 from bigbatch.study import run
 from bigbatch.tasks import classification
@@ -58,7 +58,7 @@ def test_noise_scale_in_the_step_equals_the_estimator_on_per_device_gradients():
                              batch['label'][k, d * 2:(d + 1) * 2]))[0]
            for k in range(2) for d in range(8)]
   big = np.mean(small, axis=0)
-  g2, trace = noise_scale.estimates(np.mean([np.sum(s ** 2) for s in small]), np.sum(big ** 2),
+  g2, trace = grad_stats.estimates(np.mean([np.sum(s ** 2) for s in small]), np.sum(big ** 2),
                                     2, 32)
   np.testing.assert_allclose(metrics['gns/b_simple_step'], trace / g2, rtol=1e-4)
   # One step of the moving average, bias-corrected, is the step's own estimate.

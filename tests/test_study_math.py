@@ -12,6 +12,7 @@ import pytest
 
 from bigbatch import config_lib
 from bigbatch import models
+from bigbatch import grad_stats
 from bigbatch.study import noise_scale
 from bigbatch.study import sharpness
 
@@ -46,8 +47,8 @@ def _sq_norms(x_TxSxbxD, e_TxSxb):
   def one_step(x_SxbxD, e_Sxb):
     y_Sxb = math.sqrt(S2) * e_Sxb
     grads_SxD = jax.vmap(jax.grad(_shard_loss), in_axes=(None, 0, 0))(w, x_SxbxD, y_Sxb)
-    small = jnp.mean(jax.vmap(noise_scale.sq_norm)(grads_SxD))
-    big = noise_scale.sq_norm(jnp.mean(grads_SxD, axis=0))
+    small = jnp.mean(jax.vmap(grad_stats.sq_norm)(grads_SxD))
+    big = grad_stats.sq_norm(jnp.mean(grads_SxD, axis=0))
     return small, big
   return jax.vmap(one_step)(x_TxSxbxD, e_TxSxb)
 
@@ -71,7 +72,7 @@ def test_noise_scale_recovered_on_linear_regression():
   e = rng.standard_normal((steps, SHARDS, PER_SHARD)).astype(np.float32)
   small_T, big_T = _sq_norms(x, e)
   # Vectorized over steps: estimates is elementwise.
-  g2_T, tr_T = noise_scale.estimates(small_T, big_T, PER_SHARD, SHARDS * PER_SHARD)
+  g2_T, tr_T = grad_stats.estimates(small_T, big_T, PER_SHARD, SHARDS * PER_SHARD)
   g2_T, tr_T = np.asarray(g2_T), np.asarray(tr_T)
   # Each estimate is unbiased (per-step std is large, hence the loose 10%).
   assert abs(g2_T.mean() / DELTA_SQ - 1) < 0.1
@@ -94,19 +95,19 @@ def test_noise_scale_recovered_on_linear_regression():
 def test_estimates_exact_on_expected_norms_and_under_jit():
   g2, tr, b, B = 2.0, 30.0, 4, 32
   small, big = g2 + tr / b, g2 + tr / B  # E|G_b|^2, E|G_B|^2
-  got = noise_scale.estimates(small, big, b, B)
+  got = grad_stats.estimates(small, big, b, B)
   np.testing.assert_allclose(np.asarray(got), [g2, tr], rtol=1e-6)
-  jitted = jax.jit(noise_scale.estimates, static_argnums=(2, 3))(
+  jitted = jax.jit(grad_stats.estimates, static_argnums=(2, 3))(
       jnp.float32(small), jnp.float32(big), b, B)
   np.testing.assert_allclose(np.asarray(jitted), [g2, tr], rtol=1e-6)
-  traced_sizes = jax.jit(noise_scale.estimates)(small, big, b, B)
+  traced_sizes = jax.jit(grad_stats.estimates)(small, big, b, B)
   np.testing.assert_allclose(np.asarray(traced_sizes), [g2, tr], rtol=1e-6)
 
 
 @pytest.mark.parametrize('b,B', [(32, 32), (64, 32)])
 def test_estimates_rejects_b_not_below_B(b, B):
   with pytest.raises(ValueError, match='coincide'):
-    noise_scale.estimates(1.0, 1.0, b, B)
+    grad_stats.estimates(1.0, 1.0, b, B)
 
 
 def test_ema_bias_correction_and_edge_cases():
@@ -133,8 +134,8 @@ def test_ema_bias_correction_and_edge_cases():
 
 def test_sq_norm_of_a_gradient_tree():
   tree = {'a': jnp.array([3.0, 4.0]), 'b': {'c': jnp.ones((2, 2), jnp.bfloat16)}}
-  assert float(noise_scale.sq_norm(tree)) == pytest.approx(29.0)
-  assert noise_scale.sq_norm(tree).dtype == jnp.float32
+  assert float(grad_stats.sq_norm(tree)) == pytest.approx(29.0)
+  assert grad_stats.sq_norm(tree).dtype == jnp.float32
 
 
 # ---------------------------------------------------------------------------------------------

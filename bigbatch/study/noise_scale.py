@@ -12,12 +12,6 @@ import dataclasses
 import math
 from typing import Iterable
 
-from bigbatch import grad_stats
-
-# The in-step estimates, for series computed off the trainer (tests, notebooks).
-estimates = grad_stats.estimates
-sq_norm = grad_stats.sq_norm
-
 
 def _ratio(trace_sigma: float, g2: float) -> float:
   if math.isnan(g2) or math.isnan(trace_sigma):

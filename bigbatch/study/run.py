@@ -263,7 +263,8 @@ def merge(study: ml_collections.ConfigDict, workdir: str, echo=print) -> list[di
   workdir = workdir_lib.absolute(workdir)
   all_trials = grid.trials(study)
   _check_workdir(workdir)
-  in_jsonl = {r['trial_id'] for r in _read_rows(os.path.join(workdir, 'results.jsonl'), 'trial_id')}
+  in_jsonl = {r['trial_id']
+              for r in _read_rows(os.path.join(workdir, 'results.jsonl'), 'trial_id')}
   done = read_results(workdir) if workdir_lib.isdir(workdir) else {}
   if not done:
     raise workdir_lib.WorkdirError(
