@@ -299,6 +299,15 @@ def epochs_seen(step, phases: tuple[Phase, ...]) -> jax.Array:
   return value
 
 
+def examples_seen(step: int, global_batch: int, phases: tuple[Phase, ...] = ()) -> int:
+  """Training examples consumed by the first `step` updates: step x global_batch, or under a
+  batch schedule the sum over its phases of their updates x their batch."""
+  if not phases:
+    return int(step) * int(global_batch)
+  return sum(max(0, min(int(step), p.end_step) - p.start_step) * p.global_batch
+             for p in phases)
+
+
 def phase_at(step: int, phases: tuple[Phase, ...]) -> Phase:
   """The phase that update `step` (0-based) belongs to."""
   for p in reversed(phases):

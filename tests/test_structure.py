@@ -108,7 +108,7 @@ def test_non_finite_numbers_are_refused_by_name():
 
 # The layers, top down. The research layer (bigbatch.study) and the experiment config and entry
 # point above the core may import the core; the core imports neither.
-TOP = ('bigbatch.main', 'bigbatch.config_lib', 'bigbatch.console')
+TOP = ('bigbatch.main', 'bigbatch.advise', 'bigbatch.config_lib', 'bigbatch.console')
 
 
 def _in(name: str, package: str) -> bool:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from bigbatch import fields
 from bigbatch import hooks
 from bigbatch import input_pipeline
+from bigbatch import schedule
 from bigbatch import trainer as trainer_lib
 from bigbatch import workdir as workdir_lib
 from bigbatch.study import sharpness as sharpness_lib
@@ -53,7 +54,8 @@ class Target(hooks.Hook):
     achieved = run.eval_metrics[c.metric]
     if not (achieved >= c.value if c.mode == 'max' else achieved <= c.value):
       return
-    examples = done * run.config.global_batch
+    examples = schedule.examples_seen(done, run.config.global_batch,
+                                      run.trainer.optimizer.derived.phases)
     self.reached = {'step': done, 'examples': examples,
                     'wall_s': time.monotonic() - run.started, 'metric': c.metric,
                     'value': c.value, 'achieved': achieved}

@@ -92,8 +92,9 @@ def collect(trial: grid.Trial, trial_dir: str, wall_s: float, diverged: bool = F
       'budget_steps': derived.total_steps,
       # Examples and epochs trained: what a fixed-epoch study holds equal across batch sizes.
       'num_train': num_train,
-      'examples_run': steps_run * trial.batch_size,
-      'epochs_run': steps_run * trial.batch_size / num_train,
+      'examples_run': schedule.examples_seen(steps_run, trial.batch_size, derived.phases),
+      'epochs_run': schedule.examples_seen(steps_run, trial.batch_size, derived.phases)
+                    / num_train,
       'budget_epochs': c.num_epochs,
       'wall_s': wall_s,
       'eval_curve': curve,
