@@ -344,6 +344,9 @@ def advise(study: ml_collections.ConfigDict, workdir: str, opts: Options, echo=p
        f'{microbatch} on each of {devices} device(s)), peak lr {schedule.resolve(c, _num_train(c)).peak_lr:.4g}, target '
        f'{c.target.metric} {">=" if c.target.mode == "max" else "<="} {c.target.value}, at most '
        f'{schedule.resolve(c, _num_train(c)).total_steps} steps; in {trial_dir}')
+  metrics_path = os.path.join(trial_dir, 'metrics.jsonl')
+  steps_before = max((r[0] for r in noise_series(metrics_path)), default=0) if (
+      workdir_lib.exists(metrics_path)) else 0
   started = time.monotonic()
   try:
     loop.train_and_evaluate(c, trial_dir, hooks=[*study_hooks.hooks_for(c, trial_dir), *extra,
@@ -351,10 +354,12 @@ def advise(study: ml_collections.ConfigDict, workdir: str, opts: Options, echo=p
   except loop.NonFiniteError as e:
     raise ProbeError(f'the probe diverged ({e}); pass a lower --lr or a smaller --batch',
                      code=3) from e
-  seconds = before + time.monotonic() - started
-  workdir_lib.write_json(cost_path, {'seconds': seconds})
+  series = noise_series(metrics_path)
+  seconds = before
+  if max((r[0] for r in series), default=0) > steps_before:  # a rerun with nothing to train
+    seconds += time.monotonic() - started                    # costs the probe nothing
+    workdir_lib.write_json(cost_path, {'seconds': seconds})
   row = run_lib.collect(trial, trial_dir, seconds)
-  series = noise_series(os.path.join(trial_dir, 'metrics.jsonl'))
   end_step = row['steps_to_target'] if row['reached'] else row['steps_run']
   try:
     late = b_simple_late(series, end_step)
