@@ -90,6 +90,10 @@ def _schedule(config, derived: schedule.Resolved) -> dict:
             f'{schedule.scaling_factor(lr.scaling, ratio):.6g}')
   lr_fn = optim.lr_schedule(config, derived)
   total = derived.total_steps
+  if derived.adascale_scale:  # the base schedule, in steps of the global batch (tau / S)
+    total = derived.schedule_steps
+    rule += (f'; AdaScale: lr = gain (1 to S = {derived.adascale_scale:.6g}) x lr_at_step at '
+             f'tau / S, at most {derived.total_steps:,} steps')
   points = {0, derived.warmup_steps, total // 4, total // 2, 3 * total // 4, total - 1, total}
   for b in derived.boundaries_steps:
     points |= {b - 1, b}

@@ -23,6 +23,7 @@ import jax
 from bigbatch import distributed
 from bigbatch import flops
 from bigbatch import metrics as metrics_lib
+from bigbatch import optim
 from bigbatch import schedule
 from bigbatch import signals
 
@@ -103,6 +104,43 @@ class Throughput:
       if self.peak_flops:
         out['perf/mfu'] = out['perf/flops_per_sec'] / self.peak_flops
     return out
+
+
+class AdaScaleStop(Hook):
+  """Ends an AdaScale run (config.optimizer.adascale) after the first update with tau / S >= T_B,
+  the base schedule's length in steps of the global batch (derived.schedule_steps); the Log,
+  Evaluate and Checkpoint hooks (later in order) then treat that update as the last.
+
+  Reading tau waits for the device. Each gain is at most S, so tau / S grows by at most 1 per
+  update: the tau of the update before (ready by now: the loop's finite check reads that update's
+  metrics anyway) says whether this update can reach T_B, and only then is its own tau read,
+  which waits for it (the last one or two updates of the run)."""
+  order = 5  # before Log (10), Evaluate (20), Checkpoint (50)
+
+  def __init__(self, scale: float, schedule_steps: int):
+    self.scale, self.length = scale, schedule_steps
+    self._before = None  # tau after the previous update (a device value after the first)
+
+  def _reached(self, tau) -> bool:
+    return float(tau) / self.scale >= self.length
+
+  def start(self, run) -> None:
+    # A host value: the state's buffers are donated to the first update.
+    tau = float(optim.adascale_values(run.state.opt_state)[1])
+    if self._reached(tau):  # resumed from the update that ended the run
+      logging.info('AdaScale: tau / S = %.6g reached the schedule\'s %d steps before; nothing '
+                   'to train.', tau / self.scale, self.length)
+      run.should_stop = True
+    self._before = tau
+
+  def after_step(self, run, done: int) -> None:
+    # 1e-3: the float32 sum of the gains may exceed a bound of S per update by rounding.
+    near = float(self._before) / self.scale + 1 + 1e-3 >= self.length
+    self._before = run.metrics['adascale/tau']
+    if near and self._reached(self._before):
+      logging.info('AdaScale: tau / S = %.6g >= %d after update %d; stopping.',
+                   float(self._before) / self.scale, self.length, done)
+      run.should_stop = True
 
 
 class Log(Hook):
@@ -256,7 +294,8 @@ class Profile(Hook):
 def standard(run, *, sigterm_received: Callable[[], int], preempt_sync,
              preempted: type[Exception]) -> list[Hook]:
   """The hooks every run has, scheduled from its config: Log, Evaluate, Checkpoint, Preemption,
-  and Profile on process 0 when config.profile_steps is set.
+  AdaScaleStop with config.optimizer.adascale, and Profile on process 0 when
+  config.profile_steps is set.
 
   Args:
     run: the loop's RunState.
@@ -273,6 +312,8 @@ def standard(run, *, sigterm_received: Callable[[], int], preempt_sync,
                  agree=distributed.AgreedMax() if c.checkpoint_every_minutes else None),
       Preemption(preempt_sync, sigterm_received, preempted),
   ]
+  if run.derived.adascale_scale:
+    hooks.append(AdaScaleStop(run.derived.adascale_scale, run.derived.schedule_steps))
   if c.profile_steps and run.is_main:
     hooks.append(Profile(*c.profile_steps, os.path.join(run.workdir, 'profile')))
   return hooks

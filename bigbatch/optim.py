@@ -4,7 +4,7 @@
 out for the global batch (peak lr, warmup, decay length, boundaries). The peak lr is a
 hyperparameter in the optimizer state (`optax.inject_hyperparams`), not a constant baked into
 the compiled step, so runs that differ only in lr share one compilation and `set_peak_lr` can
-change it between steps.
+change it between steps. With optimizer.adascale, the gain and tau are two more (adascale.py).
 
 LARS and LAMB are built from the trust-ratio transform in `bigbatch.trust_ratio` (why not
 `optax.lars` / `optax.lamb` is explained there).
@@ -22,6 +22,7 @@ import optax
 
 from ml_collections import config_dict
 
+from bigbatch import adascale as adascale_lib
 from bigbatch import fields
 from bigbatch import schedule
 from bigbatch import trust_ratio
@@ -52,6 +53,11 @@ def defaults() -> dict[str, Any]:
       'optimizer.weight_decay_exclude': r'(^|/)(bias|scale)$',
       'optimizer.trust_ratio_exclude': r'(^|/)(bias|scale)$',
       'optimizer.clip_grad_norm': placeholder(float),  # global-norm clipping
+      # AdaScale SGD (Johnson et al. 2020; bigbatch/adascale.py): lr.base_lr at lr.base_batch,
+      # scaled in each step by the gain r_t in [1, global_batch / base_batch] from the noise
+      # measurement, the schedule stretched by the gains. Needs optimizer.name=sgd,
+      # noise_scale.enabled and lr.scaling=none.
+      'optimizer.adascale': False,
   }
 
 
@@ -68,6 +74,7 @@ def validate(config) -> None:
   for path in ('optimizer.b1', 'optimizer.b2'):  # 1 would divide by 1 - b^t = 0 (bias correction)
     fields.finite(config, path, low=0.0, high=1.0, high_open=True)
   fields.positive(config, 'optimizer.clip_grad_norm', allow_none=True)
+  adascale_lib.validate(config)
   for path in ('optimizer.weight_decay_exclude', 'optimizer.trust_ratio_exclude'):
     try:
       re.compile(fields.get(config, path) or '')
@@ -86,7 +93,9 @@ def lr_schedule(config, derived: schedule.Resolved) -> LrFn:
   decay = lr.decay
   warmup = derived.warmup_steps
   phases = derived.phases
-  decay_steps = (derived.schedule_steps if phases else derived.total_steps) - warmup
+  # schedule_steps: the schedule's own length where the run's differs (a batch schedule's
+  # initial-batch steps; AdaScale's steps of the global batch, total_steps its upper bound).
+  decay_steps = (derived.schedule_steps or derived.total_steps) - warmup
   init_lr, end_lr, power = float(lr.warmup_init_lr), float(lr.end_lr), float(lr.power)
   # Step boundaries count from step 0, so the factor multiplies the whole schedule at the
   # absolute step (as in Goyal et al.: lr = warmup factor x step schedule); a boundary inside the
@@ -155,6 +164,7 @@ class Optimizer:
   tx: optax.GradientTransformation
   derived: schedule.Resolved
   lr_fn: LrFn  # = lr_schedule(config, derived)
+  adascale: adascale_lib.Settings | None = None  # config.optimizer.adascale
 
 
 def make(config, num_train_examples: int) -> Optimizer:
@@ -164,13 +174,39 @@ def make(config, num_train_examples: int) -> Optimizer:
   lr_fn = lr_schedule(config, derived)
   o = config.optimizer
   clip = o.clip_grad_norm
+  ada = adascale_lib.settings(config)
+
+  def chain(lr):
+    parts = [optax.clip_by_global_norm(clip)] if clip is not None else []
+    return optax.chain(*parts, *_transforms(o, lr))
 
   def factory(peak_lr):
-    parts = [optax.clip_by_global_norm(clip)] if clip is not None else []
-    return optax.chain(*parts, *_transforms(o, lambda count: lr_fn(count, peak_lr)))
+    return chain(lambda count: lr_fn(count, peak_lr))
 
-  tx = optax.inject_hyperparams(factory, hyperparam_dtype=jnp.float32)(peak_lr=derived.peak_lr)
-  return Optimizer(tx=tx, derived=derived, lr_fn=lr_fn)
+  def adascale_factory(peak_lr, adascale_gain, adascale_tau):
+    # The step sets the gain before the update and advances tau after it.
+    hyperparams = {GAIN: adascale_gain, TAU: adascale_tau}
+    return chain(lambda count: _adascale_lr(hyperparams, peak_lr, lr_fn, ada.scale))
+
+  # AdaScale's two extra hyperparameters exist only when it is on, so every other run keeps the
+  # state structure (and checkpoints) it had before.
+  if ada is None:
+    tx = optax.inject_hyperparams(factory, hyperparam_dtype=jnp.float32)(peak_lr=derived.peak_lr)
+  else:
+    tx = optax.inject_hyperparams(adascale_factory, hyperparam_dtype=jnp.float32)(
+        peak_lr=derived.peak_lr, adascale_gain=1.0, adascale_tau=0.0)
+  return Optimizer(tx=tx, derived=derived, lr_fn=lr_fn, adascale=ada)
+
+
+# AdaScale's hyperparameters: the gain r_t of the coming update, and tau, the base-batch
+# iterations done (the sum of the gains applied so far).
+GAIN, TAU = 'adascale_gain', 'adascale_tau'
+
+
+def _adascale_lr(hyperparams, peak_lr, lr_fn: LrFn, scale: float) -> jax.Array:
+  """r_t lr_base(tau_t): the base batch's schedule at tau base-batch iterations is lr_fn (in
+  steps of the global batch) at tau / S."""
+  return hyperparams[GAIN] * lr_fn(hyperparams[TAU] / scale, peak_lr)
 
 
 def _is_lr_state(x) -> bool:
@@ -194,17 +230,45 @@ def peak_lr(opt_state) -> jax.Array:
 
 def set_peak_lr(opt_state, value):
   """A new state with peak lr `value`; same structure and dtype, so a jitted step won't retrace."""
+  return _set_hyperparam(opt_state, 'peak_lr', value)
+
+
+def learning_rate(opt_state, lr_fn: LrFn, adascale: adascale_lib.Settings | None = None
+                  ) -> jax.Array:
+  """The lr that the next update applies: lr_fn at the state's update count and peak lr; with
+  AdaScale (`adascale`: Optimizer.adascale) the gain times lr_fn at tau / S."""
+  s = _lr_state(opt_state)
+  if TAU in s.hyperparams:
+    if adascale is None:
+      raise ValueError('an AdaScale optimizer state: pass adascale=Optimizer.adascale')
+    return _adascale_lr(s.hyperparams, s.hyperparams['peak_lr'], lr_fn, adascale.scale)
+  return lr_fn(s.count, s.hyperparams['peak_lr'])
+
+
+def _set_hyperparam(opt_state, name: str, value):
+  """A new state with hyperparameter `name` = `value`, in its dtype."""
   def replace(s):
     if not _is_lr_state(s):
       return s
-    old = s.hyperparams['peak_lr']
-    return s._replace(hyperparams={**s.hyperparams,
-                                   'peak_lr': jnp.asarray(value, dtype=old.dtype)})
+    old = s.hyperparams[name]
+    return s._replace(hyperparams={**s.hyperparams, name: jnp.asarray(value, old.dtype)})
   _lr_state(opt_state)  # exactly one, or a clear error
   return jax.tree.map(replace, opt_state, is_leaf=_is_lr_state)
 
 
-def learning_rate(opt_state, lr_fn: LrFn) -> jax.Array:
-  """The lr that the next update applies: lr_fn at the state's update count and peak lr."""
-  s = _lr_state(opt_state)
-  return lr_fn(s.count, s.hyperparams['peak_lr'])
+def adascale_values(opt_state) -> tuple[jax.Array, jax.Array]:
+  """(gain of the last update, tau) of an AdaScale optimizer state."""
+  h = _lr_state(opt_state).hyperparams
+  return h[GAIN], h[TAU]
+
+
+def set_adascale_gain(opt_state, gain):
+  """The state with the gain of the coming update (the step calls it before tx.update)."""
+  return _set_hyperparam(opt_state, GAIN, gain)
+
+
+def advance_adascale_tau(opt_state):
+  """The state after an update: tau + the gain it applied (the step calls it after
+  tx.update)."""
+  gain, tau = adascale_values(opt_state)
+  return _set_hyperparam(opt_state, TAU, tau + gain)

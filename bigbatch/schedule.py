@@ -82,8 +82,12 @@ class Resolved:
   # position in it is the epochs it has seen times steps_per_epoch: a function of the data seen,
   # not of the update count. total_steps counts the updates actually made.
   phases: tuple[Phase, ...] = ()
-  schedule_steps: int = 0  # the lr schedule's length in initial-batch steps (phases only)
+  # The lr schedule's length where it differs from total_steps, else 0: in initial-batch steps
+  # under a batch schedule; with AdaScale, in steps of global_batch (T_B: the run ends at the
+  # first step with tau / S >= T_B, total_steps = ceil(S T_B) its upper bound).
+  schedule_steps: int = 0
   epoch_steps: str = 'floor_per_epoch'  # config.lr.epoch_steps: how epochs became steps above
+  adascale_scale: float = 0.0  # AdaScale's S = global_batch / lr.base_batch; 0: off
 
   def as_dict(self) -> dict:
     """The numbers as JSON-ready values (what derived.json and --print_derived show)."""
@@ -379,15 +383,23 @@ def resolve(config, num_train_examples: int) -> Resolved:
                       f'{total_steps} total steps; shorten the warmup or train longer')
 
   phases = batch_phases(config, n)
+  run_steps, schedule_steps = (phases[-1].end_step, total_steps) if phases else (total_steps, 0)
+  scale = 0.0
+  if config.optimizer.get('adascale', False):
+    # At most S T_B updates (every gain 1), the run's data budget; the AdaScaleStop hook ends it
+    # when tau / S reaches T_B.
+    ratio = fractions.Fraction(batch) / fractions.Fraction(lr.base_batch)
+    scale, run_steps, schedule_steps = float(ratio), math.ceil(ratio * total_steps), total_steps
   return Resolved(
       num_train_examples=n,
       global_batch=batch,
       steps_per_epoch=steps_per_epoch,
-      total_steps=phases[-1].end_step if phases else total_steps,
+      total_steps=run_steps,
       warmup_steps=warmup_steps,
       peak_lr=_peak_lr(config),
       boundaries_steps=_boundaries(config, to_steps, steps_per_epoch, total_steps),
       phases=phases,
-      schedule_steps=total_steps if phases else 0,
+      schedule_steps=schedule_steps,
       epoch_steps=rule,
+      adascale_scale=scale,
   )

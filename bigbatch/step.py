@@ -20,6 +20,7 @@ from jax import lax
 import jax.numpy as jnp
 import optax
 
+from bigbatch import adascale as adascale_lib
 from bigbatch import grad_stats
 from bigbatch import optim
 from bigbatch import trust_ratio
@@ -100,7 +101,8 @@ def all_finite(tree, axes: Sequence[str]) -> jax.Array:
 def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
                tx: optax.GradientTransformation, lr_fn: Callable,
                axes: Sequence[str] = ('data',), ema_decay: float | None = None,
-               noise_scale_decay: float | None = None):
+               noise_scale_decay: float | None = None,
+               adascale: adascale_lib.Settings | None = None):
   """One update; per-device code, run under shard_map.
 
   batch: {'image': [K, M, H, W, C], 'label': [K, M]}, this device's share of each microbatch,
@@ -110,7 +112,9 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
   With noise_scale_decay, the gradient noise scale is estimated from the K x devices microbatch
   gradients of b = M examples each and their mean, the update's gradient of B examples
   (bigbatch/grad_stats.py): the squared norm of each microbatch gradient costs one
-  reduction per microbatch, on the device, before any communication.
+  reduction per microbatch, on the device, before any communication. With `adascale`
+  (Optimizer.adascale; needs noise_scale_decay) the update's lr is the gain from those moving
+  averages, after this step's estimates, times the base schedule at tau / S (bigbatch/adascale.py).
 
   Parameters that arrive sharded (device-varying: the face-recognition class centers) are
   this device's rows; their gradient is complete on the device and is not reduced
@@ -159,11 +163,27 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
   # statistics differ per device and are averaged over 'data' (sync-BN ones already agree).
   batch_stats = jax.tree.map(lambda s: mean_over(s.mean(axis=0)), stats)
 
-  lr = optim.learning_rate(state.opt_state, lr_fn)
+  stat_metrics, ema, opt_in = {}, None, state.opt_state
+  if noise_scale_decay is not None:
+    b = batch['label'].shape[1]
+    big = b * k * lax.axis_size('data')
+    g2, trace = grad_stats.estimates(mean_over(small_sqs.mean()),
+                                      grad_stats.sq_norm(replicated(grads)), b, big)
+    ema = grad_stats.update_ema(state.noise_scale, g2, trace, noise_scale_decay)
+    stat_metrics = {f'gns/{name}': v for name, v in grad_stats.ema_metrics(
+        ema, state.step + 1, noise_scale_decay).items()}
+    stat_metrics['gns/b_simple_step'] = trace / g2
+    if adascale is not None:
+      gain = adascale_lib.gain(stat_metrics['gns/g2'], stat_metrics['gns/trace_sigma'], adascale)
+      opt_in = optim.set_adascale_gain(opt_in, gain)
+
+  lr = optim.learning_rate(opt_in, lr_fn, adascale)
   loss = mean_over(losses.mean())
   norm = functools.partial(global_norm, sharded=sharded, axes=axes)
   grad_norm = norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  updates, opt_state = tx.update(grads, opt_in, state.params)
+  if adascale is not None:
+    opt_state = optim.advance_adascale_tau(opt_state)
   params = optax.apply_updates(state.params, updates)
 
   # A non-finite loss or gradient, or an update that makes a parameter, the optimizer state or a
@@ -183,17 +203,11 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
   if ema_decay is not None:
     new_state = new_state.replace(ema_params=jax.tree.map(
         lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, new_state.params))
-  gns_metrics = {}
-  if noise_scale_decay is not None:
-    b = batch['label'].shape[1]
-    big = b * k * lax.axis_size('data')
-    g2, trace = grad_stats.estimates(mean_over(small_sqs.mean()),
-                                      grad_stats.sq_norm(replicated(grads)), b, big)
-    ema = grad_stats.update_ema(state.noise_scale, g2, trace, noise_scale_decay)
+  if ema is not None:
     new_state = new_state.replace(noise_scale=keep(ema, state.noise_scale))
-    gns_metrics = {f'gns/{name}': v for name, v in grad_stats.ema_metrics(
-        ema, new_state.step, noise_scale_decay).items()}
-    gns_metrics['gns/b_simple_step'] = trace / g2
+  if adascale is not None:  # the last applied update's gain, and tau after it
+    stat_metrics['adascale/gain'], stat_metrics['adascale/tau'] = optim.adascale_values(
+        new_state.opt_state)
   metrics = {
       'loss': loss,
       'accuracy': mean_over(accuracies.mean()),
@@ -204,7 +218,7 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
       'nonfinite_streak': streak,
       'nonfinite_total': new_state.nonfinite_total,
       **trust_ratio.trust_ratio_stats(opt_state),
-      **gns_metrics,
+      **stat_metrics,
       **counts,
   }
   return new_state, metrics

@@ -161,7 +161,7 @@ def build(config: ml_collections.ConfigDict, mesh, *, num_train: int,
         step_lib.train_step, loss_fn=task.loss_fn(step_model), tx=optimizer.tx,
         lr_fn=optimizer.lr_fn, axes=task.axes, ema_decay=config.ema_decay,
         noise_scale_decay=(config.noise_scale.ema_decay if config.noise_scale.enabled
-                           else None))
+                           else None), adascale=optimizer.adascale)
     mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(specs, sharding.BATCH_SPEC),
                            out_specs=(specs, P()))
     step_fn = jax.jit(mapped, in_shardings=(state_shardings, batch_sharding),

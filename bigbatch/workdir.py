@@ -35,6 +35,9 @@ OBSERVING = frozenset({
 })
 # Fields that set the run's length; allowed to change if past learning rates do not.
 LENGTH = frozenset({'num_steps', 'num_epochs'})
+# Fields added after runs were recorded, with the value that reproduces those runs: a recorded
+# config without one compares as if it held that value, so those runs still resume.
+ADDED = {'optimizer.adascale': False}
 
 
 class WorkdirError(RuntimeError):
@@ -239,6 +242,7 @@ def check_compatible(workdir: str, config, *, num_train: int, resume_step: int,
     return
   new = json.loads(config.to_json_best_effort())
   a, b = fields.flatten(old), fields.flatten(new)
+  a = {**{k: v for k, v in ADDED.items() if k in b}, **a}
   changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
   refused = [k for k in changed if k not in OBSERVING and k not in LENGTH]
   if not refused and any(k in LENGTH for k in changed) and resume_step > 0:
