@@ -82,13 +82,21 @@ def test_every_trial_of_the_shipped_studies_sees_the_same_examples(name):
   study = importlib.import_module(f'configs.{name}').get_config()
   trials = grid.trials(study)
   num_train = SHIPPED[name]
-  assert len(trials) == len(study.variants) * len(study.batch_sizes) * study.num_seeds == 60
+  assert len(trials) == len(study.variants) * len(study.batch_sizes) * study.num_seeds
+  assert len(study.variants) == 4 + ('adascale' in study.variants)
   assert study.num_seeds == 3 and min(study.batch_sizes) == 32
   assert max(study.batch_sizes) <= num_train < 2 * max(study.batch_sizes)
   wanted = study.budget.epochs * num_train
   for t in trials:
     assert t.config.target.value is None and t.lr_index == 0
     derived = schedule.resolve(t.config, num_train)
+    if t.variant == 'adascale':  # its schedule sees the budget; the run ends within S times it
+      scale = t.batch_size / 32
+      assert derived.adascale_scale == scale and t.config.noise_scale.enabled
+      assert t.config.accumulation_steps == 2
+      assert wanted - t.batch_size < derived.schedule_steps * t.batch_size <= wanted
+      assert derived.total_steps == math.ceil(scale * derived.schedule_steps)
+      continue
     assert wanted - t.batch_size < derived.total_steps * t.batch_size <= wanted
     assert derived.warmup_steps <= derived.total_steps
   # The variants differ in their remedy only: no_remedy keeps the batch-32 lr at every batch.

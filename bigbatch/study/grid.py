@@ -99,7 +99,7 @@ def trials(study: ml_collections.ConfigDict) -> list[Trial]:
         for seed in range(study.num_seeds):
           c = copy.deepcopy(study.base)
           fields.overlay(c, overrides, f'study.variants.{variant}')
-          _trial_fields(study, c, batch, search, value, seed)
+          _trial_fields(study, c, batch, search, value, seed, set(fields.flatten(overrides)))
           trial_id = f'{variant}-b{batch}-lr{lr_index}-s{seed}'
           try:
             config_lib.validate(c, _num_devices())
@@ -109,7 +109,11 @@ def trials(study: ml_collections.ConfigDict) -> list[Trial]:
   return out
 
 
-def _trial_fields(study, c, batch: int, search, value: float, seed: int) -> None:
+def _trial_fields(study, c, batch: int, search, value: float, seed: int,
+                  pinned: set[str] = frozenset()) -> None:
+  """The fields the study sets in every trial; `pinned`: those the variant sets itself, of
+  which accumulation_steps and noise_scale.enabled stay as the variant says (AdaScale needs
+  both)."""
   c.global_batch = batch
   c.seed = seed
   if search.relative_to == 'rule':
@@ -122,7 +126,9 @@ def _trial_fields(study, c, batch: int, search, value: float, seed: int) -> None
                       f'absolute')
   data_parallel = _data_devices(c)
   k = 1
-  if study.microbatch:
+  if 'accumulation_steps' in pinned:
+    k = c.accumulation_steps
+  elif study.microbatch:
     per_step = study.microbatch * data_parallel
     k = batch // per_step if batch % per_step == 0 and batch > per_step else 1
   c.accumulation_steps = k
@@ -143,7 +149,8 @@ def _trial_fields(study, c, batch: int, search, value: float, seed: int) -> None
       # batch per epoch (29% of the digits at batch 1,024), so count total examples / batch.
       c.lr.epoch_steps = 'total_examples_floor'
   c.eval_every_epochs, c.eval_every_steps = study.eval_every_epochs, None
-  c.noise_scale.enabled = bool(study.noise_scale) and data_parallel * k >= 2
+  if 'noise_scale.enabled' not in pinned:
+    c.noise_scale.enabled = bool(study.noise_scale) and data_parallel * k >= 2
   c.sharpness.at_end = bool(study.sharpness)
   c.checkpoint_every_steps = 1 << 30  # trials are short: a checkpoint at the end (or stop)
   c.log_every_steps = study.log_every_steps
