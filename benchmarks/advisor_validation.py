@@ -33,6 +33,11 @@ STUDIES = {
     'digits': ('configs.study_digits', 'docs/study_digits'),
     'synthetic': ('configs.study_synthetic', 'docs/study_synthetic'),
     'faces': ('configs.study_faces', 'docs/study_faces'),
+    # Fixed-epoch studies without a target: the probe runs the budget, and the prediction is the
+    # examples each batch needs to match the probe's final accuracy, beside the accuracy each
+    # batch measured at the same epochs.
+    'epochs_digits': ('configs.study_epochs_digits', 'docs/study_epochs_digits'),
+    'epochs_synthetic': ('configs.study_epochs_synthetic', 'docs/study_epochs_synthetic'),
 }
 OUT = os.path.join(ROOT, 'docs', 'advisor')
 # Variants left out of the comparison: their batch is not one fixed size.
@@ -63,6 +68,8 @@ def validate(name: str, workdir: str) -> dict:
   advice = advisor.advise(study, os.path.join(workdir, name), advisor.Options(),
                           echo=lambda line: print(f'{name}: {line}', flush=True))
   results = _results(docs_dir)
+  if advice['probe'].get('anchor') == 'final':
+    return _fixed_epochs(name, module, advice, results, started)
   rows = aggregate.steps_to_target(results)
   by_variant = aggregate.by_variant(rows)
   pred = advice.get('prediction')
@@ -89,13 +96,33 @@ def validate(name: str, workdir: str) -> dict:
   return {
       'name': name, 'config': module.replace('.', '/') + '.py', 'advice': advice,
       'variants': variants,
-      'sweep': {'trials': len(results),
-                # Rows written before examples_run existed: steps x batch (no batch schedule).
-                'examples': sum(r.get('examples_run') or r['steps_run'] * r['batch_size']
-                                for r in results),
-                'seconds': sum(r.get('wall_s') or 0 for r in results)},
+      'sweep': _sweep(results),
       'command_seconds': time.monotonic() - started,
   }
+
+
+def _sweep(results: list[dict]) -> dict:
+  return {'trials': len(results),
+          # Rows written before examples_run existed: steps x batch (no batch schedule).
+          'examples': sum(r.get('examples_run') or r['steps_run'] * r['batch_size']
+                          for r in results),
+          'seconds': sum(r.get('wall_s') or 0 for r in results)}
+
+
+def _fixed_epochs(name, module, advice, results, started) -> dict:
+  rows = aggregate.by_variant(aggregate.fixed_epochs(results))
+  budget = advice['probe']['examples_run']
+  pred = {r['batch']: r for r in advice['prediction']['per_batch']}
+  table = []
+  for batch in sorted({r['batch_size'] for vrows in rows.values() for r in vrows}):
+    p = pred.get(batch)
+    table.append({'batch': batch, 'needed': p['examples'] / budget if p else None,
+                  'measured': {v: next((r['final_metric']['mean'] for r in vrows
+                                        if r['batch_size'] == batch and r['final_metric']),
+                                       None) for v, vrows in rows.items()}})
+  return {'name': name, 'config': module.replace('.', '/') + '.py', 'advice': advice,
+          'variants': {}, 'fixed_epochs': table, 'sweep': _sweep(results),
+          'command_seconds': time.monotonic() - started}
 
 
 def _ratio(a, b):
@@ -118,6 +145,10 @@ def render(vals: list[dict]) -> str:
   for v in vals:
     a = v['advice']
     bs, h = a['b_simple'], a.get('b_noise_hessian') or {}
+    if 'fixed_epochs' in v:
+      rows.append([v['name'], '(fixed epochs: no fit)', '—',
+                   f'{_f(bs["value"])} [{_f(bs["low"])}, {_f(bs["high"])}]', '—',
+                   _f(h.get('b_noise')), '—'])
     for variant, d in v['variants'].items():
       fit = d['fit']
       b_crit = fit['B_crit'] if fit else None
@@ -136,6 +167,8 @@ def render(vals: list[dict]) -> str:
   for v in vals:
     a = v['advice']
     p = a['probe']
+    if 'fixed_epochs' in v:
+      continue
     out += [f'### {v["name"]} (`{v["config"]}`)', '',
             f'Probe: batch {p["batch"]}, lr {_f(p["lr"])}, '
             + (f'target reached at step {p["steps_to_target"]}' if p['reached']
@@ -157,6 +190,28 @@ def render(vals: list[dict]) -> str:
     out.append(report_lib.table(['variant', 'batch', 'measured steps', 'predicted (B_simple)',
                                  'error', 'predicted (Hessian B_noise)', 'error'], rows))
     out.append('')
+  fixed = [v for v in vals if 'fixed_epochs' in v]
+  if fixed:
+    out += ['## Fixed-epoch studies: examples needed vs accuracy kept', '',
+            'With no target, the probe trains the study\'s whole budget at its smallest batch, '
+            'and the advisor predicts the examples E(B) each batch needs to match the probe\'s '
+            'final accuracy; "needed" is E(B) over the budget (1.0: the budget suffices). Beside '
+            'it, the final accuracy each variant measured at that batch with the budget (mean over '
+            'seeds). The prediction is for a well-tuned lr at each batch, so it is a floor on '
+            'what a rule-set lr needs.', '']
+    for v in fixed:
+      a, p = v['advice'], v['advice']['probe']
+      variants = sorted({k for r in v['fixed_epochs'] for k in r['measured']})
+      out += [f'### {v["name"]} (`{v["config"]}`)', '',
+              f'Probe: batch {p["batch"]}, lr {_f(p["lr"])}, {p["steps_run"]} steps '
+              f'({p["examples_run"]:,} examples), final {p["target"]["metric"]} '
+              f'{_f(p["final_metric"])}; B_simple {_f(a["b_simple"]["value"])}.', '',
+              f'![advisor figure]({v["name"]}.png)', '']
+      rows = [[f'{r["batch"]:,}', _f(r['needed'], 3)]
+              + [_f(r['measured'].get(k), 3) for k in variants] for r in v['fixed_epochs']]
+      out.append(report_lib.table(['batch', 'needed / budget (predicted)']
+                                  + [f'`{k}` final' for k in variants], rows))
+      out.append('')
   out += ['## Cost: the probe vs the sweep', '',
           'Examples trained and wall time: the probe (with the Hessian estimate) against the '
           'sum over the sweep\'s trials (their own recorded wall time; the studies ran on the '

@@ -188,12 +188,19 @@ def test_bad_probe_choices_are_refused_before_anything_runs(tmp_path, change, me
   assert not (tmp_path / 'probe').exists()
 
 
-def test_a_study_without_a_target_needs_one():
+def test_a_study_without_a_target_probes_its_budget_and_matches_its_final_metric(tmp_path):
   study = _quick_study()
   study.target.value = None
-  with pytest.raises(config_lib.ConfigError, match='--target=VALUE'):
-    advisor.probe_study(study, advisor.Options())
-  assert advisor.probe_study(study, advisor.Options(target=0.5)).target.value == 0.5
+  study.budget.epochs = 1.0
+  p = advisor.probe_trial(study, advisor.Options())
+  assert p.config.target.value is None and not p.config.target.stop
+  assert advisor.probe_trial(study, advisor.Options(target=0.5)).config.target.stop
+  advice = advisor.advise(study, str(tmp_path), advisor.Options(hessian=False),
+                          echo=lambda *_: None)
+  probe = advice['probe']
+  assert probe['anchor'] == 'final' and probe['steps_run'] == 1437 // 16
+  assert advice['prediction']['per_batch'][0]['steps'] == pytest.approx(probe['steps_run'])
+  assert 'which the predictions below are for' in advice_render.lines(advice)[0]
 
 
 def test_the_command_refuses_a_training_config_in_one_line(tmp_path):

@@ -20,11 +20,16 @@ def lines(advice: dict) -> list[str]:
   """The advice as printed lines."""
   p, bs = advice['probe'], advice['b_simple']
   t = p['target']
-  out = [f'[advise] probe at batch {p["batch"]}: '
-         + (f'target {t["metric"]} {">=" if t["mode"] == "max" else "<="} {t["value"]} reached '
-            f'at step {p["steps_to_target"]}' if p['reached'] else
-            f'target {t["metric"]} {t["value"]} NOT reached in {p["steps_run"]} steps (best '
-            f'{_n(p["final_metric"])})')
+  if p.get('anchor') == 'final':
+    outcome = (f'no target: {p["steps_run"]} steps to its final {t["metric"]} '
+               f'{_n(p["final_metric"])}, which the predictions below are for')
+  elif p['reached']:
+    outcome = (f'target {t["metric"]} {">=" if t["mode"] == "max" else "<="} {t["value"]} '
+               f'reached at step {p["steps_to_target"]}')
+  else:
+    outcome = (f'target {t["metric"]} {t["value"]} NOT reached in {p["steps_run"]} steps '
+               f'(best {_n(p["final_metric"])})')
+  out = [f'[advise] probe at batch {p["batch"]}: ' + outcome
          + f'; {p["examples_run"]:,} examples, {p["seconds"]:.0f} s',
          f'[advise] B_simple (last half of the probe, steps {bs["from_step"]}-{bs["to_step"]}): '
          f'{_n(bs["value"])} [{_n(bs["low"])}, {_n(bs["high"])}] = predicted B_crit']
@@ -81,7 +86,8 @@ def figure(advice: dict, path: str) -> None:
       if advice.get('prediction_hessian'):
         ax.plot(b, [r[key] for r in advice['prediction_hessian']['per_batch']], 's--',
                 label='predicted (Hessian B_noise)')
-      measured = p['steps_to_target'] * (1 if key == 'steps' else p['batch'])
+      anchor = p['steps_to_target'] if p['reached'] else p['steps_run']
+      measured = anchor * (1 if key == 'steps' else p['batch'])
       ax.plot([p['batch']], [measured], 'k*', ms=12, label='probe (measured)')
       ax.set_xscale('log', base=2)
       ax.set_yscale('log')

@@ -68,10 +68,9 @@ def _variant_overrides(study, name: str | None) -> dict:
 
 def probe_study(study: ml_collections.ConfigDict, opts: Options) -> ml_collections.ConfigDict:
   """The one-trial study of the probe: the study's base config (with `opts.variant`'s overrides)
-  at the probe batch, one seed, one lr, the noise scale on, stopped at the target or the
-  budget. Raises ConfigError on a choice that cannot give a prediction."""
+  at the probe batch, one seed, one lr, the noise scale on, the study's kind and budget.
+  Raises ConfigError on a choice that cannot give a prediction."""
   p = copy.deepcopy(study)
-  p.kind = 'steps_to_target'
   microbatch = study.get('microbatch')
   batch = opts.batch or min(study.batch_sizes)
   if not microbatch:
@@ -96,9 +95,6 @@ def probe_study(study: ml_collections.ConfigDict, opts: Options) -> ml_collectio
         {'mode': 'grid', 'num_trials': 1, 'range': (1.0, 1.0), 'relative_to': 'rule'})
   if opts.target is not None:
     p.target.value = float(opts.target)
-  if p.target.value is None:
-    raise ConfigError('the study has no target value (a fixed-epoch study without one); pass '
-                      '--target=VALUE for its metric ' + str(p.target.metric))
   if opts.budget_examples is not None:
     if opts.budget_examples < batch:
       raise ConfigError(f'--budget_examples={opts.budget_examples} is less than one probe batch '
@@ -112,6 +108,9 @@ def probe_study(study: ml_collections.ConfigDict, opts: Options) -> ml_collectio
 def probe_trial(study: ml_collections.ConfigDict, opts: Options) -> grid.Trial:
   """The probe's trial (validated config), from `probe_study`."""
   (trial,) = grid.trials(probe_study(study, opts))
+  # Stopped at the target, whatever the study's kind (a fixed-epoch study only records it); with
+  # no target the probe runs the study's budget and its final metric is the quality matched.
+  trial.config.target.stop = trial.config.target.value is not None
   if not trial.config.noise_scale.enabled:
     raise ConfigError(f'the probe at batch {trial.batch_size} has one microbatch on one device: '
                       f'no small batch to measure the noise scale with; pass a larger --batch')
@@ -340,10 +339,13 @@ def advise(study: ml_collections.ConfigDict, workdir: str, opts: Options, echo=p
   cost_path = os.path.join(trial_dir, 'probe_seconds.json')
   before = workdir_lib.read_json(cost_path)['seconds'] if workdir_lib.exists(cost_path) else 0.0
   devices = max(1, grid._data_devices(c))  # pylint: disable=protected-access
+  resolved = schedule.resolve(c, _num_train(c))
+  goal = (f'target {c.target.metric} {">=" if c.target.mode == "max" else "<="} '
+          f'{c.target.value}' if c.target.value is not None else
+          f'no target: its final {c.target.metric} is the quality to match')
   echo(f'[advise] probe: batch {trial.batch_size} ({c.accumulation_steps} microbatch(es) of '
-       f'{microbatch} on each of {devices} device(s)), peak lr {schedule.resolve(c, _num_train(c)).peak_lr:.4g}, target '
-       f'{c.target.metric} {">=" if c.target.mode == "max" else "<="} {c.target.value}, at most '
-       f'{schedule.resolve(c, _num_train(c)).total_steps} steps; in {trial_dir}')
+       f'{microbatch} on each of {devices} device(s)), peak lr {resolved.peak_lr:.4g}, {goal}, '
+       f'at most {resolved.total_steps} steps; in {trial_dir}')
   metrics_path = os.path.join(trial_dir, 'metrics.jsonl')
   steps_before = max((r[0] for r in noise_series(metrics_path)), default=0) if (
       workdir_lib.exists(metrics_path)) else 0
@@ -381,7 +383,11 @@ def advise(study: ml_collections.ConfigDict, workdir: str, opts: Options, echo=p
     raise ProbeError(f'the measured noise scale is {b_noise:.4g} (|G|^2 not resolved above the '
                      f'noise in the probe\'s last part): train the probe longer '
                      f'(--budget_examples) or toward a harder target')
-  steps = end_step if row['reached'] else None
+  # The anchor: the probe's steps to the target, or with no target its whole run (to match
+  # its final metric); none when it missed the target.
+  anchor = 'target' if c.target.value is not None else 'final'
+  advice['probe']['anchor'] = anchor
+  steps = end_step if row['reached'] or anchor == 'final' else None
   advice['prediction'] = None
   if steps:
     advice['prediction'] = predict(b_noise, trial.batch_size, steps, batches)
