@@ -15,11 +15,22 @@ weight decay 5e-4, 8 examples per microbatch so that the noise scale has a small
   sgd_linear   lr 0.05 at batch 32 scaled linearly, 3-epoch gradual warmup, not tuned
   sgd_sqrt     the same with square-root scaling
   lars_linear  LARS (eta 0.001) with lr 0.5 at batch 32, linear scaling and warmup, not tuned
+  noise_schedule  batch 16 growing with the measured noise scale: the schedule that
+               `python -m bigbatch.advise --config=configs/study_digits.py` derived from its
+               probe (batch 64 from epoch 1: the largest power-of-two multiple of 16 under the
+               B_simple the probe measured over its first epoch); lr tuned as sgd_tuned's
+  adascale     AdaScale SGD (optimizer.adascale): lr 0.05 at batch 32 times the gain r in
+               [1, B/32] from the in-step noise measurement, the schedule's time stretched by
+               the gains; not tuned
 """
 import ml_collections
 
 from bigbatch import config_lib
 from bigbatch.study import run
+
+# The advisor's noise-driven batch schedule from batch 16 (docs/advisor.md): ((epoch, multiplier),
+# ...) for config.batch_schedule.
+NOISE_SCHEDULE = ((1, 4),)
 
 
 def get_config(arg=None):
@@ -61,6 +72,10 @@ def get_config(arg=None):
       'lars_linear': {'optimizer': {'name': 'lars', 'trust_coefficient': 0.001},
                       'lr': {'base_lr': 0.5, 'scaling': 'linear', **warmup},
                       'lr_search': untuned},
+      'noise_schedule': {'batch_schedule': NOISE_SCHEDULE, 'batch_sizes': (16,)},
+      # AdaScale's S = B / 32 must be >= 1: no batch 16.
+      'adascale': {'optimizer': {'adascale': True}, 'lr': {'scaling': 'none'},
+                   'lr_search': untuned, 'batch_sizes': (32, 64, 128, 256, 512, 1024)},
   })
   s.notes = (
       'Data: the scikit-learn digits (1,437 training, 360 held-out examples, 8x8). One trial '

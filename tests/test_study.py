@@ -188,7 +188,8 @@ def test_every_trial_of_the_shipped_studies_validates(name):
   study = importlib.import_module(f'configs.{name}').get_config()
   trials = grid.trials(study)
   per_point = {(t.variant, t.batch_size) for t in trials}
-  assert len(per_point) == len(study.variants) * len(study.batch_sizes)
+  assert len(per_point) == sum(len(v.get('batch_sizes', study.batch_sizes))
+                               for v in study.variants.values())
   assert len({t.trial_id for t in trials}) == len(trials)
   per_step = study.microbatch * jax.device_count()
   for t in trials:  # a device's microbatch is the study's, where the batch splits into them

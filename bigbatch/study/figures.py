@@ -16,7 +16,7 @@ import numpy as np
 
 _DPI = 110
 # With more variants than this, the noise-scale figure shows the first variant only.
-_MAX_NOISE_PANELS = 4
+_MAX_NOISE_PANELS = 6
 
 
 def _save(fig, path: str) -> None:
