@@ -4,8 +4,8 @@ Command:  python -m bigbatch.study --config=configs/study_epochs_digits.py \
             --workdir=/tmp/bb_epochs_digits
 Hardware: 2 CPU cores, one device: the first four variants' 60 trials in 26 min 29 s of wall
           time and 487 s of CPU time, measured on a shared machine (load average ~10 on the 2
-          cores, the synthetic study beside it), so less on idle cores;
-          docs/study_epochs_digits/ has the report. `:quick` is a 2 batch x 2 variant x 2 seed
+          cores, the synthetic study beside it), so less on idle cores; the adascale trials (15)
+          in 1 min 46 s more; docs/study_epochs_digits/ has the report. `:quick` is a 2 batch x 2 variant x 2 seed
           sweep (2 min 37 s under that load).
 Data:     the scikit-learn digits (1,437 training, 360 held-out examples), so the largest batch
           is 1,024 (the whole set would be 1,437).
@@ -27,9 +27,8 @@ Nesterov momentum 0.9 and weight decay 5e-4; BatchNorm over the whole batch exce
   adascale       AdaScale SGD (optimizer.adascale): lr 0.05 at batch 32 times the gain r in
                  [1, B/32] from the noise measurement (two microbatches, so BN over B/2), the
                  schedule stretched by the gains; a trial stops when tau / S reaches the
-                 schedule, so it sees 10 to 10 x B/32 epochs. Not in the measured report
-                 (docs/study_epochs_digits/ has the other four); `:quick,adascale` adds it to
-                 the quick sweep.
+                 schedule, so it sees 10 to 10 x B/32 epochs (54-58 at 1,024 here);
+                 `:quick,adascale` adds it to the quick sweep.
 """
 import ml_collections
 
