@@ -166,10 +166,12 @@ def test_signals_at_representative_moments(tmp_path):
   assert 'checkpoint written at step' in results[-1]['line'], _table(results)
 
 
+# Every phase with a few delays into it (the startup, setup and compilation delays were thinned
+# from 17 to 10 to keep CI under its time: each case is a ~11 s process).
 SWEEP = (
-    [(signal.SIGTERM, None, d) for d in (0.2, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)]
-    + [(signal.SIGTERM, SETUP, d) for d in (0.0, 0.3, 1.0, 2.0, 4.0)]
-    + [(signal.SIGTERM, COMPILE, d) for d in (0.0, 0.5, 1.0, 2.0, 3.0)]
+    [(signal.SIGTERM, None, d) for d in (0.2, 1.0, 2.0, 4.0)]
+    + [(signal.SIGTERM, SETUP, d) for d in (0.0, 1.0, 4.0)]
+    + [(signal.SIGTERM, COMPILE, d) for d in (0.0, 1.0, 3.0)]
     + [(signal.SIGTERM, TRAINING, d) for d in (0.0, 0.1, 0.3)]
     + [(signal.SIGTERM, EVAL, d) for d in (0.0, 0.2, 0.5)]
     + [(signal.SIGTERM, END, d) for d in (0.0, 0.05)]
@@ -179,7 +181,7 @@ SWEEP = (
 
 @pytest.mark.slow
 def test_signal_sweep(tmp_path):
-  """SIGTERM at 25 moments from the start to the last checkpoint, SIGINT at 4, SIGHUP at 1:
+  """SIGTERM at 18 moments from the start to the last checkpoint, SIGINT at 4, SIGHUP at 1:
   every time the one line, 75 (130), no traceback, and the exit within 0.5 s of the line."""
   results = _sweep(tmp_path, SWEEP, report=os.environ.get('BIGBATCH_SIGNAL_SWEEP_REPORT'))
   phases = {r['phase'] for r in results}

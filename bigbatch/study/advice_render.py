@@ -42,7 +42,9 @@ def lines(advice: dict) -> list[str]:
   if pred:
     rng = advice.get('prediction_range') or []
     out.append(f'[advise] S_min {_n(pred["S_min"])} steps, E_min {_n(pred["E_min"])} examples')
-    out.append('[advise]   batch | predicted steps to target | predicted examples to target')
+    goal = 'target' if p.get('anchor') != 'final' else "probe's final metric"
+    out.append(f'[advise]   batch | predicted steps to the {goal} | predicted examples to the '
+               f'{goal}')
     for i, r in enumerate(pred['per_batch']):
       span = [q['per_batch'][i]['steps'] for q in rng]
       extra = f' [{_n(min(span))}, {_n(max(span))}]' if len(span) == 2 else ''
@@ -75,8 +77,9 @@ def figure(advice: dict, path: str) -> None:
   pred, p = advice.get('prediction'), advice['probe']
   if pred:
     b = np.array([r['batch'] for r in pred['per_batch']], float)
-    for ax, key, label in ((ax_s, 'steps', 'steps to target'),
-                           (ax_e, 'examples', 'examples to target')):
+    goal = 'target' if p.get('anchor') != 'final' else "probe's final metric"
+    for ax, key, label in ((ax_s, 'steps', f'steps to the {goal}'),
+                           (ax_e, 'examples', f'examples to the {goal}')):
       ax.plot(b, [r[key] for r in pred['per_batch']], 'o-', label='predicted (B_simple)')
       rng = advice.get('prediction_range') or []
       if len(rng) == 2:
