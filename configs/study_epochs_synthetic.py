@@ -5,7 +5,8 @@ Command:  python -m bigbatch.study --config=configs/study_epochs_synthetic.py \
             --workdir=/tmp/bb_epochs_synthetic
 Hardware: 2 CPU cores, one device: 60 trials in 17 min 54 s of wall time and 303 s of CPU
           time, measured on a shared machine (load average ~10 on the 2 cores, the digits study
-          beside it), so less on idle cores; docs/study_epochs_synthetic/ has the report.
+          beside it), so less on idle cores; the 15 adascale trials in 56 s more;
+          docs/study_epochs_synthetic/ has the report.
           `:quick` is a 2 batch x 2 variant x 2 seed sweep (3 min 20 s under that load).
 Data:     'synthetic': 8x8 standard-normal inputs labelled by a fixed random tanh-MLP teacher
           (10 balanced classes). A finite training set of 4,096 examples (the examples are
@@ -25,6 +26,10 @@ ghost_bn), SGD with Nesterov momentum 0.9, weight decay 5e-4:
   linear_warmup  lr 0.05 x B/32 (linear scaling), gradual warmup over the first WARMUP epochs
   lars           LARS (eta 0.001), lr 0.5 x B/32, the same warmup
   ghost_bn       linear_warmup with ghost BatchNorm: statistics over groups of 32 examples
+  adascale       AdaScale SGD (optimizer.adascale): lr 0.05 at batch 32 times the gain r in
+                 [1, B/32] from the noise measurement (two microbatches, so BN over B/2), the
+                 schedule stretched by the gains; a trial ends when its stretched schedule does,
+                 after EPOCHS to EPOCHS x B/32 epochs (it does not keep the epochs equal)
 """
 import ml_collections
 
@@ -35,6 +40,9 @@ NUM_TRAIN = 4_096
 EPOCHS = 10.0
 WARMUP = 1.0  # 10% of the run (Goyal et al.: 5 of 90 epochs)
 EVAL = 2.0
+# AdaScale SGD: the gain uses the noise measurement, which needs two microbatches on one device.
+ADASCALE = {'optimizer': {'adascale': True}, 'lr': {'scaling': 'none'},
+            'noise_scale': {'enabled': True}, 'accumulation_steps': 2}
 
 
 def get_config(arg=None):
@@ -61,6 +69,7 @@ def get_config(arg=None):
   s.batch_sizes = (32, 128, 512, 2048, 4096)
   s.num_seeds = args.seeds
   run.fixed_epochs_comparison(s, epochs=args.epochs, warmup_epochs=WARMUP)
+  s.variants.adascale = ADASCALE
   s.eval_every_epochs = EVAL
   s.log_every_steps = 20
   s.notes = (

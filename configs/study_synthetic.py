@@ -2,7 +2,8 @@
 
 Command:  python -m bigbatch.study --config=configs/study_synthetic.py --workdir=/tmp/bb_study_syn
 Hardware: 2 CPU cores, one device: 75 trials (3 seeds) in 55 min 54 s on cores shared with the
-          face study (README has the results; docs/study_synthetic/ the report).
+          face study, then the 12 adascale trials in 1 min 5 s (README has the results;
+          docs/study_synthetic/ the report).
           `:seeds=1` runs one seed (7 min 15 s alone).
 Data:     'synthetic': 8x8 standard-normal inputs labelled by a fixed random tanh-MLP teacher
           (10 balanced classes), 1,000,000 training examples generated from their index, so the
@@ -14,6 +15,9 @@ Variants (an MLP of two 256-wide hidden layers, no normalization, so that per-de
 are independent and the noise scale unbiased; SGD with Nesterov momentum 0.9, constant lr):
   sgd_tuned   peak lr tuned per batch size: 4 quasi-random trials, log-uniform in [0.02, 5]
   sgd_linear  lr 0.2 at batch 256 scaled linearly, with a gradual warmup over 20,000 examples
+  adascale    AdaScale SGD (optimizer.adascale): lr 0.2 at batch 256 times the gain r in
+              [1, B/256] from the in-step noise measurement, no warmup, not tuned; from 256 up
+              (S = B/256 >= 1)
 """
 import ml_collections
 
@@ -58,6 +62,8 @@ def get_config(arg=None):
   s.variants = ml_collections.ConfigDict({
       'sgd_tuned': {},
       'sgd_linear': {'lr': {'scaling': 'linear', 'warmup_epochs': 0.02}, 'lr_search': untuned},
+      'adascale': {'optimizer': {'adascale': True}, 'lr': {'scaling': 'none'},
+                   'lr_search': untuned, 'batch_sizes': (256, 1024, 4096, 16384)},
   })
   s.notes = (
       'Data: the synthetic teacher source (1,000,000 training examples generated from their '
