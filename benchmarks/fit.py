@@ -85,17 +85,15 @@ class Topology:
 
 
 # What each accelerator config's docstring "Hardware:" line names.
+_R50_32K = (Topology('TPU v3-256', 'TPU v3', 256), Topology('TPU v3-512', 'TPU v3', 512),
+            Topology('256 x A100 40GB', 'A100 40GB', 256))  # both 32k ResNet-50 recipes
 TOPOLOGIES = {
     'r50_baseline': (Topology('8 x V100 16GB', 'V100 16GB', 8),
                      Topology('TPU v3-8', 'TPU v3', 8)),
     'r50_8k_goyal': (Topology('256 x V100 16GB', 'V100 16GB', 256),
                      Topology('TPU v3-256', 'TPU v3', 256)),
-    'r50_32k_lamb': (Topology('TPU v3-256', 'TPU v3', 256),
-                     Topology('TPU v3-512', 'TPU v3', 512),
-                     Topology('256 x A100 40GB', 'A100 40GB', 256)),
-    'r50_32k_nesterov': (Topology('TPU v3-256', 'TPU v3', 256),
-                         Topology('TPU v3-512', 'TPU v3', 512),
-                         Topology('256 x A100 40GB', 'A100 40GB', 256)),
+    'r50_32k_lamb': _R50_32K,
+    'r50_32k_nesterov': _R50_32K,
     'r50_64k': (Topology('TPU v3-1024', 'TPU v3', 1024),
                 Topology('512 x A100 40GB', 'A100 40GB', 512)),
     'face_r100_cosface_4k': (Topology('8 x A100 80GB', 'A100 80GB', 8),

@@ -13,15 +13,13 @@ if __name__ == '__main__':
   from bigbatch import signals as _signals
   _signals.start(hard_exit=True, prefix='bigbatch.advise')
 
-import sys
-
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
 from bigbatch import exits
-from bigbatch import signals
+from bigbatch.study import command
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A study config (configs/study_*.py).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where the probe and the advice go.')
@@ -41,56 +39,30 @@ _VERBOSE = flags.DEFINE_bool('verbose', False, "Show the trainer's INFO log.")
 PREFIX = 'bigbatch.advise'
 
 
-def _fail(kind: str, message: str, code: int):
-  logging.flush()
-  if not signals.write_line(f'{PREFIX}: {kind}: {message}\n'):
-    signals.wait_for_exit()
-  sys.exit(code)
-
-
 def _parse_flags(argv):
-  config_arg = next((a for a in argv if a.startswith('--config=')), '--config')
-  original, sys.argv = sys.argv, list(argv)
-  try:
-    rest = flags.FLAGS(argv)
-    study = _CONFIG.value
-    if study is None:
-      _fail('flag error', '--config is required: a study config, e.g. '
-            'configs/study_digits.py', exits.FLAG_ERROR)
-    if 'base' not in study:
-      _fail('flag error', f'{config_arg[len("--config="):] or "--config"} is not a study config '
-            '(it has no `base`); the advisor reads a study config, e.g. configs/study_digits.py',
-            exits.FLAG_ERROR)
-  except Exception as e:  # pylint: disable=broad-except
-    _fail('flag error', exits.flag_error_message(e, config_arg), exits.FLAG_ERROR)
-  finally:
-    sys.argv = original
-  if not (_WORKDIR.value or '').strip():
-    _fail('flag error', '--workdir is required: where the probe and the advice go',
-          exits.FLAG_ERROR)
-  return rest
+  return command.parse_flags(argv, prefix=PREFIX, config_flag=_CONFIG, workdir_flag=_WORKDIR,
+                             workdir_what='where the probe and the advice go',
+                             require_study=True)
 
 
 def main(argv):
   if len(argv) > 1:
-    _fail('flag error', f'unexpected arguments: {" ".join(argv[1:])}', exits.FLAG_ERROR)
+    command.fail(PREFIX, 'flag error', f'unexpected arguments: {" ".join(argv[1:])}',
+                 exits.FLAG_ERROR)
   if not _VERBOSE.value:
     logging.set_verbosity(logging.WARNING)
-  with signals.watching(hard_exit=True, where=signals.BETWEEN_TRIALS, prefix=PREFIX):
+
+  def body():
+    from bigbatch.study import advisor  # pylint: disable=g-import-not-at-top
+    opts = advisor.Options(variant=_VARIANT.value, batch=_BATCH.value, lr=_LR.value,
+                           budget_examples=_BUDGET.value, budget_minutes=_MINUTES.value,
+                           target=_TARGET.value, hessian=_HESSIAN.value)
     try:
-      from bigbatch.study import advisor  # pylint: disable=g-import-not-at-top
-      opts = advisor.Options(variant=_VARIANT.value, batch=_BATCH.value, lr=_LR.value,
-                             budget_examples=_BUDGET.value, budget_minutes=_MINUTES.value,
-                             target=_TARGET.value, hessian=_HESSIAN.value)
-      try:
-        advisor.advise(_CONFIG.value, _WORKDIR.value, opts)
-      except advisor.ProbeError as e:
-        _fail('probe error', str(e), e.code)
-    except (Exception, signals.Interrupted) as e:  # pylint: disable=broad-except
-      failure = exits.classify(e)
-      if failure is None:
-        raise
-      _fail(*failure)
+      advisor.advise(_CONFIG.value, _WORKDIR.value, opts)
+    except advisor.ProbeError as e:
+      command.fail(PREFIX, 'probe error', str(e), e.code)
+
+  command.run(PREFIX, body)
 
 
 if __name__ == '__main__':

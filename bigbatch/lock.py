@@ -108,7 +108,7 @@ class Holder:
       except ProcessLookupError:
         return f'PID {self.pid} is not running'
       except PermissionError:
-        pass
+        pass  # the PID runs, as another user's process: only the heartbeat below can tell
     if age > STALE_AFTER_S:  # another host, or another container: only the heartbeat tells
       return f'its lock was last touched {age:.0f} s ago (a live holder touches it every ' \
              f'{HEARTBEAT_S:.0f} s)'

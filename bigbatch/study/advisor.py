@@ -27,10 +27,12 @@ from bigbatch import hooks
 from bigbatch import input_pipeline
 from bigbatch import jsonl
 from bigbatch import schedule
+from bigbatch import sharding
 from bigbatch import trainer as trainer_lib
 from bigbatch import workdir as workdir_lib
 from bigbatch.fields import ConfigError
 from bigbatch.study import grid
+from bigbatch.study import noise_scale
 from bigbatch.study import sharpness as sharpness_lib
 
 # The late part of the probe whose noise scale predicts B_crit, and the windows it is cut into
@@ -157,8 +159,8 @@ def hessian_noise_scale(trainer, state, dataset, config, *, groups: int, num_exa
   loss = trainer.task.objective(trainer.model)
   h_images, h_labels = images[:num_examples], labels[:num_examples]
   grad = jax.jit(jax.grad(loss))
-  quad = jax.jit(lambda p, s, x, y, v: sharpness_lib._tree_vdot(  # pylint: disable=protected-access
-      v, sharpness_lib.hvp(lambda q: loss(q, s, x, y), p, v)))
+  quad = jax.jit(lambda p, s, x, y, v: sharpness_lib.quadratic_form(
+      lambda q: loss(q, s, x, y), p, v))
   gs, qs = [], []
   for g in range(groups):
     lo = num_examples + g * microbatch
@@ -217,9 +219,8 @@ def noise_series(metrics_path: str) -> list[tuple[int, float, float]]:
 
 
 def _ratio(rows) -> float:
-  g2 = float(np.mean([r[1] for r in rows]))
-  tr = float(np.mean([r[2] for r in rows]))
-  return tr / g2 if g2 > 0 else math.inf
+  """B_simple of (step, |G|^2, tr(Sigma)) rows: the ratio of the means."""
+  return noise_scale.b_simple_from_series((g2, tr) for _, g2, tr in rows)
 
 
 def b_simple_late(series, end_step: int, fraction: float = LATE_FRACTION,
@@ -282,7 +283,7 @@ def lr_at(config, batch: int) -> tuple[float, float]:
 
 def _num_train(config) -> int:
   from bigbatch.study import run as run_lib  # pylint: disable=g-import-not-at-top
-  return run_lib._num_train(config)  # pylint: disable=protected-access
+  return run_lib.num_train_of(config)
 
 
 def noise_schedule(series, *, base_batch: int, steps_per_epoch: float, num_epochs: float,
@@ -333,12 +334,12 @@ def advise(study: ml_collections.ConfigDict, workdir: str, opts: Options, echo=p
   trial_dir = os.path.join(workdir, 'probe')
   with workdir_lib.storage(trial_dir):
     epath.Path(trial_dir).mkdir(parents=True, exist_ok=True)
-  microbatch = trial.batch_size // c.accumulation_steps // max(1, grid._data_devices(c))  # pylint: disable=protected-access
+  devices = sharding.mesh_shape(c, jax.device_count())[0]  # the 'data' axis
+  microbatch = trial.batch_size // c.accumulation_steps // devices
   extra = [TimeBudget(opts.budget_minutes)] if opts.budget_minutes else []
   hessian = HessianAtEnd(trial_dir, opts, microbatch) if opts.hessian else None
   cost_path = os.path.join(trial_dir, 'probe_seconds.json')
   before = workdir_lib.read_json(cost_path)['seconds'] if workdir_lib.exists(cost_path) else 0.0
-  devices = max(1, grid._data_devices(c))  # pylint: disable=protected-access
   resolved = schedule.resolve(c, _num_train(c))
   goal = (f'target {c.target.metric} {">=" if c.target.mode == "max" else "<="} '
           f'{c.target.value}' if c.target.value is not None else

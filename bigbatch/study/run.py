@@ -70,7 +70,7 @@ def collect(trial: grid.Trial, trial_dir: str, wall_s: float, diverged: bool = F
   target_path = os.path.join(trial_dir, 'target.json')
   reached = workdir_lib.read_json(target_path) if workdir_lib.exists(target_path) else None
   better = max if c.target.mode == 'max' else min
-  num_train = _num_train(c)
+  num_train = num_train_of(c)
   derived = schedule.resolve(c, num_train)
   return {
       'trial_id': trial.trial_id, 'variant': trial.variant, 'data': c.data.name,
@@ -110,7 +110,8 @@ def collect(trial: grid.Trial, trial_dir: str, wall_s: float, diverged: bool = F
 _NUM_TRAIN: dict[str, int] = {}
 
 
-def _num_train(c) -> int:
+def num_train_of(c) -> int:
+  """The training set's size of config `c`, read once per data set and cached."""
   key = json.dumps([c.data.name, c.data.num_train, c.data.train_split, c.data.tfds_name])
   if key not in _NUM_TRAIN:
     _NUM_TRAIN[key] = data.create(c).num_train

@@ -33,6 +33,11 @@ def hvp(loss_fn: Callable[[Any], jax.Array], params, v):
   return jax.grad(lambda p: _tree_vdot(jax.grad(loss_fn)(p), v))(params)
 
 
+def quadratic_form(loss_fn: Callable[[Any], jax.Array], params, v) -> jax.Array:
+  """v^T H(params) v for the Hessian of the scalar loss_fn at params (float32 or wider)."""
+  return _tree_vdot(v, hvp(loss_fn, params, v))
+
+
 def _replicated_like(tree) -> jax.sharding.Sharding | None:
   """Replicated over the mesh (or the one device) of the tree's first array, if committed."""
   for leaf in jax.tree_util.tree_leaves(tree):
